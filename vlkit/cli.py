@@ -1,0 +1,96 @@
+"""The `vlkit` command line: train | chat | export | eval | data.
+
+Each subcommand's work lives in its own module, which exposes `run(args) -> int`; this file only
+parses arguments, imports that module lazily (so `vlkit --help` is instant) and turns a
+`VlkitError` into one printed line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vlkit.errors import VlkitError
+
+# subcommand -> module with `run(args)`
+COMMAND_MODULES = {
+    "train": "vlkit.train.run",
+    "chat": "vlkit.chat",
+    "export": "vlkit.export",
+    "eval": "vlkit.evaluate",
+    "data validate": "vlkit.data.validate",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlkit", description="Build, train, chat with and export vision-language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a YAML recipe")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    train.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load nothing")
+
+    chat = commands.add_parser("chat", help="chat with a model, with images at any turn")
+    chat.add_argument("model", help="vlkit run dir, exported folder or hub id")
+    chat.add_argument("--image", action="append", default=[], help="image to attach to the first message (repeatable)")
+    chat.add_argument("--prompt", help="answer this one message and exit")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--json", action="store_true", help="print one JSON object per reply")
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--device", default="auto")
+    chat.add_argument("--dtype", default="auto")
+    chat.add_argument("--load-4bit", action="store_true")
+
+    export = commands.add_parser("export", help="write a standalone Hugging Face model folder")
+    export.add_argument("source", help="run dir or checkpoint")
+    export.add_argument("out_dir")
+    export.add_argument("--format", default="auto", help="auto | llava | vlkit")
+    export.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    export.add_argument("--max-shard-size", default="2GB")
+    export.add_argument("--push-to-hub", metavar="REPO_ID")
+    export.add_argument("--private", action="store_true")
+    export.add_argument("--overwrite", action="store_true")
+
+    evaluate = commands.add_parser("eval", help="evaluate a VLM (VQA, captions) or a CLIP folder (zero-shot, retrieval)")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--images", required=True)
+    evaluate.add_argument("--out")
+    evaluate.add_argument("--labels", help="zero-shot class names + templates (CLIP models)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-samples", type=int)
+    evaluate.add_argument("--no-image-baseline", action="store_true", help="also answer without the image")
+
+    data = commands.add_parser("data", help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    validate = data_commands.add_parser("validate", help="check a data file before training")
+    validate.add_argument("file")
+    validate.add_argument("--images", required=True, help="image root")
+    validate.add_argument("--model", help="model whose processor measures sample lengths")
+    validate.add_argument("--format", default="auto", help="auto | llava | sharegpt | clip")
+    validate.add_argument("--max-bad-fraction", type=float, default=None)
+    validate.add_argument("--max-length", type=int, default=None)
+    validate.add_argument("--show", type=int, default=3, help="examples shown per problem")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command if args.command != "data" else f"data {args.data_command}"
+    try:
+        module = importlib.import_module(COMMAND_MODULES[command])
+        return int(module.run(args) or 0)
+    except VlkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

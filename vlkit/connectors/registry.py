@@ -1,0 +1,55 @@
+"""Connector registry: `@register_connector("name")` on a class makes it selectable by name.
+
+A recipe picks a connector with `connector: {type: mlp, depth: 2}`; everything but `type` is
+passed to the class as keyword options, so a new connector is one new file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from vlkit.connectors.base import Connector
+from vlkit.errors import ConfigError
+
+CONNECTORS: dict[str, type[Connector]] = {}
+
+
+def register_connector(name: str) -> Callable[[type[Connector]], type[Connector]]:
+    """Class decorator that registers a connector under `name`."""
+
+    def decorator(cls: type[Connector]) -> type[Connector]:
+        if name in CONNECTORS and CONNECTORS[name] is not cls:
+            raise ValueError(f"connector '{name}' is registered twice")
+        cls.connector_type = name
+        CONNECTORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def connector_options(name: str) -> list[str]:
+    """The keyword options a connector type accepts (besides the two hidden sizes)."""
+    parameters = inspect.signature(CONNECTORS[name].__init__).parameters
+    return [p for p in parameters if p not in ("self", "vision_hidden_size", "text_hidden_size")]
+
+
+def build_connector(connector_config: dict[str, Any], vision_hidden_size: int, text_hidden_size: int) -> Connector:
+    """Instantiate the connector that `connector_config["type"]` names."""
+    options = dict(connector_config)
+    name = options.pop("type", None)
+    if name not in CONNECTORS:
+        known = ", ".join(sorted(CONNECTORS))
+        close = difflib.get_close_matches(str(name), CONNECTORS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown connector type '{name}'; known types: {known}.{hint}")
+    accepted = connector_options(name)
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise ConfigError(
+            f"connector '{name}' got unknown option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted) or 'none'}"
+        )
+    connector = CONNECTORS[name](vision_hidden_size=vision_hidden_size, text_hidden_size=text_hidden_size, **options)
+    return connector

@@ -1,0 +1,69 @@
+"""Safe image loading: path resolution inside an image root and decoding to RGB.
+
+Every image vlkit reads (training, validation, chat, eval) goes through `load_image`, so the
+same rules hold everywhere: paths may not escape the root unless allowed, Pillow's
+decompression-bomb guard stays on, and odd modes (RGBA, palette, 16-bit, CMYK, greyscale,
+animated) come out as 8-bit RGB of the first frame.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlkit.errors import ImageError
+
+
+def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None, allow_outside_root: bool = False) -> Path:
+    """Resolve `path` against `root`, refusing paths that escape the root unless allowed."""
+    candidate = Path(path)
+    if root is None:
+        return candidate
+    root_path = Path(root).resolve()
+    resolved = (root_path / candidate).resolve() if not candidate.is_absolute() else candidate.resolve()
+    if not allow_outside_root and not resolved.is_relative_to(root_path):
+        raise ImageError(
+            f"image path '{path}' escapes the image root '{root}'; keep images under the root "
+            "or set allow_images_outside_root: true in the recipe"
+        )
+    return resolved
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow image (first frame, any mode) to 8-bit RGB."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: rescale to 0..255 instead of clipping to white.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> Image.Image:
+    """Open and decode an image file as RGB, raising `ImageError` with the reason on failure."""
+    resolved = resolve_image_path(path, root, allow_outside_root)
+    if not resolved.is_file():
+        raise ImageError(f"image not found: {resolved}")
+    if resolved.stat().st_size == 0:
+        raise ImageError(f"image is an empty file: {resolved}")
+    try:
+        with Image.open(resolved) as image:
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image is too large to decode safely: {resolved} ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"image does not decode: {resolved} ({type(error).__name__}: {error})") from None
