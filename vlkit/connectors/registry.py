@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from vlkit.connectors.base import Connector
 from vlkit.errors import ConfigError
 
 CONNECTORS: dict[str, type[Connector]] = {}
+
+logger = logging.getLogger(__name__)
 
 
 def register_connector(name: str) -> Callable[[type[Connector]], type[Connector]]:
@@ -53,3 +58,22 @@ def build_connector(connector_config: dict[str, Any], vision_hidden_size: int, t
         )
     connector = CONNECTORS[name](vision_hidden_size=vision_hidden_size, text_hidden_size=text_hidden_size, **options)
     return connector
+
+
+def count_trainable_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters of `module` that require gradients."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def log_connector_summary(connector: Connector, num_patches: int) -> str:
+    """Log (INFO) and return `connector <type>: M tokens for N patches, P trainable params`.
+
+    Calling it when a model is built also checks early that the connector accepts `num_patches`
+    (pixel_shuffle raises a ConfigError for a grid it cannot fold).
+    """
+    line = (
+        f"connector {connector.connector_type}: {connector.num_tokens(num_patches)} tokens for "
+        f"{num_patches} patches, {count_trainable_parameters(connector):,} trainable params"
+    )
+    logger.info(line)
+    return line
