@@ -36,3 +36,9 @@ class DataError(VlkitError):
 
 class ChatTemplateError(VlkitError):
     """A chat template cannot be used to mask assistant turns reliably."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for wrapping library errors in one-line ones."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

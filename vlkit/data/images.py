@@ -32,6 +32,27 @@ def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None, 
     return resolved
 
 
+def image_problem(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, allow_outside_root: bool = False
+) -> tuple[str, str] | None:
+    """Cheap checks without decoding: (reason, message) for a path that escapes the root, a missing
+    file or an empty file; None when the file may be decoded. Reasons are keys of
+    `vlkit.data.checks.REASONS`."""
+    try:
+        resolved = resolve_image_path(path, root, allow_outside_root)
+    except ImageError as error:
+        return "image_outside_root", str(error)
+    try:
+        size = resolved.stat().st_size if resolved.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        return "missing_image", f"image not found: {resolved}"
+    if size == 0:
+        return "empty_image", f"image is an empty file: {resolved}"
+    return None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow image (first frame, any mode) to 8-bit RGB."""
     if getattr(image, "is_animated", False):

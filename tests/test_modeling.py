@@ -1,0 +1,128 @@
+"""VlkitForConditionalGeneration: save/load, mixed batches, batched generation, vision towers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlkit import VlkitForConditionalGeneration, build_vlm
+
+
+def conversation(question: str, answer: str | None = None, images: int = 1) -> list[dict]:
+    messages = [{"role": "user", "content": "<image>\n" * images + question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def collate(processor, samples):
+    """Right-pad encoded samples into a batch (the training layout)."""
+    encoded = [processor.encode_conversation(messages, images) for messages, images in samples]
+    length = max(len(e["input_ids"]) for e in encoded)
+    pad = processor.tokenizer.pad_token_id
+    input_ids = torch.tensor([e["input_ids"] + [pad] * (length - len(e["input_ids"])) for e in encoded])
+    labels = torch.tensor([e["labels"] + [-100] * (length - len(e["labels"])) for e in encoded])
+    attention_mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (length - len(e["input_ids"])) for e in encoded])
+    pixels = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.cat(pixels) if pixels else None}
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_vlm, tmp_path):
+    model, processor = tiny_vlm
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    reloaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, VlkitForConditionalGeneration)
+    assert reloaded_processor.image_seq_length == processor.image_seq_length
+    inputs = reloaded_processor.prompt_inputs([conversation("What colour is it?")], [[random_image(0)]])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        actual = reloaded(**inputs).logits
+    assert torch.equal(expected, actual)
+
+
+def test_mixed_batch_forward_and_backward(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = collate(processor, [
+        (conversation("Compare them.", "Both are red.", images=2), [random_image(1), random_image(2)]),
+        (conversation("What shape?", "A star.", images=1), [random_image(3)]),
+        (conversation("Say hi.", "Hi!", images=0), []),
+    ])
+    assert batch["pixel_values"].shape[0] == 3
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 3 * model.config.image_seq_length
+    model.zero_grad()
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    connector_grad = sum(p.grad.abs().sum() for p in model.connector.parameters())
+    assert connector_grad > 0
+    # The image features reach the loss: changing one image changes it.
+    altered = dict(batch, pixel_values=batch["pixel_values"].clone())
+    altered["pixel_values"][0] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(**altered).loss, output.loss.detach())
+    model.zero_grad()
+
+
+def test_image_features_land_on_placeholders_only(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = collate(processor, [(conversation("Hi?", "Yes."), [random_image(4)]), (conversation("Yo?", "No.", 0), [])])
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"]).logits
+        other = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"] * 0).logits
+    # The text-only sample (row 1) does not see the other sample's image.
+    assert torch.allclose(plain[1], other[1], atol=1e-6)
+    assert not torch.allclose(plain[0], other[0], atol=1e-4)
+
+
+def test_batched_generation_left_pads_and_matches_single(tiny_vlm):
+    model, processor = tiny_vlm
+    conversations = [conversation("What colour is the big shape here?"), conversation("Hi", images=0)]
+    images = [[random_image(5)], []]
+    batch = processor.prompt_inputs(conversations, images)
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1  # left padding
+    settings = {"max_new_tokens": 6, "do_sample": False, "min_new_tokens": 6}
+    with torch.no_grad():
+        batched = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+        for row, (conv, imgs) in enumerate(zip(conversations, images)):
+            single = processor.prompt_inputs([conv], [imgs])
+            alone = model.generate(**single, **settings)[:, single["input_ids"].shape[1]:]
+            assert torch.equal(alone[0], batched[row])
+        no_cache = model.generate(**batch, **settings, use_cache=False)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(no_cache, batched)
+    assert not (batched == model.config.image_token_id).any()
+
+
+@pytest.mark.parametrize("tower, prefix", [
+    ("tiny_vision_dir", 1), ("tiny_clip_dir", 1), ("tiny_siglip_dir", 0), ("tiny_dinov2_dir", 1),
+])
+def test_vision_towers(request, tiny_llm_dir, tower, prefix):
+    folder = request.getfixturevalue(tower)
+    model, processor = build_vlm(vision=folder, llm=tiny_llm_dir, connector="linear")
+    assert model.config.vision_num_prefix_tokens == prefix
+    assert model.config.image_seq_length == 16  # 32 px / 8 px patches, prefix tokens dropped
+    inputs = processor.prompt_inputs([conversation("What?")], [[random_image(6)]])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_feature_layer_and_full_strategy(tiny_vision_dir, tiny_llm_dir):
+    model, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector="linear",
+                                 vision_feature_layer=-1, vision_feature_select_strategy="full")
+    assert model.config.image_seq_length == 17  # CLS kept
+    pixel_values = processor.image_processor([random_image(7)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features = model.get_vision_features(pixel_values)
+        last = model.vision_tower(pixel_values=pixel_values).last_hidden_state
+    assert torch.equal(features, last)
+
+
+def test_clip_two_tower_folder_gets_default_processor(tiny_clip_dir, tiny_llm_dir):
+    _, processor = build_vlm(vision=tiny_clip_dir, llm=tiny_llm_dir)
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}

@@ -1,0 +1,220 @@
+"""VlkitConfig and VlkitForConditionalGeneration: vision tower -> connector -> causal LM.
+
+A stock `PreTrainedModel` + `GenerationMixin`, registered with `AutoConfig` and
+`AutoModelForImageTextToText`, so `save_pretrained`, `from_pretrained`, `generate` and
+`push_to_hub` are the library's own. Image features replace the embeddings of the image
+placeholder tokens (`image_token_id`), in order, across the whole batch: a sample may hold
+any number of images, or none.
+
+Shapes: pixel_values [I, 3, H, W] (I = images in the batch, in placeholder order);
+vision hidden states [I, P + N, Dv] (P prefix tokens, N patches); connector output
+[I, M, Dt]; input_ids [B, T] with I * M placeholder tokens in total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.cache_utils import Cache
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import ModelOutput
+
+from vlkit.connectors import build_connector
+from vlkit.errors import ImageTokenMismatchError
+
+
+class VlkitConfig(PretrainedConfig):
+    """Composite config: `vision_config` + `connector_config` + `text_config` and how they join.
+
+    vision_feature_layer: which hidden state of the tower feeds the connector (-2 = penultimate).
+    vision_feature_select_strategy: "default" drops the tower's prefix (CLS/register) tokens,
+        "full" keeps them.
+    vision_num_prefix_tokens: how many prefix tokens the tower emits (1 for CLIP, 0 for SigLIP).
+    image_seq_length: placeholder tokens per image = connector.num_tokens(patches).
+    """
+
+    model_type = "vlkit"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    connector_config: dict | None = None
+    image_token: str = "<image>"
+    image_token_id: int = -1
+    image_seq_length: int = 0
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    vision_num_prefix_tokens: int = 1
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.connector_config is None:
+            self.connector_config = {"type": "mlp", "depth": 2}
+        # Tying lives in the LLM's own config; mirror it so the top-level model reports it.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+
+@dataclass
+class VlkitCausalLMOutputWithPast(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+class VlkitPreTrainedModel(PreTrainedModel):
+    config_class = VlkitConfig
+    config: VlkitConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
+    """Vision tower + connector + causal LM.
+
+    `vision_tower` and `language_model` may be passed in already loaded (what `build_vlm` does);
+    otherwise they are built from the config (what `from_pretrained` does before loading weights).
+    """
+
+    def __init__(
+        self,
+        config: VlkitConfig,
+        vision_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.connector = build_connector(
+            config.connector_config, config.vision_config.hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        # Pretrained parts keep their weights: mark them initialised before post_init runs the init pass.
+        for pretrained in (vision_tower, language_model):
+            if pretrained is not None:
+                for module in pretrained.modules():
+                    module._is_hf_initialized = True
+        self.post_init()
+
+    # --- embeddings: the LLM's ------------------------------------------------------------------
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.language_model.get_decoder()
+
+    # --- images ---------------------------------------------------------------------------------
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features the connector consumes: [I, 3, H, W] -> [I, N, Dv]."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values=pixel_values.to(tower_dtype), output_hidden_states=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, self.config.vision_num_prefix_tokens :]
+        return features
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Image tokens for the LLM: [I, 3, H, W] -> [I, M, Dt]."""
+        features = self.get_vision_features(pixel_values)
+        connector_dtype = next(self.connector.parameters()).dtype
+        return self.connector(features.to(connector_dtype))
+
+    def merge_image_features(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Write image features into the placeholder positions, in order."""
+        placeholder_mask = input_ids == self.config.image_token_id
+        num_placeholders = int(placeholder_mask.sum())
+        num_features = image_features.shape[0] * image_features.shape[1]
+        if num_placeholders != num_features:
+            raise ImageTokenMismatchError(
+                f"the batch has {num_placeholders} image placeholder tokens but {image_features.shape[0]} image(s) of "
+                f"{image_features.shape[1]} tokens = {num_features}; build inputs with the model's VlkitProcessor"
+            )
+        return inputs_embeds.masked_scatter(
+            placeholder_mask.unsqueeze(-1), image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VlkitCausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image placeholder tokens")
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
+            raise ImageTokenMismatchError(
+                "the inputs hold image placeholder tokens but no pixel_values; pass the images too"
+            )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return VlkitCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+AutoConfig.register(VlkitConfig.model_type, VlkitConfig, exist_ok=True)
+AutoModelForImageTextToText.register(VlkitConfig, VlkitForConditionalGeneration, exist_ok=True)

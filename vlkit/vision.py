@@ -1,0 +1,118 @@
+"""Vision towers: load any Hugging Face vision model and describe the patch features it yields.
+
+Owns the mapping from a folder or hub id to (vision model, image processor), including the
+vision half of a two-tower `CLIPModel` / `SiglipModel` folder, and the facts the rest of vlkit
+needs about a tower: its hidden width, how many prefix (CLS / register) tokens precede the
+patches, and how many patches an image becomes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionModel,
+)
+
+from vlkit.errors import ModelLoadError, first_line
+
+logger = logging.getLogger(__name__)
+
+# model_type of the folder's config -> class that loads just the vision tower from it.
+VISION_TOWER_CLASSES: dict[str, type[PreTrainedModel]] = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+    "dinov2": Dinov2Model,
+    "dinov2_with_registers": Dinov2WithRegistersModel,
+}
+
+
+def vision_part(config: PretrainedConfig) -> PretrainedConfig:
+    """The vision sub-config of a two-tower config, or the config itself."""
+    return getattr(config, "vision_config", None) or config
+
+
+def num_prefix_tokens(vision_config: PretrainedConfig) -> int:
+    """Tokens before the patch tokens in the tower's hidden states (CLS, registers)."""
+    model_type = vision_config.model_type
+    if model_type.startswith("siglip"):
+        return 0  # SigLIP has no CLS token
+    if model_type == "dinov2_with_registers":
+        return 1 + int(vision_config.num_register_tokens)
+    return 1  # CLIP, DINOv2 and most ViTs prepend one CLS token
+
+
+def image_size_of(image_processor, vision_config: PretrainedConfig) -> tuple[int, int]:
+    """(height, width) of the pixel_values the processor produces."""
+    crop_size = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_center_crop", False) and isinstance(crop_size, dict):
+        return int(crop_size["height"]), int(crop_size["width"])
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict) and "height" in size:
+        return int(size["height"]), int(size["width"])
+    image_size = getattr(vision_config, "image_size", 224)
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def num_patches(image_processor, vision_config: PretrainedConfig) -> int:
+    """Patch tokens per image (prefix tokens excluded)."""
+    height, width = image_size_of(image_processor, vision_config)
+    patch = vision_config.patch_size
+    return (height // patch) * (width // patch)
+
+
+def default_image_processor(vision_config: PretrainedConfig):
+    """A CLIP-style processor sized to the tower, for folders that ship none (e.g. config-built towers)."""
+    size = vision_config.image_size if isinstance(vision_config.image_size, int) else vision_config.image_size[0]
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_vision_tower_from_config(vision_config: PretrainedConfig) -> PreTrainedModel:
+    """A randomly initialised tower (tests, or stage 0 before training)."""
+    return AutoModel.from_config(vision_part(vision_config))
+
+
+def load_vision_tower(name_or_path: str, dtype: torch.dtype | None = None):
+    """Load (vision tower, image processor) from a local folder or hub id."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # transformers raises OSError/ValueError/HF errors for missing repos
+        hint = "a folder with config.json" if not Path(str(name_or_path)).exists() else "a folder whose config.json loads"
+        raise ModelLoadError(
+            f"cannot load vision tower '{name_or_path}': {first_line(error)}; give {hint} or a reachable hub id"
+        ) from None
+    tower_class = VISION_TOWER_CLASSES.get(config.model_type)
+    try:
+        if tower_class is not None:
+            tower = tower_class.from_pretrained(name_or_path, dtype=dtype)
+        elif getattr(config, "vision_config", None) is not None:
+            raise ModelLoadError(
+                f"vision tower '{name_or_path}' is a '{config.model_type}' model whose vision half vlkit does not know how "
+                f"to extract; known: {', '.join(sorted(VISION_TOWER_CLASSES))}"
+            )
+        else:
+            tower = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"cannot load vision tower weights from '{name_or_path}': {first_line(error)}") from None
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except Exception:
+        logger.info("no image processor in %s; using a CLIP-style default sized to the tower", name_or_path)
+        image_processor = default_image_processor(tower.config)
+    return tower, image_processor
+
