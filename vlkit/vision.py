@@ -8,6 +8,7 @@ patches, and how many patches an image becomes.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionModel,
     Dinov2Model,
     Dinov2WithRegistersModel,
@@ -77,7 +79,14 @@ def num_patches(image_processor, vision_config: PretrainedConfig) -> int:
 def default_image_processor(vision_config: PretrainedConfig):
     """A CLIP-style processor sized to the tower, for folders that ship none (e.g. config-built towers)."""
     size = vision_config.image_size if isinstance(vision_config.image_size, int) else vision_config.image_size[0]
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # Without torchvision, transformers falls back to the PIL backend anyway (with a warning); pick it directly.
+    processor_class = CLIPImageProcessor if importlib.util.find_spec("torchvision") else CLIPImageProcessorPil
+    return processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_default_image_processor(vision_config: PretrainedConfig, folder: str) -> None:
+    """Save the default processor next to a config-built tower, so the folder is complete."""
+    default_image_processor(vision_config).save_pretrained(folder)
 
 
 def build_vision_tower_from_config(vision_config: PretrainedConfig) -> PreTrainedModel:
