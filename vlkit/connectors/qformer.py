@@ -70,9 +70,8 @@ class QFormerConnector(Connector):
             "cross_attention_frequency": cross_attention_frequency,
         }
         base = dict(BLIP2_DEFAULTS)
-        extra_config: dict = {}
         if init_from is not None:
-            base, extra_config = _checkpoint_shape(Path(init_from))
+            base = _checkpoint_shape(Path(init_from))
             for key, value in requested.items():
                 if value is not None and value != base[key]:
                     raise ConfigError(
@@ -91,8 +90,10 @@ class QFormerConnector(Connector):
             )
 
         self.num_queries = shape["num_queries"]
+        # The config to save with a model: explicit shape, no init_from. A saved model then loads
+        # without the BLIP-2 folder, and from_pretrained does not copy weights it overwrites anyway.
+        self.resolved_config: dict = {"type": "qformer", **shape, "dropout": dropout}
         config = Blip2QFormerConfig(
-            **extra_config,  # e.g. layer_norm_eps, hidden_act of the checkpoint
             hidden_size=shape["hidden_size"],
             num_hidden_layers=shape["depth"],
             num_attention_heads=shape["num_heads"],
@@ -144,7 +145,7 @@ class QFormerConnector(Connector):
                 with safe_open(str(file), framework="pt") as reader:
                     for name in reader.keys():
                         if name not in own:
-                            continue  # LLM, vision tower, language_projection, ...
+                            continue  # LLM, vision tower, language_projection, text-only Q-Former parts
                         source = reader.get_tensor(name)
                         target = own[name]
                         if source.shape != target.shape:
@@ -175,8 +176,8 @@ class QFormerConnector(Connector):
         logger.info("qformer: copied %d tensors (query_tokens, qformer.*) from %s", len(loaded), folder)
 
 
-def _checkpoint_shape(folder: Path) -> tuple[dict[str, int], dict]:
-    """The Q-Former shape and remaining Q-Former settings of a BLIP-2 folder's config.json."""
+def _checkpoint_shape(folder: Path) -> dict[str, int]:
+    """The Q-Former shape of a BLIP-2 folder's config.json."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"qformer init_from: {config_file} not found; point init_from at a BLIP-2 checkpoint folder")
@@ -195,8 +196,16 @@ def _checkpoint_shape(folder: Path) -> tuple[dict[str, int], dict]:
         "intermediate_size": qformer.intermediate_size,
         "cross_attention_frequency": qformer.cross_attention_frequency,
     }
-    extra = {"hidden_act": qformer.hidden_act, "layer_norm_eps": qformer.layer_norm_eps}
-    return shape, extra
+    # Only the shape is carried over (and saved with a model), so the rest must be BLIP-2's, as it
+    # is in every published checkpoint.
+    default = Blip2QFormerConfig()
+    for key in ("hidden_act", "layer_norm_eps"):
+        if getattr(qformer, key) != getattr(default, key):
+            raise ModelLoadError(
+                f"qformer init_from: {folder} has Q-Former {key}={getattr(qformer, key)!r}; "
+                f"vlkit's qformer supports BLIP-2's {getattr(default, key)!r} only"
+            )
+    return shape
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
