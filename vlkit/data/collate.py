@@ -1,0 +1,54 @@
+"""Batch collation for conversation training items.
+
+`VlkitCollator` pads `input_ids` (pad token), `labels` (-100) and builds `attention_mask`; it
+concatenates every sample's `pixel_values` in batch order, which is the order the model splices
+image features into the `<image>` placeholders. Text-only samples contribute no images; a batch
+with no images at all has no `pixel_values` key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class VlkitCollator:
+    """Pad a list of `{"input_ids", "labels", "pixel_values"}` items into a model batch.
+
+    pad_token_id: id written into padded positions (masked out by attention_mask and labels).
+    padding_side: "right" for training; "left" when the batch is continued by generation.
+    pad_to_multiple_of: round the padded length up (helps tensor-core kernels on GPU).
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None) -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set the tokenizer's pad token")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [torch.as_tensor(item["input_ids"], dtype=torch.long) for item in items]
+        labels = [torch.as_tensor(item["labels"], dtype=torch.long) for item in items]
+        length = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        batch_labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            n = len(row_ids)
+            span = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            batch_ids[row, span] = row_ids
+            batch_labels[row, span] = row_labels
+            attention_mask[row, span] = 1
+        batch = {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask}
+        pixel_values = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values, dim=0)  # [total images, 3, H, W]
+        return batch
