@@ -417,10 +417,6 @@ def test_resampler_vlm_token_count_is_fixed(tiny_vision_dir, tiny_llm_dir, strat
     assert processor.image_seq_length == model.connector.num_tokens(patches) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_vlm stores connector_config with init_from; it should store QFormerConnector.resolved_config",
-)
 def test_qformer_init_from_vlm_loads_without_the_blip2_folder(blip2_folder, tiny_vision_dir, tiny_llm_dir, tmp_path):
     import shutil
 

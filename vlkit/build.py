@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vlkit.connectors.registry import build_connector
+from vlkit.connectors.registry import build_connector, log_connector_summary
 from vlkit.errors import ConfigError
 from vlkit.llm import load_llm
 from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
@@ -93,7 +93,9 @@ def build_vlm(
     config = VlkitConfig(
         vision_config=vision_config,
         text_config=text_config,
-        connector_config=connector_config,
+        # A connector may resolve its options (e.g. a Q-Former read from a BLIP-2 folder) so the
+        # saved config rebuilds it without that folder.
+        connector_config=getattr(probe, "resolved_config", connector_config),
         image_token=IMAGE_TOKEN,
         image_token_id=image_token_id,
         image_seq_length=image_seq_length,
@@ -117,9 +119,5 @@ def build_vlm(
     processor = VlkitProcessor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length, image_token=IMAGE_TOKEN
     )
-    logger.info(
-        "built vlkit model: %s tower (%d patches) -> %s connector (%d tokens/image, %d params) -> %s LLM",
-        vision_config.model_type, patch_tokens, connector_config["type"], image_seq_length,
-        sum(p.numel() for p in model.connector.parameters()), text_config.model_type,
-    )
+    log_connector_summary(model.connector, patch_tokens)
     return model, processor
