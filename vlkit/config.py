@@ -1,0 +1,198 @@
+"""Recipes: the YAML schema of the align / instruct stages, loading, overrides, and errors.
+
+A recipe is YAML read with `safe_load`, changed by `a.b=value` overrides from the command line,
+and validated by pydantic models that forbid unknown keys. Every problem a user can cause is one
+`ConfigError` line: an unknown key with a did-you-mean, a wrong type with its key path, a
+missing data file. `stage: clip` recipes have their own schema in `vlkit.clip.recipe`;
+`load_recipe` picks the schema by the `stage` key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlkit.errors import ConfigError
+
+
+class StrictSection(BaseModel):
+    """Base of every recipe section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- generic machinery (shared with the clip stage's schema) -----------------------------------------
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=value` overrides; values parse as YAML (`10`, `true`, `[a, b]`, `null`)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=10)")
+        key, raw = item.split("=", 1)
+        set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping of sections")
+    return tree
+
+
+def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
+    """One line for the first problem: the key path, and a did-you-mean for unknown keys."""
+    first = error.errors()[0]
+    location = tuple(first["loc"])
+    where = ".".join(str(part) for part in location) or "recipe"
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(location[-1]), _known_keys(schema, location), n=1)
+        hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
+        return f"unknown recipe key '{where}'{hint}"
+    if first["type"] == "missing":
+        return f"recipe key '{where}' is required"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"recipe key '{where}': {message} (got {first.get('input')!r})"
+
+
+def validate_tree(tree: dict, schema: type[BaseModel]) -> Any:
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, schema)) from None
+
+
+# --- the align / instruct schema -------------------------------------------------------------------
+class ModelSection(StrictSection):
+    vision: str | None = None  # HF vision folder / hub id, or a CLIP run's output folder
+    llm: str | None = None  # causal LM folder / hub id, or "smollm2-135m-instruct"
+    connector: dict[str, Any] | None = None  # {type: mlp, depth: 2}; default mlp
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+
+    @model_validator(mode="after")
+    def _connector_has_type(self) -> ModelSection:
+        if self.connector is not None and "type" not in self.connector:
+            raise ValueError("connector needs a 'type' (linear, mlp, qformer, resampler, pixel_shuffle)")
+        return self
+
+
+class TuneSection(StrictSection):
+    """What trains besides the connector (the stage table in vlkit.train.stages limits the choice)."""
+
+    llm: Literal["frozen", "lora", "qlora", "full"] = "frozen"
+    vision: Literal["frozen", "lora"] = "frozen"
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | str = "all-linear"
+    vision_lora_target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class DataSection(StrictSection):
+    dir: str = "."  # base of the relative paths below
+    train_file: str
+    val_file: str | None = None
+    image_root: str | None = None  # default: `dir`
+    format: Literal["auto", "llava", "sharegpt"] = "auto"
+    max_length: int | None = Field(default=1024, ge=8)
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    allow_images_outside_root: bool = False
+    max_train_samples: int | None = Field(default=None, ge=1)
+
+    def path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.dir) / path
+
+    def image_root_path(self) -> Path:
+        return self.path(self.image_root) if self.image_root else Path(self.dir)
+
+
+class TrainSection(StrictSection):
+    epochs: float = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
+    batch_size: int = Field(default=8, ge=1)  # per process
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)  # the connector's
+    llm_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate
+    vision_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)  # None: only the final model
+    save_total_limit: int | None = Field(default=2, ge=1)
+    eval_steps: int | None = Field(default=None, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+
+
+class VlmRecipe(StrictSection):
+    stage: Literal["align", "instruct"]
+    output_dir: str
+    init_from: str | None = None  # the run dir this stage continues (e.g. the align run)
+    resume: bool | str = False  # true: latest checkpoint in output_dir; or a checkpoint path
+    overwrite: bool = False  # replace a finished run in output_dir
+    model: ModelSection = Field(default_factory=ModelSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None):
+    """Read, override and validate a recipe of any stage (`VlmRecipe` or `ClipRecipe`)."""
+    tree = apply_overrides(read_yaml(path), overrides)
+    stage = tree.get("stage")
+    if stage == "clip":
+        from vlkit.clip.recipe import ClipRecipe
+
+        return validate_tree(tree, ClipRecipe)
+    if stage not in ("align", "instruct"):
+        close = difflib.get_close_matches(str(stage), ["clip", "align", "instruct"], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"recipe key 'stage' must be clip, align or instruct, got {stage!r}{hint}")
+    return validate_tree(tree, VlmRecipe)
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The resolved recipe as YAML (written into every run dir)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,313 @@
+"""`vlkit train RECIPE [a.b=value ...] [--dry-run]`: run one stage of a recipe.
+
+Order matters for the user: everything a recipe can get wrong (keys, types, data files, the
+output dir, `init_from`) is checked before any model loads. Then the model is built (or
+continued from `init_from`), the stage's freezing applied and logged as a table, the Trainer
+run, and the run dir written: recipe.yaml, manifest.json + trainable.safetensors, processor/,
+run_summary.json, loss.png, logs/ (TensorBoard), checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlkit.config import VlmRecipe, dump_recipe, load_recipe
+from vlkit.errors import ConfigError
+from vlkit.train.checkpoint import atomic_write_text, read_manifest
+from vlkit.train.stages import STAGE_TABLE, check_stage
+
+logger = logging.getLogger("vlkit.train")
+
+SUMMARY = "run_summary.json"
+DEFAULT_LLM = "smollm2-135m-instruct"
+
+
+@dataclass
+class Plan:
+    """What a run will do, resolved from the recipe without loading any weights."""
+
+    recipe: VlmRecipe
+    vision: str
+    llm: str
+    connector: dict[str, Any]
+    resume_from: str | None
+    parent: dict[str, Any] | None  # the init_from run's manifest
+
+    def describe(self) -> str:
+        tune = self.recipe.tune
+        lines = [
+            f"stage     {self.recipe.stage}  ->  {self.recipe.output_dir}",
+            f"vision    {self.vision}  ({'LoRA' if tune.vision == 'lora' else 'frozen'})",
+            f"connector {self.connector}  (trained)",
+            f"llm       {self.llm}  ({tune.llm})",
+            f"data      {self.recipe.data.path(self.recipe.data.train_file)}  (images: {self.recipe.data.image_root_path()})",
+            f"train     {self._length()}, batch {self.recipe.train.batch_size} x {self.recipe.train.gradient_accumulation_steps}"
+            f" accumulation, lr {self.recipe.train.learning_rate:g}",
+        ]
+        if self.parent:
+            lines.append(f"init_from {self.recipe.init_from} (stage {self.parent['stage']})")
+        if self.resume_from:
+            lines.append(f"resume    {self.resume_from}")
+        return "\n".join(lines)
+
+    def _length(self) -> str:
+        train = self.recipe.train
+        return f"{train.max_steps} steps" if train.max_steps else f"{train.epochs:g} epoch(s)"
+
+
+def plan_run(recipe: VlmRecipe) -> Plan:
+    """Check everything checkable without weights; raise ConfigError with one line otherwise."""
+    check_stage(recipe)
+    data = recipe.data
+    for name in filter(None, (data.train_file, data.val_file)):
+        if not data.path(name).is_file():
+            raise ConfigError(f"data file not found: {data.path(name)} (data.dir is '{data.dir}')")
+    if not data.image_root_path().is_dir():
+        raise ConfigError(f"image root not found: {data.image_root_path()}")
+
+    parent = None
+    vision, llm = recipe.model.vision, recipe.model.llm
+    connector = recipe.model.connector
+    if recipe.init_from:
+        parent = read_manifest_or_error(recipe.init_from)
+        for part, mine in (("vision", vision), ("llm", llm)):
+            theirs = parent["bases"][part]["source"]
+            if mine is not None and mine != theirs:
+                raise ConfigError(
+                    f"init_from run {recipe.init_from} was trained with {part} '{theirs}' but this recipe names "
+                    f"'{mine}'; drop model.{part} or point init_from at a run with that {part}"
+                )
+        if connector is not None and connector != parent["model"]["connector"]:
+            raise ConfigError(
+                f"init_from run {recipe.init_from} has connector {parent['model']['connector']} but this recipe names "
+                f"{connector}; drop model.connector to continue that run's connector"
+            )
+        vision, llm = parent["bases"]["vision"]["source"], parent["bases"]["llm"]["source"]
+        connector = parent["model"]["connector"]
+    if vision is None:
+        raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
+    return Plan(
+        recipe=recipe, vision=vision, llm=llm or DEFAULT_LLM, connector=connector or {"type": "mlp", "depth": 2},
+        resume_from=resolve_resume(recipe), parent=parent,
+    )
+
+
+def read_manifest_or_error(folder: str) -> dict[str, Any]:
+    try:
+        return read_manifest(folder)
+    except Exception as error:
+        raise ConfigError(f"init_from: {error}") from None
+
+
+def resolve_resume(recipe: VlmRecipe) -> str | None:
+    """Check the output dir's state against resume/overwrite; return the checkpoint to resume from."""
+    from vlkit.train.trainer import latest_checkpoint
+
+    output = Path(recipe.output_dir)
+    checkpoints = output / "checkpoints"
+    if recipe.resume:
+        if isinstance(recipe.resume, str) and recipe.resume.lower() not in ("true", "latest"):
+            if not (Path(recipe.resume) / "manifest.json").is_file():
+                raise ConfigError(f"resume checkpoint not found or incomplete: {recipe.resume}")
+            return recipe.resume
+        latest = latest_checkpoint(checkpoints)
+        if latest is None:
+            raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; drop resume to start over")
+        return latest
+    if (output / SUMMARY).is_file() and not recipe.overwrite:
+        raise ConfigError(f"{output} holds a finished run; set overwrite=true to replace it or choose another output_dir")
+    if latest_checkpoint(checkpoints) and not recipe.overwrite:
+        raise ConfigError(
+            f"{output} holds an unfinished run; set resume=true to continue it or overwrite=true to start over"
+        )
+    return None
+
+
+def build_model(plan: Plan):
+    """(model, processor) for the stage: from the bases, or continuing `init_from`."""
+    from transformers import BitsAndBytesConfig
+
+    from vlkit.build import build_vlm
+    from vlkit.train.checkpoint import check_bases_unchanged, load_trained
+    from vlkit.train.stages import apply_adapters
+
+    recipe = plan.recipe
+    dtype = getattr(torch, recipe.model.dtype)
+    quantization = None
+    if recipe.tune.llm == "qlora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    spec = plan.parent["model"] if plan.parent else recipe.model.model_dump()
+    model, processor = build_vlm(
+        vision=plan.vision, llm=plan.llm, connector=plan.connector,
+        vision_feature_layer=spec["vision_feature_layer"],
+        vision_feature_select_strategy=spec["vision_feature_select_strategy"],
+        dtype=dtype, llm_quantization_config=quantization, attn_implementation=recipe.model.attn_implementation,
+    )
+    if plan.parent:
+        check_bases_unchanged(plan.parent, f"run {recipe.init_from}")
+        from vlkit.config import TuneSection
+
+        apply_adapters(model, TuneSection(**plan.parent["tune"]))  # the parent's adapters, to load its weights
+        load_trained(model, recipe.init_from)
+    return model, processor
+
+
+def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
+    output = Path(recipe.output_dir)
+    if recipe.overwrite and not resume_from and output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "recipe.yaml", dump_recipe(recipe))
+    return output
+
+
+def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
+    """Run one align/instruct stage; return the run dir."""
+    from transformers import TrainingArguments
+
+    from vlkit.data.collate import VlkitCollator
+    from vlkit.data.dataset import ConversationDataset
+    from vlkit.train.checkpoint import build_manifest, save_trained
+    from vlkit.train.plots import plot_loss
+    from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
+    from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
+
+    plan = plan or plan_run(recipe)
+    started = time.time()
+    output = prepare_output_dir(recipe, plan.resume_from)
+    model, processor = build_model(plan)
+    apply_adapters(model, recipe.tune)
+    set_trainable(model, recipe.tune)
+    logger.info("trainable parameters (stage %s):\n%s", recipe.stage, trainable_table(model))
+    print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
+
+    data = recipe.data
+    dataset_options = {
+        "max_length": data.max_length, "on_bad_sample": data.on_bad_sample,
+        "allow_images_outside_root": data.allow_images_outside_root,
+    }
+    train_set = ConversationDataset.from_file(
+        data.path(data.train_file), processor, data.image_root_path(), format=data.format, **dataset_options
+    )
+    if data.max_train_samples:
+        train_set.samples = train_set.samples.select(range(min(data.max_train_samples, len(train_set.samples))))
+    val_set = None
+    if data.val_file:
+        val_set = ConversationDataset.from_file(
+            data.path(data.val_file), processor, data.image_root_path(), format=data.format, **dataset_options
+        )
+
+    bases = {"vision": plan.vision, "llm": plan.llm}
+    history = plan.parent["stages"] if plan.parent else []
+    manifest = build_manifest(recipe, model, bases, history)
+    train = recipe.train
+    has_eval = val_set is not None and train.eval_steps is not None
+    args = TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        warmup_steps=train.warmup_ratio,  # a float < 1 is a fraction of all steps
+        lr_scheduler_type=train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm if train.max_grad_norm is not None else 0.0,
+        logging_steps=train.logging_steps,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=train.bf16,
+        gradient_checkpointing=train.gradient_checkpointing,
+        dataloader_num_workers=train.num_workers,
+        remove_unused_columns=False,
+        report_to=train.report_to,
+        save_only_model=False,
+        disable_tqdm=False,
+    )
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
+    learning_rates = {
+        "connector": train.learning_rate,
+        "language_model": train.llm_learning_rate or train.learning_rate,
+        "vision_tower": train.vision_learning_rate or train.learning_rate,
+    }
+    trainer = VlkitTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set if has_eval else None,
+        data_collator=VlkitCollator(processor.tokenizer.pad_token_id),
+        manifest=manifest,
+        part_learning_rates=learning_rates,
+        callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
+    )
+    result = trainer.train(resume_from_checkpoint=plan.resume_from)
+    metrics = dict(result.metrics)
+    if val_set is not None:
+        metrics.update(trainer.evaluate(val_set))
+
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(output / "processor")
+        save_trained(trainer.accelerator.unwrap_model(trainer.model), output, manifest)
+        history_log = trainer.state.log_history
+        plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
+        summary = {
+            "stage": recipe.stage,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "samples": trainer.state.global_step * train.batch_size * train.gradient_accumulation_steps * args.world_size,
+            "train_samples_available": len(train_set),
+            "skipped_samples": train_set.num_skipped,
+            "skipped_by_reason": train_set.skipped,
+            "skipped_ids": train_set.skipped_ids,
+            "wall_time_s": round(time.time() - started, 1),
+            "resumed_from": plan.resume_from,
+            "final_metrics": metrics,
+            "log_history": history_log,
+        }
+        atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2, default=str))
+        if train_set.num_skipped:
+            logger.warning("skipped %d bad sample(s): %s", train_set.num_skipped, train_set.summary())
+        print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, "
+              f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
+    trainer.accelerator.wait_for_everyone()
+    return output
+
+
+def run(args) -> int:
+    """CLI entry: `vlkit train` (also under `accelerate launch -m vlkit train`)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.stage == "clip":
+        from vlkit.clip.train import train_clip
+
+        if args.dry_run:
+            print(f"stage clip -> {recipe.output_dir}\nrecipe is valid; nothing loaded (dry run)")
+            return 0
+        train_clip(recipe)
+        return 0
+    plan = plan_run(recipe)
+    if args.dry_run:
+        print(plan.describe())
+        table = STAGE_TABLE[recipe.stage]
+        print("stage table: " + ", ".join(f"{part}: {'/'.join(modes)}" for part, modes in table.items()))
+        print("recipe is valid; nothing loaded (dry run)")
+        return 0
+    train_vlm(recipe, plan)
+    return 0

@@ -1,0 +1,107 @@
+"""What each stage trains, as data, and the code that applies it to a model.
+
+    | stage    | vision tower        | connector | LLM                      |
+    |----------|---------------------|-----------|--------------------------|
+    | align    | frozen              | trained   | frozen                   |
+    | instruct | frozen (opt. LoRA)  | trained   | LoRA / QLoRA / full      |
+
+(`stage: clip` trains the towers themselves; see `vlkit.clip`.)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+
+from vlkit.config import TuneSection, VlmRecipe
+from vlkit.errors import ConfigError
+from vlkit.modeling import VlkitForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+# stage -> part -> the training modes a recipe may choose for it
+STAGE_TABLE: dict[str, dict[str, tuple[str, ...]]] = {
+    "align": {"vision": ("frozen",), "connector": ("trained",), "llm": ("frozen",)},
+    "instruct": {"vision": ("frozen", "lora"), "connector": ("trained",), "llm": ("lora", "qlora", "full", "frozen")},
+}
+
+PARTS = ("vision_tower", "connector", "language_model")
+
+
+def check_stage(recipe: VlmRecipe) -> None:
+    """Refuse a `tune` section the stage table does not allow."""
+    allowed = STAGE_TABLE[recipe.stage]
+    if recipe.tune.llm not in allowed["llm"]:
+        raise ConfigError(
+            f"stage '{recipe.stage}' keeps the LLM {'/'.join(allowed['llm'])}, but tune.llm is '{recipe.tune.llm}'; "
+            "use stage: instruct to train the LLM"
+        )
+    if recipe.tune.vision not in allowed["vision"]:
+        raise ConfigError(
+            f"stage '{recipe.stage}' keeps the vision tower {'/'.join(allowed['vision'])}, "
+            f"but tune.vision is '{recipe.tune.vision}'"
+        )
+
+
+def lora_config(tune: TuneSection, target_modules, task_type: str | None) -> LoraConfig:
+    return LoraConfig(
+        r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
+        target_modules=target_modules, task_type=task_type,
+    )
+
+
+def apply_adapters(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
+    """Wrap the LLM and/or the vision tower with LoRA, as `tune` asks (idempotent per part)."""
+    if tune.llm in ("lora", "qlora") and not hasattr(model.language_model, "peft_config"):
+        if tune.llm == "qlora":
+            # Casts norms to fp32 and enables input grads for the 4-bit base; no checkpointing here.
+            model.language_model = prepare_model_for_kbit_training(
+                model.language_model, use_gradient_checkpointing=False
+            )
+        model.language_model = get_peft_model(
+            model.language_model, lora_config(tune, tune.lora_target_modules, "CAUSAL_LM")
+        )
+    if tune.vision == "lora" and not hasattr(model.vision_tower, "peft_config"):
+        model.vision_tower = get_peft_model(model.vision_tower, lora_config(tune, tune.vision_lora_target_modules, None))
+
+
+def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
+    """requires_grad per part: connector always; LoRA weights only; the full LLM for `full`."""
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    for parameter in model.connector.parameters():
+        parameter.requires_grad = True
+    if tune.llm == "full":
+        for parameter in model.language_model.parameters():
+            parameter.requires_grad = True
+    for part in (model.language_model, model.vision_tower):
+        for name, parameter in part.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad = True
+    # Frozen parts run in eval mode: no dropout noise in features the stage cannot change.
+    model.vision_tower.train(tune.vision == "lora")
+    model.language_model.train(tune.llm != "frozen")
+
+
+def part_of(name: str) -> str:
+    return next((part for part in PARTS if name.startswith(part + ".")), "other")
+
+
+def trainable_table(model: nn.Module) -> str:
+    """A table of trainable / total parameters per part, logged at the start of every run."""
+    rows = {part: [0, 0] for part in (*PARTS, "other")}
+    for name, parameter in model.named_parameters():
+        row = rows[part_of(name)]
+        row[1] += parameter.numel()
+        if parameter.requires_grad:
+            row[0] += parameter.numel()
+    lines = [f"{'part':<16}{'trainable':>14}{'total':>14}{'%':>8}"]
+    for part, (trainable, total) in rows.items():
+        if total:
+            lines.append(f"{part:<16}{trainable:>14,}{total:>14,}{100 * trainable / total:>7.2f}%")
+    trainable = sum(r[0] for r in rows.values())
+    total = sum(r[1] for r in rows.values())
+    lines.append(f"{'all':<16}{trainable:>14,}{total:>14,}{100 * trainable / max(total, 1):>7.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""`VlkitTrainer`: transformers' Trainer, saving only what was trained, atomically.
+
+The loop, mixed precision, gradient accumulation, schedulers, logging and checkpoint rotation
+are the Trainer's. This subclass changes four things:
+- the optimizer holds only trainable parameters, in one group per part with its own learning rate;
+- checkpoints hold `trainable.safetensors` + `manifest.json` instead of the whole model;
+- each checkpoint is written into a staging folder and renamed into place, so a crash during a
+  save leaves the previous checkpoint intact;
+- resuming checks that the frozen bases are the ones the checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from vlkit.train.checkpoint import check_bases_unchanged, load_trained, read_manifest, save_trained
+from vlkit.train.stages import part_of
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"
+
+
+class VlkitTrainer(Trainer):
+    def __init__(self, *args, manifest: dict[str, Any], part_learning_rates: dict[str, float], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.manifest = manifest
+        self.part_learning_rates = part_learning_rates
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[str, bool], list] = {}
+            for name, parameter in opt_model.named_parameters():
+                if parameter.requires_grad:  # frozen weights get no optimizer state at all
+                    groups.setdefault((part_of(name), name in decay), []).append(parameter)
+            param_groups = [
+                {
+                    "params": params,
+                    "lr": self.part_learning_rates.get(part, self.args.learning_rate),
+                    "weight_decay": self.args.weight_decay if decays else 0.0,
+                }
+                for (part, decays), params in groups.items()
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        save_trained(self.accelerator.unwrap_model(self.model), output_dir, self.manifest)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        check_bases_unchanged(read_manifest(resume_from_checkpoint), f"checkpoint {resume_from_checkpoint}")
+        load_trained(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Let the Trainer write the checkpoint into a staging folder, then rename it into place.
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging_root, name), target)
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds samples/s to every log line, so the progress bar and TensorBoard show it."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.last_time = time.perf_counter()
+        self.last_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs is None or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        steps = state.global_step - self.last_step
+        if steps > 0:
+            logs["samples_per_s"] = round(steps * self.samples_per_step / (now - self.last_time), 2)
+        self.last_time, self.last_step = now, state.global_step
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> str | None:
+    """The newest complete checkpoint (one with a manifest and trainer state), or None."""
+    folder = Path(checkpoints_dir)
+    if not folder.is_dir():
+        return None
+    complete = [
+        path for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if (path / "manifest.json").is_file() and (path / "trainer_state.json").is_file()
+    ]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1])))
