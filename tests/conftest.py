@@ -13,7 +13,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -76,7 +76,7 @@ def tiny_clip_vision_config() -> CLIPVisionConfig:
 
 
 def save_image_processor(folder, size: int = IMAGE_SIZE) -> None:
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
-    CLIPImageProcessor,
     CLIPImageProcessorPil,
     CLIPVisionModel,
     Dinov2Model,
@@ -80,7 +79,9 @@ def default_image_processor(vision_config: PretrainedConfig):
     """A CLIP-style processor sized to the tower, for folders that ship none (e.g. config-built towers)."""
     size = vision_config.image_size if isinstance(vision_config.image_size, int) else vision_config.image_size[0]
     # Without torchvision, transformers falls back to the PIL backend anyway (with a warning); pick it directly.
-    processor_class = CLIPImageProcessor if importlib.util.find_spec("torchvision") else CLIPImageProcessorPil
+    processor_class = CLIPImageProcessorPil
+    if importlib.util.find_spec("torchvision"):
+        from transformers import CLIPImageProcessor as processor_class
     return processor_class(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
