@@ -144,3 +144,13 @@ def tiny_vlm(tiny_vision_dir, tiny_llm_dir):
 def random_image(seed: int, size: int = 40) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small generated shapes world (24 train, 8 val/test/heldout images)."""
+    from data_tools.shapes import generate
+
+    folder = tmp_path_factory.mktemp("shapes")
+    generate(folder, n_train=24, n_val=8, n_test=8, seed=0, workers=1, progress=False)
+    return str(folder)

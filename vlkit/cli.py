@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from vlkit.errors import VlkitError
@@ -78,8 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_noise() -> None:
+    """Keep the console for vlkit's own output: library warnings that need no action are hidden."""
+    # bitsandbytes warns on import that it cannot fetch an optional CPU kernel from a hub.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_noise()
     command = args.command if args.command != "data" else f"data {args.data_command}"
     try:
         module = importlib.import_module(COMMAND_MODULES[command])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from vlkit.config import TuneSection, VlmRecipe
@@ -45,7 +44,9 @@ def check_stage(recipe: VlmRecipe) -> None:
         )
 
 
-def lora_config(tune: TuneSection, target_modules, task_type: str | None) -> LoraConfig:
+def lora_config(tune: TuneSection, target_modules, task_type: str | None):
+    from peft import LoraConfig
+
     return LoraConfig(
         r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
         target_modules=target_modules, task_type=task_type,
@@ -54,6 +55,8 @@ def lora_config(tune: TuneSection, target_modules, task_type: str | None) -> Lor
 
 def apply_adapters(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
     """Wrap the LLM and/or the vision tower with LoRA, as `tune` asks (idempotent per part)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
     if tune.llm in ("lora", "qlora") and not hasattr(model.language_model, "peft_config"):
         if tune.llm == "qlora":
             # Casts norms to fp32 and enables input grads for the 4-bit base; no checkpointing here.

@@ -1,0 +1,35 @@
+"""Helpers for training tests: write recipes that point at the tiny fixtures, run `vlkit train`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(path: Path, tree: dict) -> str:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return str(path)
+
+
+def align_recipe(output_dir, vision, llm, shapes, **train) -> dict:
+    return {
+        "stage": "align",
+        "output_dir": str(output_dir),
+        "model": {"vision": vision, "llm": llm, "connector": {"type": "mlp", "depth": 2}},
+        "data": {"dir": shapes, "train_file": "align_train.json", "max_length": 256},
+        "train": {"batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 1e-3, "report_to": [],
+                  "warmup_ratio": 0.0, **train},
+    }
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the vlkit CLI in a fresh process (as a user would)."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vlkit", *args], capture_output=True, text=True, env=full_env,
+                          cwd=REPO, timeout=timeout)
