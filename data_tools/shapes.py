@@ -407,11 +407,12 @@ def generate(
     world = make_world(seed, image_size)
     sizes = {"train": n_train, "val": n_val, "test": n_test, "test_heldout": n_test if n_heldout is None else n_heldout}
     total = sum(sizes.values())
-    workers = max(1, min(workers or os.cpu_count() or 1, 2 * total // 64 + 1))
+    if workers is None:  # a process per core, but not for a handful of images
+        workers = min(os.cpu_count() or 1, total // 256 + 1)
     tasks = list(_chunks(world, sizes, str(out), chunk=64))
     records: dict[str, list[dict[str, Any]]] = {split: [] for split in sizes}
     bar = tqdm(total=total, desc="drawing shapes", unit="img", disable=not progress)
-    if workers == 1:
+    if workers <= 1:
         results: Iterator[list[dict[str, Any]]] = map(_make_chunk, tasks)
     else:
         pool = ProcessPoolExecutor(workers)

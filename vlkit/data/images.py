@@ -53,17 +53,31 @@ def image_problem(
     return None
 
 
+def _wide_to_8bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit and float greyscale pixels as 0..255, keeping brightness instead of clipping to white.
+
+    The scale comes from the value range the mode implies (a 16-bit white stays white, a flat image
+    stays flat); only values outside any known range are stretched to their min..max.
+    """
+    low, high = float(array.min()), float(array.max())
+    if mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = array * 255.0
+    elif low >= 0.0 and high <= 255.0 and not mode.startswith("I;16"):
+        scaled = array
+    elif low >= 0.0 and high <= 65535.0:
+        scaled = array / 257.0
+    else:
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow image (first frame, any mode) to 8-bit RGB."""
     if getattr(image, "is_animated", False):
         image.seek(0)
     image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: rescale to 0..255 instead of clipping to white.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        image = Image.fromarray(_wide_to_8bit(np.asarray(image, dtype=np.float64), image.mode), mode="L")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
