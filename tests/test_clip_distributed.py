@@ -1,0 +1,96 @@
+"""The contrastive losses across 2 CPU processes (gloo) equal 1 process with the doubled batch.
+
+Each rank embeds its half of the batch with the same tiny towers, computes the local loss with
+features gathered *with gradient*, and averages gradients like DDP does; the mean loss and the
+averaged gradients must equal those of one process on the whole batch within 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from vlkit.clip.loss import build_loss
+
+WORLD, LOCAL_BATCH, IN_DIM, EMBED_DIM = 2, 4, 10, 6
+
+
+def make_towers() -> torch.nn.ModuleDict:
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleDict({"image": torch.nn.Linear(IN_DIM, EMBED_DIM), "text": torch.nn.Linear(IN_DIM, EMBED_DIM)})
+    towers.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    towers.logit_bias = torch.nn.Parameter(torch.tensor(-2.0))
+    return towers
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=generator), torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=generator)
+
+
+def loss_and_grads(towers, images, texts, loss_type: str, gather_with_grad: bool) -> tuple[torch.Tensor, dict]:
+    image_embeds = F.normalize(towers["image"](images), dim=-1)
+    text_embeds = F.normalize(towers["text"](texts), dim=-1)
+    loss = build_loss(loss_type, gather_with_grad)(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias)
+    loss.backward()
+    # The CLIP loss does not use the bias: its gradient is None, stored as zeros.
+    grads = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for name, p in towers.named_parameters()}
+    return loss.detach(), grads
+
+
+CASES = [("clip", True), ("siglip", True), ("clip", False)]  # (loss type, gather_with_grad)
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        images, texts = global_batch()
+        local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        for loss_type, gather_with_grad in CASES:
+            loss, grads = loss_and_grads(make_towers(), images[local], texts[local], loss_type, gather_with_grad)
+            # What DDP does to gradients (and what logging does to the loss): average over ranks.
+            for tensor in [loss, *grads.values()]:
+                dist.all_reduce(tensor)
+                tensor /= WORLD
+            name = f"{loss_type}_{gather_with_grad}_rank{rank}.safetensors"
+            save_file({"loss": loss.reshape(1), **grads}, os.path.join(out_dir, name))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory) -> dict:
+    """One spawn of 2 gloo processes computes every case (spawning is the slow part)."""
+    out = tmp_path_factory.mktemp("clip_dist")
+    mp.start_processes(worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    return {
+        case: [load_file(out / f"{case[0]}_{case[1]}_rank{rank}.safetensors") for rank in range(WORLD)] for case in CASES
+    }
+
+
+@pytest.mark.parametrize("loss_type", ["clip", "siglip"])
+def test_two_processes_equal_one_process_with_doubled_batch(two_process_results, loss_type):
+    images, texts = global_batch()
+    expected_loss, expected_grads = loss_and_grads(make_towers(), images, texts, loss_type, gather_with_grad=True)
+    for result in two_process_results[(loss_type, True)]:
+        assert torch.allclose(result["loss"][0], expected_loss, atol=1e-5), (result["loss"], expected_loss)
+        for name, grad in expected_grads.items():
+            assert torch.allclose(result[name], grad, atol=1e-5), name
+    assert expected_grads["image.weight"].abs().sum() > 0
+
+
+def test_gather_without_grad_does_not_give_full_gradients(two_process_results):
+    # The cheaper variant drops the gradient through other ranks' features; the test above would
+    # catch a gather that silently lost its gradient.
+    images, texts = global_batch()
+    expected_loss, expected_grads = loss_and_grads(make_towers(), images, texts, "clip", gather_with_grad=True)
+    result = two_process_results[("clip", False)][0]
+    assert torch.allclose(result["loss"][0], expected_loss, atol=1e-5)  # the forward is the same
+    assert not torch.allclose(result["image.weight"], expected_grads["image.weight"], atol=1e-5)

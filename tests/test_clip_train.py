@@ -1,0 +1,217 @@
+"""Stage 0 end to end on ~32 generated images: recipe -> train_clip -> HF CLIP folder -> eval -> build_vlm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from transformers import AutoProcessor, CLIPModel
+
+from vlkit.clip.augment import Augment, color_jitter, random_resized_crop
+from vlkit.clip.evaluate import evaluate_clip, is_clip_folder, retrieval, zero_shot
+from vlkit.clip.recipe import AugmentSection, load_clip_recipe, parse_clip_recipe
+from vlkit.clip.train import train_clip
+from vlkit.errors import ConfigError
+
+COLOURS = {"red": (220, 35, 35), "green": (40, 165, 60), "blue": (40, 85, 225), "yellow": (240, 220, 30)}
+SHAPES = ["circle", "square"]
+TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def write_pairs(folder: Path, n: int = 32, seed: int = 0) -> Path:
+    """A mini shapes world: one coloured shape per image, caption and label, + zero-shot labels."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 2]
+        image = Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(90, 160, 3)))
+        box = [int(v) for v in (rng.integers(2, 8), rng.integers(2, 8), rng.integers(22, 30), rng.integers(22, 30))]
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        image.save(folder / "images" / f"{i:03d}.png")
+        rows.append({"id": str(i), "image": f"images/{i:03d}.png", "caption": f"a {colour} {shape} in the middle.",
+                     "label": f"{colour} {shape}", "labels": [f"{colour} {shape}"]})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    classes = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+    (folder / "zeroshot_labels.json").write_text(json.dumps(
+        {"classes": classes, "templates": ["a photo of a {}.", "a {}."], "heldout_classes": ["yellow square"]}))
+    return folder / "pairs.jsonl"
+
+
+def recipe_dict(data_dir: Path, out: Path, **model_overrides) -> dict:
+    return {
+        "stage": "clip",
+        "output_dir": str(out),
+        "data": {"dir": str(data_dir), "train_file": "pairs.jsonl", "val_file": "pairs.jsonl"},
+        "model": {"projection_dim": 16, "vision": {"config": TINY_VISION}, "text": {"config": TINY_TEXT},
+                  **model_overrides},
+        "train": {"batch_size": 8, "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1, "eval_batch_size": 16},
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clip_pairs")
+    write_pairs(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clip_run") / "run"
+    return train_clip(parse_clip_recipe(recipe_dict(data_dir, out)))
+
+
+def test_train_clip_writes_a_loadable_hf_clip_folder(trained):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+                 "recipe.yaml", "run_summary.json", "loss.png"):
+        assert (trained / name).is_file(), name
+    assert is_clip_folder(trained)
+    summary = json.loads((trained / "run_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["samples"] == 24
+    assert math.isfinite(summary["final_metrics"]["train_loss"])
+    assert {"top1", "top5", "i2t_R@1", "t2i_mean_rank"} <= set(summary["final_metrics"]["val"])
+
+    model = CLIPModel.from_pretrained(trained)
+    saved = load_file(trained / "model.safetensors")
+    assert torch.equal(model.logit_scale.detach(), saved["logit_scale"])
+    assert float(model.logit_scale.detach().exp()) <= 100.0 + 1e-4
+    processor = AutoProcessor.from_pretrained(trained)
+    inputs = processor(text=["a red circle in the middle."], images=[Image.new("RGB", (32, 32), "red")],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        output = model(**inputs)
+    assert output.logits_per_image.shape == (1, 1)
+    # The tokenizer ends every caption with eos, where CLIP's text tower pools.
+    assert inputs["input_ids"][0, -1] == model.config.text_config.eos_token_id
+
+
+def test_training_changes_the_towers(trained, data_dir, tmp_path):
+    # Same recipe, 0 -> 3 steps: every tower moved (the loss reached both).
+    untrained = parse_clip_recipe(recipe_dict(data_dir, tmp_path / "r0"))
+    from vlkit.clip.model import build_clip_model, build_tokenizer
+
+    torch.manual_seed(0)
+    from transformers import set_seed
+
+    set_seed(untrained.train.seed)
+    rows = [json.loads(line) for line in (data_dir / "pairs.jsonl").read_text().splitlines()]
+    labels = json.loads((data_dir / "zeroshot_labels.json").read_text())
+    tokenizer = build_tokenizer(untrained, [r["caption"] for r in rows], labels["classes"])
+    initial = build_clip_model(untrained, tokenizer)
+    final = CLIPModel.from_pretrained(trained)
+    assert not torch.equal(initial.visual_projection.weight, final.visual_projection.weight)
+    assert not torch.equal(initial.text_projection.weight, final.text_projection.weight)
+
+
+def test_evaluate_writes_json_and_png_with_all_keys(trained, data_dir, tmp_path):
+    metrics = evaluate_clip(trained, data_dir / "pairs.jsonl", data_dir, tmp_path / "eval", batch_size=16)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["zero_shot"]["top1"] == metrics["zero_shot"]["top1"]
+    assert {"top1", "top5", "per_class_top1", "heldout_classes_top1"} <= set(written["zero_shot"])
+    assert 0.0 <= written["zero_shot"]["top1"] <= written["zero_shot"]["top5"] <= 1.0
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "i2t_mean_rank", "t2i_R@1", "t2i_R@5", "t2i_R@10", "t2i_mean_rank"):
+        assert key in written["retrieval"], key
+    assert written["retrieval"]["num_texts"] == 8  # 32 rows, 8 distinct captions
+    png = tmp_path / "eval" / "confusion_matrix.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_cli_entry_point(trained, data_dir, tmp_path, capsys):
+    from vlkit.clip.evaluate import run
+
+    args = argparse.Namespace(model=str(trained), data=str(data_dir / "pairs.jsonl"), images=str(data_dir),
+                              out=str(tmp_path / "cli"), labels=None, batch_size=16, max_samples=10)
+    assert run(args) == 0
+    assert "zero-shot top-1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["num_images"] == 10
+
+
+def test_clip_folder_is_the_vision_of_build_vlm(trained, tiny_llm_dir):
+    from vlkit import build_vlm
+
+    model, processor = build_vlm(vision=str(trained), llm=tiny_llm_dir, connector={"type": "mlp"})
+    clip = CLIPModel.from_pretrained(trained)
+    tower = model.vision_tower
+    clip_weights = clip.vision_model.state_dict()
+    tower_weights = {k.split("vision_model.", 1)[-1]: v for k, v in tower.state_dict().items()}
+    assert clip_weights.keys() <= tower_weights.keys()
+    assert all(torch.equal(clip_weights[k], tower_weights[k]) for k in clip_weights)
+    assert processor.image_processor.crop_size["height"] == 32  # the CLIP folder's processor came along
+    messages = [{"role": "user", "content": "<image>\nWhat colour?"}]
+    inputs = processor.prompt_inputs([messages], [[Image.new("RGB", (32, 32), "blue")]])
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_lit_locks_the_pretrained_vision_tower(trained, data_dir, tmp_path):
+    recipe = recipe_dict(data_dir, tmp_path / "lit", lock="vision")
+    recipe["model"]["vision"] = {"pretrained": str(trained)}
+    recipe["model"]["text"] = {"config": TINY_TEXT}
+    recipe["data"]["val_file"] = None
+    recipe["train"]["max_steps"] = 2
+    out = train_clip(parse_clip_recipe(recipe))
+    before, after = CLIPModel.from_pretrained(trained), CLIPModel.from_pretrained(out)
+    for name, weight in before.vision_model.state_dict().items():
+        assert torch.equal(weight, after.vision_model.state_dict()[name]), name
+    assert torch.equal(before.visual_projection.weight, after.visual_projection.weight)
+    assert not torch.equal(before.text_projection.weight, after.text_projection.weight)
+
+
+def test_recipe_errors_are_one_line_config_errors(data_dir, tmp_path):
+    good = recipe_dict(data_dir, tmp_path / "x")
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        parse_clip_recipe({**good, "train": {"batch_sise": 4}})
+    with pytest.raises(ConfigError, match="lock: vision freezes a pretrained tower"):
+        parse_clip_recipe(recipe_dict(data_dir, tmp_path / "x", lock="vision"))
+    both = recipe_dict(data_dir, tmp_path / "x")
+    both["model"]["text"]["pretrained"] = "somewhere"
+    with pytest.raises(ConfigError, match="exactly one of"):
+        parse_clip_recipe(both)
+
+
+def test_recipe_yaml_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: clip\noutput_dir: out\ndata: {train_file: t.jsonl}\n"
+                    "model: {vision: {config: {}}, text: {config: {}}}\n")
+    recipe = load_clip_recipe(path, ["train.max_steps=7", "loss.type=siglip", "augment.color_jitter=true"])
+    assert recipe.train.max_steps == 7 and recipe.loss.type == "siglip" and recipe.augment.color_jitter
+    assert math.isclose(math.exp(recipe.logit_scale_init()), 10.0)  # SigLIP's default start
+    assert math.isclose(math.exp(load_clip_recipe(path).logit_scale_init()), 1 / 0.07)
+
+
+def test_augmentation_is_off_by_default_and_shape_preserving():
+    image = torch.rand(3, 32, 32)
+    assert not Augment(AugmentSection()).enabled
+    torch.manual_seed(0)
+    cropped = random_resized_crop(image, (0.3, 0.5), (0.75, 1.33))
+    assert cropped.shape == image.shape and not torch.allclose(cropped, image)
+    jittered = color_jitter(image, 0.5, 0.5, 0.5)
+    assert jittered.shape == image.shape and 0 <= float(jittered.min()) and float(jittered.max()) <= 1
+    grey = color_jitter(image, 0.0, 0.0, 0.0)
+    assert torch.equal(grey, image)
+
+
+def test_retrieval_and_zero_shot_metrics_on_known_embeddings():
+    eye = torch.eye(4)
+    positives = torch.eye(4, dtype=torch.bool)
+    perfect = retrieval(eye, eye, positives)
+    assert perfect["i2t_R@1"] == 1.0 and perfect["t2i_mean_rank"] == 1.0
+    # Swapped texts: each image ranks its own caption second.
+    shifted = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    swapped = retrieval(shifted, texts, torch.eye(2, dtype=torch.bool))
+    assert swapped["i2t_R@1"] == 0.0 and swapped["i2t_mean_rank"] == 2.0
+    result = zero_shot(eye[:3], eye, torch.tensor([0, 1, 3]))
+    assert math.isclose(result["top1"], 2 / 3, rel_tol=1e-6) and result["top5"] == 1.0
+    assert int(result["confusion"][2, 1]) == 0 and int(result["confusion"][3, 2]) == 1

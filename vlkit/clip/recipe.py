@@ -1,0 +1,201 @@
+"""The `stage: clip` recipe: its schema (pydantic v2), YAML loading and `a.b=value` overrides.
+
+Self-contained so the general recipe loader can embed `ClipRecipe` as one stage's schema. Unknown
+keys are errors (with a did-you-mean), and every problem a user can cause becomes a one-line
+`ConfigError`. Relative data paths resolve against `data.dir`; `data.dir` and `output_dir`
+resolve against the working directory (the repo root for `make demo`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlkit.clip.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
+from vlkit.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Strict):
+    dir: str = "."  # base of the relative paths below
+    train_file: str  # CLIP pairs, JSONL or CSV
+    val_file: str | None = None  # if set, zero-shot + retrieval eval runs on it at the end
+    image_root: str | None = None  # default: `dir`
+    labels_file: str | None = None  # zero-shot classes + templates; default: zeroshot_labels.json next to val_file
+    image_column: str = "image"
+    caption_column: str = "caption"
+    max_train_samples: int | None = Field(default=None, ge=1)
+    cache_images: bool = True  # keep decoded, resized images in memory after the first epoch
+    allow_images_outside_root: bool = False
+
+    def path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.dir) / path
+
+    def image_root_path(self) -> Path:
+        return self.path(self.image_root) if self.image_root else Path(self.dir)
+
+
+class TowerSection(_Strict):
+    """One tower: built from a config dict (random init) or loaded from a pretrained folder."""
+
+    config: dict[str, Any] | None = None  # CLIPVisionConfig / CLIPTextConfig keyword arguments
+    pretrained: str | None = None  # HF folder or hub id: a CLIPModel, or a single tower
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TowerSection:
+        if (self.config is None) == (self.pretrained is None):
+            raise ValueError("give exactly one of `config` (train from scratch) or `pretrained` (a folder)")
+        return self
+
+
+class ModelSection(_Strict):
+    vision: TowerSection
+    text: TowerSection
+    projection_dim: int = Field(default=512, ge=1)
+    lock: Literal["vision", "text"] | None = None  # LiT: freeze this (pretrained) tower
+    tokenizer: str | None = None  # folder; default: the text tower's folder, or word-level from the captions
+    max_text_length: int = Field(default=32, ge=2)
+    logit_scale_init: float | None = Field(default=None, gt=0)  # default: 1/0.07 (clip), 10 (siglip)
+
+    @model_validator(mode="after")
+    def _lock_needs_pretrained(self) -> ModelSection:
+        if self.lock and getattr(self, self.lock).pretrained is None:
+            raise ValueError(f"lock: {self.lock} freezes a pretrained tower; set model.{self.lock}.pretrained")
+        return self
+
+
+class LossSection(_Strict):
+    type: Literal["clip", "siglip"] = "clip"
+    gather_with_grad: bool = True  # exact multi-process gradients (open_clip's local loss)
+    logit_scale_max: float = Field(default=LOGIT_SCALE_MAX, gt=1)
+    siglip_bias_init: float = -10.0
+
+
+class AugmentSection(_Strict):
+    """Training-time augmentation. All off by default: in the shapes world colour is the label
+    and position is in the captions, so colour jitter and crops would teach wrong answers."""
+
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: bool = False
+    brightness: float = Field(default=0.4, ge=0)
+    contrast: float = Field(default=0.4, ge=0)
+    saturation: float = Field(default=0.4, ge=0)
+    horizontal_flip: bool = False  # off by default: flips swap "left" and "right" in captions
+
+
+class TrainSection(_Strict):
+    batch_size: int = Field(default=128, ge=2)  # per process
+    learning_rate: float = Field(default=5e-4, gt=0)
+    epochs: float = Field(default=10, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
+    warmup_steps: float = Field(default=0, ge=0)  # steps, or a fraction of all steps if < 1
+    weight_decay: float = Field(default=0.1, ge=0)
+    lr_scheduler: str = "cosine"
+    optimizer: str = "adamw_torch"  # any TrainingArguments.optim name
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98  # CLIP paper; steadier than 0.999 for contrastive training
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0)
+    bf16: bool = False
+    fp16: bool = False
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)  # Trainer checkpoints; None = only the final model
+    report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
+    eval_batch_size: int = Field(default=128, ge=1)
+
+
+class ClipRecipe(_Strict):
+    stage: Literal["clip"] = "clip"
+    output_dir: str
+    data: DataSection
+    model: ModelSection
+    loss: LossSection = Field(default_factory=LossSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    def logit_scale_init(self) -> float:
+        """ln of the initial logit scale, as `CLIPConfig.logit_scale_init_value` stores it."""
+        scale = self.model.logit_scale_init or (LOGIT_SCALE_INIT if self.loss.type == "clip" else 10.0)
+        return math.log(min(scale, self.loss.logit_scale_max))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply `a.b=value` overrides; values parse as YAML (`10`, `true`, `[a, b]`, `null`)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=10)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = tuple(first["loc"])
+    where = ".".join(str(part) for part in location) or "recipe"
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(location[-1]), _known_keys(ClipRecipe, location), n=1)
+        hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
+        return f"unknown recipe key '{where}'{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"recipe key '{where}': {message}"
+
+
+def parse_clip_recipe(tree: dict) -> ClipRecipe:
+    """Validate a recipe dict; a bad key or value raises a one-line `ConfigError`."""
+    try:
+        return ClipRecipe.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_clip_recipe(path: str | Path, overrides: list[str] | None = None) -> ClipRecipe:
+    """Read a `stage: clip` recipe YAML, apply `a.b=value` overrides, validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
+    return parse_clip_recipe(apply_overrides(tree, overrides))
+
+
+def dump_recipe(recipe: ClipRecipe) -> str:
+    """The resolved recipe as YAML (written into every run dir)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
