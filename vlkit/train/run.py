@@ -174,7 +174,7 @@ def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
 
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
     from vlkit.data.collate import VlkitCollator
     from vlkit.data.dataset import ConversationDataset
@@ -186,6 +186,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     plan = plan or plan_run(recipe)
     started = time.time()
     output = prepare_output_dir(recipe, plan.resume_from)
+    set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)

@@ -1,0 +1,157 @@
+"""Training stages end to end on tiny models: align -> instruct, QLoRA, kill-and-resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import REPO, align_recipe, run_cli, write_recipe
+
+from vlkit.config import load_recipe
+from vlkit.errors import ConfigError
+from vlkit.train.checkpoint import load_run
+from vlkit.train.run import train_vlm
+
+
+def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=5, save_steps=2)
+    align["data"]["val_file"] = "align_val.json"
+    align_dir = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
+    for name in ("recipe.yaml", "manifest.json", "trainable.safetensors", "run_summary.json", "loss.png",
+                 "processor/processor_config.json"):
+        assert (align_dir / name).is_file(), name
+    saved = load_file(align_dir / "trainable.safetensors")
+    assert saved and all(name.startswith("connector.") for name in saved)
+    summary = json.loads((align_dir / "run_summary.json").read_text())
+    assert summary["steps"] == 5 and summary["skipped_samples"] == 0 and "eval_loss" in summary["final_metrics"]
+    assert sorted(p.name for p in (align_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-4", "checkpoint-5"]  # rotation keeps the last two; the final step is saved too
+    # A checkpoint is megabytes-small: the trained weights, not the bases.
+    base_bytes = sum(p.stat().st_size for p in Path(tiny_llm_dir).glob("*.safetensors"))
+    assert (align_dir / "checkpoints/checkpoint-4/trainable.safetensors").stat().st_size < base_bytes / 5
+
+    instruct = {
+        "stage": "instruct", "output_dir": str(tmp_path / "instruct"), "init_from": str(align_dir),
+        "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 4, "max_steps": 3, "logging_steps": 1, "report_to": [], "llm_learning_rate": 5e-4},
+    }
+    instruct_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+    saved = load_file(instruct_dir / "trainable.safetensors")
+    assert any("lora_" in name for name in saved) and any(name.startswith("connector.") for name in saved)
+    assert all(name.startswith("connector.") or "lora_" in name for name in saved)
+    # The instruct run started from the align run's connector, then trained it further.
+    align_connector = load_file(align_dir / "trainable.safetensors")
+    assert not torch.equal(align_connector["connector.layers.0.weight"], saved["connector.layers.0.weight"])
+
+    model, processor = load_run(instruct_dir)
+    for name, parameter in model.named_parameters():
+        if name in saved:
+            assert torch.equal(parameter.detach(), saved[name]), name
+    manifest = json.loads((instruct_dir / "manifest.json").read_text())
+    assert [s["stage"] for s in manifest["stages"]] == ["align", "instruct"]
+    assert manifest["bases"]["llm"]["sha256"]
+
+
+def test_resume_on_changed_base_is_an_error(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    import shutil
+
+    llm_copy = tmp_path / "llm"
+    shutil.copytree(tiny_llm_dir, llm_copy)
+    tree = align_recipe(tmp_path / "run", tiny_vision_dir, str(llm_copy), shapes_dir, max_steps=2, save_steps=2)
+    path = write_recipe(tmp_path / "r.yaml", tree)
+    train_vlm(load_recipe(path))
+    (tmp_path / "run" / "run_summary.json").unlink()  # make it an unfinished run
+    from safetensors.torch import load_file as load
+    from safetensors.torch import save_file
+
+    weights = load(llm_copy / "model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1
+    save_file(weights, llm_copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="changed since checkpoint .* was saved"):
+        train_vlm(load_recipe(path, ["resume=true"]))
+
+
+def test_qlora_instruct_runs_on_cpu(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    tree = {
+        "stage": "instruct", "output_dir": str(tmp_path / "qlora"),
+        "model": {"vision": tiny_vision_dir, "llm": tiny_llm_dir},
+        "tune": {"llm": "qlora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 2, "max_steps": 2, "logging_steps": 1, "report_to": []},
+    }
+    run_dir = train_vlm(load_recipe(write_recipe(tmp_path / "q.yaml", tree)))
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_metrics"]["train_loss"] > 0
+    model, _ = load_run(run_dir)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.language_model.modules())
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    steps = 60
+    tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,
+                        logging_steps=5)
+    killed = write_recipe(tmp_path / "killed.yaml", tree)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "vlkit", "train", killed], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json"
+    deadline = time.time() + 240
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert not (tmp_path / "killed" / "run_summary.json").exists()
+
+    resumed = run_cli("train", killed, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
+    assert summary["resumed_from"] and summary["steps"] == steps
+
+    tree["output_dir"] = str(tmp_path / "straight")
+    straight = run_cli("train", write_recipe(tmp_path / "straight.yaml", tree))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a = load_file(tmp_path / "killed" / "trainable.safetensors")
+    b = load_file(tmp_path / "straight" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    # and training did move the weights
+    untrained = load_file(tmp_path / "killed" / "checkpoints" / f"checkpoint-{steps}" / "trainable.safetensors")
+    assert torch.equal(untrained["connector.layers.0.weight"], a["connector.layers.0.weight"])
+
+
+def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    def losses(run_dir: Path) -> list[float]:
+        history = json.loads((run_dir / "run_summary.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    one = align_recipe(tmp_path / "one", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=4)
+    assert run_cli("train", write_recipe(tmp_path / "one.yaml", one)).returncode == 0
+    two = align_recipe(tmp_path / "two", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "vlkit", "train",
+                             write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(single) == len(double) == 4
+    for a, b in zip(single, double):
+        assert abs(a - b) < 1e-5, (single, double)
+    a = load_file(tmp_path / "one" / "trainable.safetensors")
+    b = load_file(tmp_path / "two" / "trainable.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
