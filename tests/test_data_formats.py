@@ -6,7 +6,14 @@ import pytest
 import torch
 from data_helpers import FakeProcessor, llava_sample, write_json, write_png
 
-from vlkit.data import ConversationDataset, VlkitCollator, detect_format, load_clip_pairs, load_conversations
+from vlkit.data import (
+    ConversationDataset,
+    ImageCaptionDataset,
+    VlkitCollator,
+    detect_format,
+    load_clip_pairs,
+    load_conversations,
+)
 from vlkit.errors import DataError
 
 
@@ -85,8 +92,19 @@ def test_clip_pairs_jsonl_and_csv_with_configurable_columns(tmp_path):
     pairs = load_clip_pairs(csv, image_column="filepath", caption_column="title")
     assert pairs["image"] == ["imgs/a.png", "imgs/b.png"]
     assert pairs["caption"] == ["a cat, sleeping", "a dog"] and pairs["id"] == ["7", "8"]
+    assert pairs["filepath"] == pairs["image"]  # the file's own columns stay, under their own names
     with pytest.raises(DataError, match="caption_column"):
         load_clip_pairs(csv, image_column="filepath")
+
+
+def test_clip_pairs_with_several_captions_per_image(tmp_path):
+    rows = [{"file": "a.png", "captions": ["a red circle", "a round red shape"]}, {"file": "b.png", "captions": []}]
+    pairs = load_clip_pairs(write_json(tmp_path / "multi.jsonl", rows), image_column="file", caption_column="captions")
+    assert pairs["caption"] == [["a red circle", "a round red shape"], []]
+    write_png(tmp_path / "a.png")
+    write_png(tmp_path / "b.png")
+    dataset = ImageCaptionDataset(pairs, image_root=tmp_path)
+    assert dataset.skipped == {"empty_caption": 1} and dataset[0]["caption"] == ["a red circle", "a round red shape"]
 
 
 def test_unreadable_files_raise_data_error(tmp_path):

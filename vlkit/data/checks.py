@@ -65,6 +65,14 @@ def check_messages(messages: list[dict[str, str]], n_images: int) -> Problem | N
     return None
 
 
+def check_caption(caption: str | list[str] | None) -> Problem | None:
+    """A caption (or a list of captions, of which at least one must have text)."""
+    captions = caption if isinstance(caption, list) else [caption]
+    if not any((c or "").strip() for c in captions):
+        return "empty_caption", "the caption is empty"
+    return None
+
+
 def check_sample(
     sample: dict[str, Any], image_root: str | os.PathLike | None, allow_outside_root: bool = False
 ) -> Problem | None:

@@ -33,7 +33,7 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from vlkit.data.checks import REASONS, Problem, check_images, check_messages, length_problem
+from vlkit.data.checks import REASONS, Problem, check_caption, check_images, check_messages, length_problem
 from vlkit.data.images import image_problem, load_image
 from vlkit.errors import ConfigError, DataError, ImageError, ImageTokenMismatchError
 
@@ -89,14 +89,15 @@ class SkippingDataset(torch.utils.data.Dataset):
     def _drop_bad(self, samples: datasets.Dataset, problems: list[Problem | None]) -> datasets.Dataset:
         """Record the up-front problems; raise in error mode; return the good samples."""
         bad = [(i, p) for i, p in enumerate(problems) if p is not None]
+        all_ids = list(samples["id"]) if bad else []
         if bad and self.on_bad_sample == "error":
             index, (reason, detail) = bad[0]
-            raise DataError(f"sample '{samples[index]['id']}' is unusable ({reason}): {detail}")
+            raise DataError(f"sample '{all_ids[index]}' is unusable ({reason}): {detail}")
         for index, (reason, detail) in bad:
             self.prepass_skipped[reason] += 1
             ids = self.prepass_ids.setdefault(reason, [])
             if len(ids) < MAX_IDS:
-                ids.append(samples[index]["id"])
+                ids.append(all_ids[index])
                 if len(ids) <= 3:
                     logger.warning("skipping sample '%s' (%s): %s", ids[-1], reason, detail)
         keep = [i for i, p in enumerate(problems) if p is None]
@@ -292,8 +293,8 @@ class ConversationDataset(SkippingDataset):
 
 
 class ImageCaptionDataset(SkippingDataset):
-    """CLIP pairs (from `load_clip_pairs`) -> `{"id", "image": RGB PIL image, "caption"}`, bad pairs
-    skipped and counted the same way as conversations."""
+    """CLIP pairs (from `load_clip_pairs`) -> `{"id", "image": RGB PIL image, "caption": str or list}`,
+    bad pairs skipped and counted the same way as conversations."""
 
     def __init__(
         self,
@@ -312,10 +313,7 @@ class ImageCaptionDataset(SkippingDataset):
         problems: list[Problem | None] = []
         for batch in pairs.select_columns(["image", "caption"]).iter(batch_size=1024):
             for path, caption in zip(batch["image"], batch["caption"]):
-                if not (caption or "").strip():
-                    problems.append(("empty_caption", "the caption is empty"))
-                else:
-                    problems.append(check_images([path], self.image_root, allow_images_outside_root))
+                problems.append(check_caption(caption) or check_images([path], self.image_root, allow_images_outside_root))
         self.samples = self._drop_bad(pairs, problems)
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:

@@ -192,8 +192,12 @@ def load_clip_pairs(
     caption_column: str = "caption",
     cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """Load image-caption pairs (JSON Lines, JSON list, CSV or TSV) as a Dataset with columns
-    `id`, `image`, `caption` and every other column of the file."""
+    """Load image-caption pairs (JSON Lines, JSON list, CSV or TSV) as a Dataset.
+
+    Every column of the file is kept, plus standard ones: `id` (str; the row number when the file
+    has none), `image` (the image path, from `image_column`) and `caption` (from `caption_column`:
+    a string, or a list of strings for data with several captions per image).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -212,28 +216,30 @@ def load_clip_pairs(
             raise DataError(
                 f"{path} has no column '{column}' (columns: {raw.column_names}); set {option} to the right name"
             )
-    # Rename to the standard names, dropping a same-named column the file may also have.
-    for column, standard in ((image_column, "image"), (caption_column, "caption")):
-        if column != standard:
-            if standard in raw.column_names:
-                raw = raw.remove_columns(standard)
-            raw = raw.rename_column(column, standard)
-    if "id" not in raw.column_names:
-        raw = raw.add_column("id", [str(i) for i in range(len(raw))])
+    caption_feature = raw.features[caption_column]
+    if isinstance(caption_feature, datasets.Value):
+        caption_feature = datasets.Value("string")
+    features = {**raw.features, "id": datasets.Value("string"), "image": datasets.Value("string"),
+                "caption": caption_feature}
     return raw.map(
         _normalize_pair_batch,
         batched=True,
-        features=datasets.Features(
-            {**raw.features, "id": datasets.Value("string"), "image": datasets.Value("string"),
-             "caption": datasets.Value("string")}
-        ),
+        with_indices=True,
+        fn_kwargs={"image_column": image_column, "caption_column": caption_column},
+        features=datasets.Features(features),
         desc="normalizing CLIP pairs",
     )
 
 
-def _normalize_pair_batch(batch: dict[str, list]) -> dict[str, list]:
+def _normalize_pair_batch(
+    batch: dict[str, list], indices: list[int], image_column: str, caption_column: str
+) -> dict[str, list]:
+    ids = batch["id"] if "id" in batch else [None] * len(indices)
     return {
-        "id": [str(v) for v in batch["id"]],
-        "image": ["" if v is None else str(v) for v in batch["image"]],
-        "caption": ["" if v is None else str(v) for v in batch["caption"]],
+        "id": [str(index) if value is None or value == "" else str(value) for value, index in zip(ids, indices)],
+        "image": ["" if value is None else str(value) for value in batch[image_column]],
+        "caption": [
+            [str(v) for v in value] if isinstance(value, list) else ("" if value is None else str(value))
+            for value in batch[caption_column]
+        ],
     }

@@ -22,7 +22,15 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from vlkit.data.checks import REASONS, Problem, check_images, check_messages, decode_problem, length_problem
+from vlkit.data.checks import (
+    REASONS,
+    Problem,
+    check_caption,
+    check_images,
+    check_messages,
+    decode_problem,
+    length_problem,
+)
 from vlkit.data.formats import detect_format, load_clip_pairs, load_conversations
 from vlkit.errors import ConfigError, ModelLoadError, first_line
 
@@ -135,8 +143,7 @@ def validate_file(
     problems: list[Problem | None] = []
     for _sample_id, images, caption, messages in samples:
         if messages is None:
-            problem = ("empty_caption", "the caption is empty") if not (caption or "").strip() else None
-            problem = problem or (None if images else ("missing_image", "no image path"))
+            problem = check_caption(caption) or (None if images else ("missing_image", "no image path"))
         else:
             problem = check_messages(messages, len(images))
         problems.append(problem or check_images(images, root, allow_outside_root))
