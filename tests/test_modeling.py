@@ -126,3 +126,29 @@ def test_feature_layer_and_full_strategy(tiny_vision_dir, tiny_llm_dir):
 def test_clip_two_tower_folder_gets_default_processor(tiny_clip_dir, tiny_llm_dir):
     _, processor = build_vlm(vision=tiny_clip_dir, llm=tiny_llm_dir)
     assert processor.image_processor.crop_size == {"height": 32, "width": 32}
+
+
+def test_logits_at_labels_only_matches_the_full_loss_and_gradients(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = collate(processor, [
+        (conversation("Compare.", "Both red.", images=2), [random_image(11), random_image(12)]),
+        (conversation("Say hi.", "Hi there!", images=0), []),
+    ])
+
+    def loss_and_grads(fast: bool, **kwargs):
+        model.config.logits_at_labels_only = fast
+        model.zero_grad()
+        loss = model(**batch, **kwargs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.connector.parameters()]
+
+    try:
+        for kwargs in ({}, {"num_items_in_batch": torch.tensor(37)}):
+            full_loss, full_grads = loss_and_grads(False, **kwargs)
+            fast_loss, fast_grads = loss_and_grads(True, **kwargs)
+            assert torch.allclose(full_loss, fast_loss, atol=1e-6)
+            for a, b in zip(full_grads, fast_grads):
+                assert torch.allclose(a, b, atol=1e-6)
+    finally:
+        model.config.logits_at_labels_only = True
+        model.zero_grad()

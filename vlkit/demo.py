@@ -1,55 +1,205 @@
-"""`make demo`: the main job, end to end on CPU.
+"""`make demo`: the whole mission on a 2-core CPU, offline, in minutes.
 
-For now: build a VLM from the embedded SmolLM2-135M-Instruct and a small CLIP vision tower
-(randomly initialised: no pretrained vision weights are reachable offline), and ask it about a
-bundled photo. The connector is untrained, so the answer shows the pipeline working, not
-visual understanding; the staged training pipeline replaces this.
+1. generate the shapes world (train / val / test / test_heldout);
+2. stage 0: CLIP-pretrain a small ViT (recipes/tiny/clip.yaml);
+3. stages 1-2: align, then instruction-tune, with the embedded SmolLM2-135M-Instruct
+   (recipes/tiny/align.yaml, recipes/tiny/instruct.yaml);
+4. evaluate on test and test_heldout: VQA accuracy by question type, descriptions, and the same
+   questions without the image (the chance baseline);
+5. export to Hugging Face format, reload the export, answer held-out questions and describe
+   skimage's astronaut photo;
+6. write runs/demo/report.md with the figures and plots.
+
+Every stage goes through the same recipes and functions as `vlkit train` / `vlkit eval`, with
+overrides for the sizes; `--fast` runs a reduced version. Finished stages are reused when the
+demo is run again (delete runs/demo to start over).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import logging
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
-
-from vlkit.build import build_vlm
-from vlkit.vision import save_default_image_processor
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "tiny"
 
 
-def build_small_vision_tower(folder: str) -> None:
-    config = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3,
-                              image_size=224, patch_size=32)
-    torch.manual_seed(0)
-    CLIPVisionModel(config).save_pretrained(folder)
-    save_default_image_processor(config, folder)
+@dataclass
+class DemoSize:
+    """How big each stage is. `full` fits ~20 minutes on 2 cores; `fast` ~5."""
+
+    n_train: int
+    n_eval: int  # images per test split
+    eval_images: int  # images scored per split
+    clip: list[str]
+    align: list[str]
+    instruct: list[str]
+    llm: str = "smollm2-135m-instruct"
+    batch_size: int = 16
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+
+SIZES = {
+    "full": DemoSize(n_train=4000, n_eval=200, eval_images=100,
+                     clip=["train.epochs=6"], align=["train.max_steps=60"], instruct=["train.max_steps=80"]),
+    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=20,
+                     clip=["train.epochs=4"], align=["train.max_steps=8"], instruct=["train.max_steps=10"]),
+}
+
+
+def log(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "run_summary.json").is_file()
+
+
+def run_stage(recipe_name: str, out: Path, overrides: list[str]) -> Path:
+    from vlkit.config import load_recipe
+
+    replace = [] if recipe_name == "clip.yaml" else ["overwrite=true"]  # an unfinished stage starts over
+    recipe = load_recipe(RECIPES / recipe_name, [f"output_dir={out}", *replace, *overrides])
+    if recipe.stage == "clip":
+        from vlkit.clip.train import train_clip
+
+        return Path(train_clip(recipe))
+    from vlkit.train.run import train_vlm
+
+    return train_vlm(recipe)
+
+
+def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
+    """Run every stage (reusing finished ones); return the figures for the report."""
+    from data_tools.shapes import generate
+
+    figures: dict[str, Any] = {"timings": {}, "data_dir": str(data_dir)}
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+
+    world_file = data_dir / "world.json"
+    if not world_file.is_file() or json.loads(world_file.read_text())["splits"]["train"] != size.n_train:
+        log(f"data: generating the shapes world in {data_dir}")
+        generate(data_dir, n_train=size.n_train, n_val=size.n_eval, n_test=size.n_eval, seed=0)
+    figures["timings"]["data"] = round(time.time() - started, 1)
+
+    data = [f"data.dir={data_dir}"]
+    stages = [
+        ("clip", "clip.yaml", [*data, *size.clip, *size.extra.get("clip", [])]),
+        ("align", "align.yaml", [*data, f"model.vision={out / 'clip'}", f"model.llm={size.llm}",
+                                 f"train.batch_size={size.batch_size}", "train.report_to=[]",
+                                 *size.align, *size.extra.get("align", [])]),
+        ("instruct", "instruct.yaml", [*data, f"init_from={out / 'align'}", f"train.batch_size={size.batch_size}",
+                                       "train.report_to=[]", *size.instruct, *size.extra.get("instruct", [])]),
+    ]
+    for name, recipe, overrides in stages:
+        stage_started = time.time()
+        if finished(out / name):
+            log(f"stage {name}: reusing {out / name}")
+        else:
+            log(f"stage {name}: vlkit train recipes/tiny/{recipe} {' '.join(overrides)}")
+            run_stage(recipe, out / name, overrides)
+        figures["timings"][name] = round(time.time() - stage_started, 1)
+        figures[name] = json.loads((out / name / "run_summary.json").read_text()).get("final_metrics", {})
+
+    figures["clip_eval"] = evaluate_clip_stage(out, data_dir)
+    figures["vqa"] = evaluate_vlm_stage(out, data_dir, size)
+    figures["export"] = export_stage(out, data_dir)
+    figures["timings"]["total"] = round(time.time() - started, 1)
+    return figures
+
+
+def evaluate_clip_stage(out: Path, data_dir: Path) -> dict[str, Any]:
+    from vlkit.clip.evaluate import evaluate_clip
+
+    log("eval: CLIP zero-shot + retrieval on test and test_heldout")
+    results = {}
+    for split in ("test", "test_heldout"):
+        results[split] = evaluate_clip(out / "clip", data_dir / f"clip_{split}.jsonl", data_dir,
+                                       out / "eval" / f"clip_{split}", labels_file=data_dir / "zeroshot_labels.json")
+    return results
+
+
+def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
+    from vlkit.evaluate import evaluate_vlm
+    from vlkit.train.checkpoint import load_run
+
+    log("eval: VQA on test and test_heldout, with and without the image")
+    model, processor = load_run(out / "instruct")
+    results = {}
+    for split in ("test", "test_heldout"):
+        results[split] = evaluate_vlm(model, processor, data_dir / f"instruct_{split}.json", data_dir,
+                                      out / "eval" / f"vqa_{split}", batch_size=16, max_samples=size.eval_images,
+                                      no_image_baseline=True, model_name=str(out / "instruct"))
+    return results
+
+
+def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:
+    """Export the instruct run, reload the export, answer held-out questions, describe a photo."""
+    import torch
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    from vlkit.data.images import load_image
+    from vlkit.export import export_run
+    from vlkit.loading import load_any
+
+    log("export: vlkit export runs/demo/instruct -> runs/demo/export, then reload it")
+    export_dir = out / "export"
+    export_format = export_run(out / "instruct", export_dir, format="auto", overwrite=True)
+    loaded = load_any(str(export_dir))
+    heldout = json.loads((data_dir / "instruct_test_heldout.json").read_text())[:3]
+    answers = []
+    conversations, images = [], []
+    for sample in heldout:
+        question = sample["conversations"][0]["value"]
+        conversations.append([{"role": "user", "content": question}])
+        images.append([load_image(sample["image"], data_dir)])
+    astronaut = Image.fromarray(skimage_data.astronaut())
+    conversations.append([{"role": "user", "content": "<image>\nDescribe the image in one sentence."}])
+    images.append([astronaut])
+    with torch.no_grad():
+        inputs = loaded.prompt_inputs(conversations, images)
+        output = loaded.model.generate(**inputs, max_new_tokens=48, do_sample=False)
+    replies = [loaded.decode(row[inputs["input_ids"].shape[1]:]).strip() for row in output]
+    for sample, reply in zip(heldout, replies):
+        answers.append({"image": sample["image"], "question": sample["conversations"][0]["value"].replace("<image>\n", ""),
+                        "truth": sample["conversations"][1]["value"], "answer": reply})
+    return {"format": export_format, "dir": str(export_dir), "heldout_answers": answers, "astronaut": replies[-1]}
+
+
+def write_report(out: Path, figures: dict[str, Any], size_name: str) -> Path:
+    from vlkit.demo_report import render_report
+
+    path = out / "report.md"
+    path.write_text(render_report(out, figures, size_name))
+    (out / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fast", action="store_true", help="reduced version")
-    parser.add_argument("--question", default="Describe this image in one sentence.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="reduced version (~5 minutes)")
+    parser.add_argument("--out", default="runs/demo", help="where runs, evals and report.md go")
+    parser.add_argument("--data", default="data/shapes", help="where the shapes world is generated")
     args = parser.parse_args(argv)
-    from skimage import data as skimage_data
-    from PIL import Image
+    from vlkit.cli import quiet_library_noise
 
-    start = time.time()
-    with tempfile.TemporaryDirectory() as vision_dir:
-        build_small_vision_tower(vision_dir)
-        model, processor = build_vlm(vision=vision_dir, llm="smollm2-135m-instruct", connector={"type": "mlp"})
-    image = Image.fromarray(skimage_data.astronaut())
-    conversation = [{"role": "user", "content": f"<image>\n{args.question}"}]
-    inputs = processor.prompt_inputs([conversation], [[image]])
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-    answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    print(f"model: CLIP ViT tower (untrained) -> mlp connector (untrained, {model.config.image_seq_length} tokens/image)"
-          " -> SmolLM2-135M-Instruct")
-    print(f"image: skimage.data.astronaut()  question: {args.question}")
-    print(f"answer: {answer}")
-    print(f"({time.time() - start:.1f} s)")
+    quiet_library_noise()
+    logging.basicConfig(level=logging.WARNING)
+    size_name = "fast" if args.fast else "full"
+    out = Path(args.out + ("-fast" if args.fast else ""))
+    figures = run_pipeline(out, Path(args.data + ("-fast" if args.fast else "")), SIZES[size_name])
+    report = write_report(out, figures, size_name)
+    from vlkit.demo_report import summary_table
+
+    print("\n" + summary_table(figures))
+    print(f"\nreport: {report}")
     return 0
 
 

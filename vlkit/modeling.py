@@ -42,6 +42,8 @@ class VlkitConfig(PretrainedConfig):
         "full" keeps them.
     vision_num_prefix_tokens: how many prefix tokens the tower emits (1 for CLIP, 0 for SigLIP).
     image_seq_length: placeholder tokens per image = connector.num_tokens(patches).
+    logits_at_labels_only: when training (labels given, no cache), apply the LM head only at
+        supervised positions; the loss is the same, the full [B, T, vocab] logits are never built.
     """
 
     model_type = "vlkit"
@@ -59,6 +61,7 @@ class VlkitConfig(PretrainedConfig):
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     vision_num_prefix_tokens: int = 1
+    logits_at_labels_only: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -196,6 +199,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             raise ImageTokenMismatchError(
                 "the inputs hold image placeholder tokens but no pixel_values; pass the images too"
             )
+        if labels is not None and past_key_values is None and self.config.logits_at_labels_only:
+            loss = self.loss_at_labels(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
+            return VlkitCausalLMOutputWithPast(loss=loss, image_hidden_states=image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -214,6 +220,24 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+    def loss_at_labels(self, inputs_embeds, attention_mask, position_ids, labels, num_items_in_batch=None, **kwargs):
+        """Next-token loss computing logits only where labels are (the LM head is ~20% of a small LLM's FLOPs).
+
+        Same value as the LLM's own loss: shifted labels, float32 logits, sum / num_items_in_batch when the
+        Trainer counts tokens across devices and accumulation steps, else the mean over supervised tokens.
+        """
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        targets = labels[:, 1:].to(hidden.device)
+        supervised = targets != -100
+        logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
+        if num_items_in_batch is None:
+            return torch.nn.functional.cross_entropy(logits, targets[supervised])
+        loss = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
+        return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
 
 AutoConfig.register(VlkitConfig.model_type, VlkitConfig, exist_ok=True)
