@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMAND_MODULES[command])
         return int(module.run(args) or 0)
     except VlkitError as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error).strip()
+        if message.startswith("Caught "):
+            # Raised in a dataloader worker: torch puts the worker's traceback in the message;
+            # its last line is our one-line reason.
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,44 @@
+"""The `make demo` pipeline at toy size: the same code and recipes, with overrides for the sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlkit.demo import DemoSize, run_pipeline, write_report
+
+TINY_CLIP = [
+    "model.vision.config={image_size: 32, patch_size: 8, hidden_size: 32, intermediate_size: 64, "
+    "num_hidden_layers: 2, num_attention_heads: 2}",
+    "model.text.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}",
+    "model.projection_dim=16", "train.batch_size=16", "data.val_file=null",
+]
+
+
+@pytest.mark.slow
+def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
+    size = DemoSize(
+        n_train=32, n_eval=6, eval_images=4, llm=tiny_llm_dir, batch_size=4,
+        clip=["train.epochs=1", *TINY_CLIP], align=["train.max_steps=2"], instruct=["train.max_steps=2"],
+    )
+    out = tmp_path / "demo"
+    figures = run_pipeline(out, tmp_path / "shapes", size)
+    report = write_report(out, figures, "toy")
+    text = report.read_text()
+    for stage in ("clip", "align", "instruct"):
+        assert (out / stage / "run_summary.json").is_file()
+        assert f"{stage}/loss.png" in text
+    for split in ("test", "test_heldout"):
+        by_type = figures["vqa"][split]["by_type"]
+        assert by_type and all(0.0 <= row["accuracy"] <= 1.0 and "no_image_accuracy" in row for row in by_type.values())
+        assert (out / "eval" / f"vqa_{split}" / "eval.png").is_file()
+        assert "top1" in figures["clip_eval"][split]["zero_shot"]
+    assert (out / "eval" / "clip_test" / "confusion_matrix.png").is_file()
+    assert len(figures["export"]["heldout_answers"]) == 3
+    assert figures["export"]["format"] in ("llava", "vlkit")
+    assert "| colour |" in text or "| shape |" in text
+    saved = json.loads((out / "figures.json").read_text())
+    assert saved["timings"]["total"] > 0
+    assert Path(figures["export"]["dir"]).is_dir()
