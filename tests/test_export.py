@@ -1,0 +1,325 @@
+"""`vlkit export`: llava and vlkit (remote code) folders that load and agree with vlkit where vlkit is not importable.
+
+The parity checks run the exported folder in a fresh `python -I -S` process that adds
+site-packages by hand, so vlkit's editable-install hook never runs; the script asserts that
+`vlkit` cannot be found before it imports transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import random_image
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from vlkit.cli import main as cli_main
+from vlkit.config import VlmRecipe, dump_recipe
+from vlkit.export import export_run
+from vlkit.export.card import hub_id
+from vlkit.train.checkpoint import build_manifest, load_run, save_trained
+from vlkit.train.stages import apply_adapters, set_trainable
+
+PROMPT = "What colour is the shape?"
+TINY_QFORMER = {"type": "qformer", "num_queries": 4, "hidden_size": 32, "depth": 2, "num_heads": 4}
+
+# Runs in the isolated process: load with stock transformers only, answer one prompt, save the results.
+ISOLATED_CHECK = r'''
+import importlib.util, json, sys
+site_packages, folder, fmt, image_path, prompt, result = sys.argv[1:7]
+sys.path.append(site_packages)
+assert importlib.util.find_spec("vlkit") is None, "vlkit is importable in the isolated process"
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+remote = fmt == "vlkit"
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+if fmt == "llava":
+    assert type(LlavaForConditionalGeneration.from_pretrained(folder)) is type(model)
+content = [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]
+messages = [{"role": "user", "content": content}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
+           "generated": generated}, result + ".safetensors")
+vlkit_modules = sorted(name for name in sys.modules if name == "vlkit" or name.startswith("vlkit."))
+with open(result + ".json", "w") as file:
+    json.dump({"model_class": type(model).__name__, "model_module": type(model).__module__,
+               "processor_class": type(processor).__name__, "text": text, "vlkit_modules": vlkit_modules}, file)
+'''
+
+
+# --- runs saved directly (no Trainer): build, perturb what a stage trains, save ----------------------------
+def save_run(folder: Path, vision: str, llm: str, connector: dict, tune: dict, stage: str = "instruct"):
+    recipe = VlmRecipe.model_validate({
+        "stage": stage, "output_dir": str(folder),
+        "model": {"vision": vision, "llm": llm, "connector": connector},
+        "tune": tune, "data": {"dir": "/data/shapes", "train_file": "instruct_train.json"},
+        "train": {"max_steps": 2, "seed": 0},
+    })
+    from vlkit import build_vlm
+
+    quantization = None
+    if tune["llm"] == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    torch.manual_seed(0)
+    model, _ = build_vlm(vision=vision, llm=llm, connector=connector, llm_quantization_config=quantization)
+    apply_adapters(model, recipe.tune)
+    set_trainable(model, recipe.tune)
+    with torch.no_grad():  # LoRA B starts at zero: move every trained weight so merging has an effect
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    save_trained(model, folder, build_manifest(recipe, model, {"vision": vision, "llm": llm}, []))
+    summary = {"stage": stage, "steps": 2, "samples": 8, "wall_time_s": 1.5,
+               "final_metrics": {"train_loss": 2.3456, "eval_loss": 2.5}}
+    (folder / "run_summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_vision_dir, tiny_llm_dir):
+    folder = save_run(tmp_path_factory.mktemp("export") / "lora-run", tiny_vision_dir, tiny_llm_dir,
+                      {"type": "mlp", "depth": 2}, {"llm": "lora", "lora_r": 4, "lora_alpha": 8})
+    (folder / "eval").mkdir()
+    (folder / "eval" / "eval.json").write_text(json.dumps({
+        "model": str(folder), "data": "instruct_test.json", "questions": 12, "images": 4,
+        "by_type": {"colour": {"n": 12, "accuracy": 0.75}}, "overall_accuracy": 0.75}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qformer_run(tmp_path_factory, tiny_vision_dir, tiny_llm_dir):
+    return save_run(tmp_path_factory.mktemp("export") / "qformer-run", tiny_vision_dir, tiny_llm_dir, TINY_QFORMER,
+                    {"llm": "frozen"}, stage="align")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("image") / "shape.png"
+    random_image(7).save(path)
+    return str(path)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+def run_isolated(folder: Path, fmt: str, image: str, work: Path) -> tuple[dict, dict]:
+    """Load and run an export in a process where vlkit cannot be imported."""
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / "check.py"
+    script.write_text(ISOLATED_CHECK)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(work / "hf_modules"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = work / "result"
+    # -I: no PYTHONPATH, no user site, no script dir on sys.path; -S: no site, so no .pth (editable vlkit) hooks.
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", str(script), sysconfig.get_paths()["purelib"], str(folder), fmt, image, PROMPT,
+         str(result)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return load_file(f"{result}.safetensors"), json.loads(Path(f"{result}.json").read_text())
+
+
+def vlkit_reference(run: Path, image: str):
+    """vlkit's own model (LoRA unmerged) on the same image + prompt, drawn under the export's seed."""
+    torch.manual_seed(0)  # the export draws the unsaved <image> embedding row under the run's seed (0)
+    model, processor = load_run(run)
+    conversation = [{"role": "user", "content": f"<image>\n{PROMPT}"}]
+    inputs = processor.prompt_inputs([conversation], [[Image.open(image)]])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    return inputs, logits, generated, processor.render(conversation, add_generation_prompt=True)
+
+
+def assert_parity(run: Path, got: dict, info: dict, image: str) -> float:
+    inputs, logits, generated, text = vlkit_reference(run, image)
+    assert info["vlkit_modules"] == []
+    assert info["text"] == text  # the chat template puts <image> where training put it
+    assert torch.equal(got["input_ids"], inputs["input_ids"])
+    assert torch.equal(got["pixel_values"], inputs["pixel_values"])
+    difference = (got["logits"] - logits).abs().max().item()
+    assert difference < 1e-4, difference
+    assert torch.equal(got["generated"], generated)
+    return difference
+
+
+def cli(*args: str) -> int:
+    return cli_main(["export", *args])
+
+
+# --- the done-when checks ------------------------------------------------------------------------------------
+def test_llava_export_runs_in_stock_transformers_like_vlkit(lora_run, image_file, tmp_path, tiny_vision_dir,
+                                                          tiny_llm_dir, capsys):
+    out = tmp_path / "llava"
+    assert cli(str(lora_run), str(out), "--format", "llava") == 0
+    printed = capsys.readouterr().out
+    assert "format llava" in printed and "trust_remote_code" not in printed
+    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md", "model.safetensors"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert {"vision_config", "text_config", "image_token_index", "projector_hidden_act", "vision_feature_layer",
+            "vision_feature_select_strategy"} <= set(config)
+    assert tiny_vision_dir not in (out / "config.json").read_text() and tiny_llm_dir not in (out / "config.json").read_text()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as weights:
+        names = set(weights.keys())
+    # Exactly the names stock transformers writes for a Llava model of this config; no LoRA left.
+    stock = tmp_path / "stock"
+    LlavaForConditionalGeneration(LlavaConfig.from_pretrained(out)).save_pretrained(stock)
+    with safe_open(str(stock / "model.safetensors"), framework="pt") as weights:
+        assert names == set(weights.keys())
+    assert not any("lora_" in name or name.startswith("connector.") for name in names)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["bad_words_ids"] == [[config["image_token_index"]]]
+    assert generation["pad_token_id"] is not None and generation["eos_token_id"] is not None
+
+    started = time.time()
+    got, info = run_isolated(out, "llava", image_file, tmp_path / "isolated")
+    assert info["model_class"] == "LlavaForConditionalGeneration" and info["processor_class"] == "LlavaProcessor"
+    difference = assert_parity(lora_run, got, info, image_file)
+    print(f"llava vs vlkit: max |logit difference| {difference:.2e}, greedy tokens equal, "
+          f"isolated process {time.time() - started:.1f} s")
+
+
+def test_qformer_exports_as_remote_code_that_runs_without_vlkit(qformer_run, image_file, tmp_path, capsys):
+    out = tmp_path / "qformer"
+    assert cli(str(qformer_run), str(out)) == 0  # auto: a Q-Former has no Llava counterpart
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "vlkit"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vlkit.VlkitForConditionalGeneration"
+    assert json.loads((out / "processor_config.json").read_text())["auto_map"]["AutoProcessor"].startswith("processing_")
+    code = {path.name: path.read_text() for path in out.glob("*.py")}
+    assert "vlkit_connector_qformer.py" in code and "vlkit_connector_resampler.py" not in code  # only what it uses
+    for name, text in code.items():
+        assert not re.search(r"^\s*(from|import)\s+vlkit\b", text, flags=re.MULTILINE), name
+        assert ".register(" not in text.replace("def register_connector", ""), name  # vlkit's Auto registrations
+    started = time.time()
+    got, info = run_isolated(out, "vlkit", image_file, tmp_path / "isolated")
+    assert info["model_module"].startswith("transformers_modules.") and info["processor_class"] == "VlkitProcessor"
+    difference = assert_parity(qformer_run, got, info, image_file)
+    print(f"vlkit-format qformer vs vlkit: max |logit difference| {difference:.2e}, greedy tokens equal, "
+          f"isolated process {time.time() - started:.1f} s")
+
+
+# --- format choice, dtype, model card ---------------------------------------------------------------------
+def test_auto_picks_llava_and_writes_the_dtype_and_a_model_card(lora_run, tmp_path):
+    out = tmp_path / "auto"
+    assert export_run(lora_run, out, dtype="bfloat16") == "llava"
+    assert {tensor.dtype for tensor in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert {"vlkit", "connector-mlp", "llava"} <= set(card.data.tags)
+    assert card.data.base_model is None  # local folders are not Hub ids
+    text = card.text
+    assert "Stage `instruct` (LLM: lora)" in text and "/data/shapes/instruct_train.json" in text
+    assert "train_loss 2.3456" in text and "| colour | 12 | 0.750 |" in text
+    assert "LoRA weights merged into: language_model" in text and "AutoModelForImageTextToText" in text
+
+
+def test_hub_ids_in_card_metadata():
+    assert hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("openai/clip-vit-large-patch14-336") == "openai/clip-vit-large-patch14-336"
+    assert hub_id("/tmp/some/folder") is None
+
+
+def test_qlora_run_merges_into_the_unquantized_base(tmp_path, tiny_vision_dir, tiny_llm_dir):
+    run = save_run(tmp_path / "qlora-run", tiny_vision_dir, tiny_llm_dir, {"type": "mlp", "depth": 2},
+                   {"llm": "qlora", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj"]})
+    out = tmp_path / "out"
+    assert export_run(run, out, format="llava") == "llava"
+    trained = load_file(run / "trainable.safetensors")
+    prefix = "language_model.base_model.model.model.layers.0.self_attn.q_proj"
+    lora_a, lora_b = trained[f"{prefix}.lora_A.default.weight"], trained[f"{prefix}.lora_B.default.weight"]
+    base = load_file(Path(tiny_llm_dir) / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    exported = LlavaForConditionalGeneration.from_pretrained(out)
+    merged = exported.model.language_model.layers[0].self_attn.q_proj.weight.detach()
+    assert merged.dtype == torch.float32 and not any("lora_" in name for name in exported.state_dict())
+    assert torch.allclose(merged, base + (8 / 4) * lora_b @ lora_a, atol=1e-6)  # full-precision base + scaled LoRA
+    assert "merged into the unquantized base" in (out / "README.md").read_text()
+
+
+# --- push -----------------------------------------------------------------------------------------------------
+def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    out = tmp_path / "pushed"
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        assert (Path(kwargs["folder_path"]) / "README.md").is_file()  # the finished folder, card included
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    assert cli(str(qformer_run), str(out), "--push-to-hub", "someone/tiny-vlm", "--private") == 0
+    assert [call[:2] for call in calls] == [("create_repo", "someone/tiny-vlm"), ("upload_folder", "someone/tiny-vlm")]
+    assert calls[0][2]["private"] is True
+    assert Path(calls[1][2]["folder_path"]) == out and calls[1][2].get("repo_type", "model") == "model"
+    assert 'from_pretrained("someone/tiny-vlm", trust_remote_code=True)' in (out / "README.md").read_text()
+
+
+# --- bad input: one line each, exit code 2, nothing written ---------------------------------------------------
+def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    checkpoint = unfinished / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(yaml.safe_dump({"format": "vlkit-run/1"}))
+    (checkpoint / "trainer_state.json").write_text("{}")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    cases = [
+        ((str(unfinished), str(tmp_path / "a")), f"export its newest checkpoint instead: {checkpoint}"),
+        ((str(tmp_path / "nothing"), str(tmp_path / "b")), "does not exist"),
+        ((str(lora_run), str(tmp_path / "c"), "--format", "onnx"), "unknown export format 'onnx'"),
+        ((str(lora_run), str(tmp_path / "c"), "--dtype", "int8"), "unknown export dtype 'int8'"),
+        ((str(qformer_run), str(tmp_path / "d"), "--format", "llava"), "--format llava does not apply: "),
+        ((str(lora_run), str(full)), "exists and is not empty; pass --overwrite"),
+        ((str(lora_run), str(lora_run / "export")), "overlaps the run"),
+        ((str(lora_run), str(tmp_path / "e"), "--push-to-hub", "not a repo id"), "not a valid Hub repo id"),
+    ]
+    for args, message in cases:
+        assert cli(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "unfinished"]  # nothing half-written
+    assert (full / "keep.txt").is_file()
+
+
+def test_overwrite_replaces_a_non_empty_out_dir(qformer_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert export_run(qformer_run, out, overwrite=True) == "vlkit"
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()

@@ -1,0 +1,143 @@
+"""What `vlkit export` exports: a finished run dir or checkpoint, loaded as one standalone model.
+
+Owns finding the folder to export (refusing an unfinished run with the name of its newest
+checkpoint), loading it with `load_run`, merging LoRA into the LLM and vision tower, and the
+QLoRA case: the 4-bit base is reloaded unquantized in the export dtype and the LoRA weights are
+merged into that, since merging into 4-bit weights would round them back to 4 bits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vlkit.errors import VlkitError
+from vlkit.train.checkpoint import MANIFEST, TRAINABLE, read_manifest
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(VlkitError):
+    """A run cannot be exported as asked (unfinished run, unknown format, format that does not apply)."""
+
+
+@dataclass
+class ExportSource:
+    """A folder to export, its manifest, and the run dir around it (for the model card)."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    run_dir: Path  # the run dir itself, or the one a checkpoint lives in
+    checkpoint_step: int | None = None  # set when exporting a checkpoint
+    notes: list[str] = field(default_factory=list)  # facts about the export for the model card
+
+    @property
+    def connector(self) -> dict[str, Any]:
+        return self.manifest["model"]["connector"]
+
+
+def resolve_source(path: str | Path) -> ExportSource:
+    """A run dir or `checkpoints/checkpoint-N` with a complete save, or an ExportError saying what to export."""
+    from vlkit.train.trainer import latest_checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} does not exist; give a vlkit run dir or one of its checkpoints/checkpoint-N")
+    if not ((folder / MANIFEST).is_file() and (folder / TRAINABLE).is_file()):
+        newest = latest_checkpoint(folder / "checkpoints")
+        if newest is not None:
+            raise ExportError(
+                f"{folder} is an unfinished run (no final {TRAINABLE}); export its newest checkpoint instead: {newest}"
+            )
+        raise ExportError(f"{folder} is not a finished vlkit run or checkpoint (needs {MANIFEST} and {TRAINABLE})")
+    try:
+        manifest = read_manifest(folder)
+    except VlkitError as error:
+        raise ExportError(str(error)) from None
+    is_checkpoint = folder.parent.name == "checkpoints" and folder.name.startswith("checkpoint-")
+    step = None
+    if is_checkpoint:
+        state = folder / "trainer_state.json"
+        step = json.loads(state.read_text()).get("global_step") if state.is_file() else None
+        if step is None:
+            step = int(folder.name.rsplit("-", 1)[1]) if folder.name.rsplit("-", 1)[1].isdigit() else None
+    return ExportSource(folder=folder, manifest=manifest, run_dir=folder.parent.parent if is_checkpoint else folder,
+                        checkpoint_step=step)
+
+
+def merge_adapters(model: torch.nn.Module) -> list[str]:
+    """Fold LoRA weights into the LLM / vision tower (peft `merge_and_unload`); return the parts merged."""
+    merged = []
+    for part in ("language_model", "vision_tower"):
+        module = getattr(model, part)
+        if hasattr(module, "peft_config"):
+            setattr(model, part, module.merge_and_unload())
+            merged.append(part)
+    return merged
+
+
+def load_unquantized(source: ExportSource, dtype: torch.dtype):
+    """(model, processor) of a QLoRA run rebuilt on the unquantized base, LoRA still unmerged."""
+    from vlkit.build import build_vlm
+    from vlkit.config import TuneSection
+    from vlkit.train.checkpoint import load_trained
+    from vlkit.train.stages import apply_adapters
+
+    manifest, spec = source.manifest, source.manifest["model"]
+    model, processor = build_vlm(
+        vision=manifest["bases"]["vision"]["source"],
+        llm=manifest["bases"]["llm"]["source"],
+        connector=spec["connector"],
+        vision_feature_layer=spec["vision_feature_layer"],
+        vision_feature_select_strategy=spec["vision_feature_select_strategy"],
+        dtype=dtype,
+    )
+    # Same LoRA layout as training (the adapter names match), without the 4-bit preparation.
+    tune = TuneSection(**manifest["tune"]).model_copy(update={"llm": "lora"})
+    apply_adapters(model, tune)
+    load_trained(model, source.folder)
+    return model, processor
+
+
+def run_seed(source: ExportSource) -> int:
+    """The seed the run was trained with (recipe.yaml's train.seed), else 0."""
+    recipe = source.run_dir / "recipe.yaml"
+    try:
+        return int(yaml.safe_load(recipe.read_text())["train"]["seed"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return 0
+
+
+def load_merged(source: ExportSource, dtype: torch.dtype):
+    """(standalone model in `dtype`, processor): bases + trained weights, LoRA merged, nothing left to fetch."""
+    # build_vlm gives the `<image>` token a freshly drawn embedding row that no run saves (it only
+    # matters as a tied lm_head row). Drawing it under the run's seed makes exports reproducible
+    # and re-draws the row training drew (train_vlm seeds the same way before build_vlm).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run_seed(source))
+        model, processor = _load(source, dtype)
+    merged = merge_adapters(model)
+    if merged:
+        source.notes.append(f"LoRA weights merged into: {', '.join(merged)}.")
+    model.to(dtype)
+    model.eval()
+    return model, processor
+
+
+def _load(source: ExportSource, dtype: torch.dtype):
+    from vlkit.train.checkpoint import load_run
+
+    if source.manifest["tune"].get("llm") == "qlora":
+        model, processor = load_unquantized(source, dtype)
+        source.notes.append(
+            "Trained with QLoRA on a 4-bit base; the LoRA weights were merged into the unquantized base "
+            f"weights ({str(dtype).removeprefix('torch.')}), so this model is not the 4-bit model that was trained."
+        )
+    else:
+        model, processor = load_run(source.folder)
+    return model, processor
