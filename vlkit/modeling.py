@@ -183,17 +183,26 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> VlkitCausalLMOutputWithPast:
+        """`vision_features` [I, N, Dv]: the tower's output computed earlier (`get_vision_features`, the
+        feature cache of `vlkit.features`, or a chat's earlier turn); given instead of pixel_values, only
+        the connector runs."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = None
-        if pixel_values is not None:
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("pass pixel_values or vision_features, not both")
+        if pixel_values is not None or vision_features is not None:
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids to locate the image placeholder tokens")
-            image_features = self.get_image_features(pixel_values)
+            if vision_features is not None:  # the frozen tower's output, computed once: only the connector runs
+                image_features = self.connector(vision_features.to(next(self.connector.parameters()).dtype))
+            else:
+                image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
         elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
             raise ImageTokenMismatchError(
@@ -220,6 +229,12 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("vision_features", None)  # like pixel_values: after prefill the cache holds the image
+        return inputs
 
     def loss_at_labels(self, inputs_embeds, attention_mask, position_ids, labels, num_items_in_batch=None, **kwargs):
         """Next-token loss computing logits only where labels are (the LM head is ~20% of a small LLM's FLOPs).
