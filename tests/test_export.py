@@ -24,8 +24,14 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
+from vlkit import VlkitForConditionalGeneration, VlkitProcessor
 from vlkit.cli import main as cli_main
 from vlkit.config import VlmRecipe, dump_recipe
 from vlkit.export import export_run
@@ -36,10 +42,11 @@ from vlkit.train.stages import apply_adapters, set_trainable
 PROMPT = "What colour is the shape?"
 TINY_QFORMER = {"type": "qformer", "num_queries": 4, "hidden_size": 32, "depth": 2, "num_heads": 4}
 
-# Runs in the isolated process: load with stock transformers only, answer one prompt, save the results.
+# Runs in the isolated process: for each (folder, format, result) job, load the folder with stock
+# transformers only, answer one prompt, save the results.
 ISOLATED_CHECK = r'''
 import importlib.util, json, sys
-site_packages, folder, fmt, image_path, prompt, result = sys.argv[1:7]
+site_packages, image_path, prompt, jobs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 sys.path.append(site_packages)
 assert importlib.util.find_spec("vlkit") is None, "vlkit is importable in the isolated process"
 import torch
@@ -47,25 +54,26 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-remote = fmt == "vlkit"
-model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
-if fmt == "llava":
-    assert type(LlavaForConditionalGeneration.from_pretrained(folder)) is type(model)
-content = [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]
-messages = [{"role": "user", "content": content}]
-text = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                       return_tensors="pt")
-with torch.no_grad():
-    logits = model(**inputs).logits
-    generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
-save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
-           "generated": generated}, result + ".safetensors")
-vlkit_modules = sorted(name for name in sys.modules if name == "vlkit" or name.startswith("vlkit."))
-with open(result + ".json", "w") as file:
-    json.dump({"model_class": type(model).__name__, "model_module": type(model).__module__,
-               "processor_class": type(processor).__name__, "text": text, "vlkit_modules": vlkit_modules}, file)
+for folder, fmt, result in jobs:
+    remote = fmt == "vlkit"
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=remote).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+    if fmt == "llava":
+        assert type(LlavaForConditionalGeneration.from_pretrained(folder)) is type(model)
+    content = [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
+               "generated": generated}, result + ".safetensors")
+    vlkit_modules = sorted(name for name in sys.modules if name == "vlkit" or name.startswith("vlkit."))
+    with open(result + ".json", "w") as file:
+        json.dump({"model_class": type(model).__name__, "model_module": type(model).__module__,
+                   "processor_class": type(processor).__name__, "text": text, "vlkit_modules": vlkit_modules}, file)
 '''
 
 
@@ -104,7 +112,7 @@ def save_run(folder: Path, vision: str, llm: str, connector: dict, tune: dict, s
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_vision_dir, tiny_llm_dir):
     folder = save_run(tmp_path_factory.mktemp("export") / "lora-run", tiny_vision_dir, tiny_llm_dir,
-                      {"type": "mlp", "depth": 2}, {"llm": "lora", "lora_r": 4, "lora_alpha": 8})
+                      {"type": "mlp", "depth": 2}, {"llm": "lora", "vision": "lora", "lora_r": 4, "lora_alpha": 8})
     (folder / "eval").mkdir()
     (folder / "eval" / "eval.json").write_text(json.dumps({
         "model": str(folder), "data": "instruct_test.json", "questions": 12, "images": 4,
@@ -125,21 +133,34 @@ def image_file(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def exports(lora_run, qformer_run, image_file, tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
+    """The LoRA run as llava, the Q-Former run as vlkit (auto, sharded), both run in one process without vlkit."""
+    work = tmp_path_factory.mktemp("exports")
+    llava, remote = work / "llava", work / "qformer"
+    assert export_run(lora_run, llava, format="llava") == "llava"
+    assert export_run(qformer_run, remote, max_shard_size="300KB") == "vlkit"  # a Q-Former has no Llava counterpart
+    started = time.time()
+    results = run_isolated([(llava, "llava"), (remote, "vlkit")], image_file, work / "isolated")
+    print(f"\nisolated process (both exports): {time.time() - started:.1f} s")
+    return {"llava": (llava, *results[0]), "vlkit": (remote, *results[1])}
+
+
 # --- helpers -------------------------------------------------------------------------------------------------
-def run_isolated(folder: Path, fmt: str, image: str, work: Path) -> tuple[dict, dict]:
-    """Load and run an export in a process where vlkit cannot be imported."""
+def run_isolated(jobs: list[tuple[Path, str]], image: str, work: Path) -> list[tuple[dict, dict]]:
+    """Load and run exports in one fresh process where vlkit cannot be imported; (tensors, facts) per job."""
     work.mkdir(parents=True, exist_ok=True)
     script = work / "check.py"
     script.write_text(ISOLATED_CHECK)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(work / "hf_modules"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = work / "result"
+    spec = [(str(folder), fmt, str(work / f"result-{index}")) for index, (folder, fmt) in enumerate(jobs)]
     # -I: no PYTHONPATH, no user site, no script dir on sys.path; -S: no site, so no .pth (editable vlkit) hooks.
     completed = subprocess.run(
-        [sys.executable, "-I", "-S", str(script), sysconfig.get_paths()["purelib"], str(folder), fmt, image, PROMPT,
-         str(result)], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-I", "-S", str(script), sysconfig.get_paths()["purelib"], image, PROMPT, json.dumps(spec)],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return load_file(f"{result}.safetensors"), json.loads(Path(f"{result}.json").read_text())
+    return [(load_file(f"{result}.safetensors"), json.loads(Path(f"{result}.json").read_text())) for *_, result in spec]
 
 
 def vlkit_reference(run: Path, image: str):
@@ -166,17 +187,21 @@ def assert_parity(run: Path, got: dict, info: dict, image: str) -> float:
     return difference
 
 
+def assert_one_error_line(stderr: str, message: str) -> None:
+    """The CLI printed one `error: ...` line with the message (library progress bars aside), no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
 def cli(*args: str) -> int:
     return cli_main(["export", *args])
 
 
 # --- the done-when checks ------------------------------------------------------------------------------------
-def test_llava_export_runs_in_stock_transformers_like_vlkit(lora_run, image_file, tmp_path, tiny_vision_dir,
-                                                          tiny_llm_dir, capsys):
-    out = tmp_path / "llava"
-    assert cli(str(lora_run), str(out), "--format", "llava") == 0
-    printed = capsys.readouterr().out
-    assert "format llava" in printed and "trust_remote_code" not in printed
+def test_llava_export_runs_in_stock_transformers_like_vlkit(exports, lora_run, image_file, tmp_path, tiny_vision_dir,
+                                                          tiny_llm_dir):
+    out, got, info = exports["llava"]
     for name in ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md", "model.safetensors"):
         assert (out / name).is_file(), name
@@ -197,39 +222,40 @@ def test_llava_export_runs_in_stock_transformers_like_vlkit(lora_run, image_file
     assert generation["bad_words_ids"] == [[config["image_token_index"]]]
     assert generation["pad_token_id"] is not None and generation["eos_token_id"] is not None
 
-    started = time.time()
-    got, info = run_isolated(out, "llava", image_file, tmp_path / "isolated")
     assert info["model_class"] == "LlavaForConditionalGeneration" and info["processor_class"] == "LlavaProcessor"
     difference = assert_parity(lora_run, got, info, image_file)
-    print(f"llava vs vlkit: max |logit difference| {difference:.2e}, greedy tokens equal, "
-          f"isolated process {time.time() - started:.1f} s")
+    print(f"llava vs vlkit (LoRA on LLM and vision tower, merged): max |logit difference| {difference:.2e}, "
+          "greedy tokens equal")
 
 
-def test_qformer_exports_as_remote_code_that_runs_without_vlkit(qformer_run, image_file, tmp_path, capsys):
-    out = tmp_path / "qformer"
-    assert cli(str(qformer_run), str(out)) == 0  # auto: a Q-Former has no Llava counterpart
-    assert "trust_remote_code=True" in capsys.readouterr().out
+def test_qformer_exports_as_remote_code_that_runs_without_vlkit(exports, qformer_run, image_file):
+    out, got, info = exports["vlkit"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "vlkit"
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vlkit.VlkitForConditionalGeneration"
     assert json.loads((out / "processor_config.json").read_text())["auto_map"]["AutoProcessor"].startswith("processing_")
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(out.glob("model-*.safetensors"))) > 1
     code = {path.name: path.read_text() for path in out.glob("*.py")}
     assert "vlkit_connector_qformer.py" in code and "vlkit_connector_resampler.py" not in code  # only what it uses
     for name, text in code.items():
         assert not re.search(r"^\s*(from|import)\s+vlkit\b", text, flags=re.MULTILINE), name
         assert ".register(" not in text.replace("def register_connector", ""), name  # vlkit's Auto registrations
-    started = time.time()
-    got, info = run_isolated(out, "vlkit", image_file, tmp_path / "isolated")
     assert info["model_module"].startswith("transformers_modules.") and info["processor_class"] == "VlkitProcessor"
     difference = assert_parity(qformer_run, got, info, image_file)
-    print(f"vlkit-format qformer vs vlkit: max |logit difference| {difference:.2e}, greedy tokens equal, "
-          f"isolated process {time.time() - started:.1f} s")
+    print(f"vlkit-format qformer vs vlkit: max |logit difference| {difference:.2e}, greedy tokens equal")
+    # Where vlkit is imported, its own registered classes load the folder (no remote code needed).
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(AutoModelForImageTextToText.from_pretrained(out)) is VlkitForConditionalGeneration
+    assert type(processor) is VlkitProcessor and processor.image_seq_length == TINY_QFORMER["num_queries"]
 
 
 # --- format choice, dtype, model card ---------------------------------------------------------------------
-def test_auto_picks_llava_and_writes_the_dtype_and_a_model_card(lora_run, tmp_path):
+def test_auto_picks_llava_and_writes_the_dtype_and_a_model_card(lora_run, tmp_path, capsys):
     out = tmp_path / "auto"
-    assert export_run(lora_run, out, dtype="bfloat16") == "llava"
+    assert cli(str(lora_run), str(out), "--dtype", "bfloat16") == 0
+    printed = capsys.readouterr().out
+    assert "format llava, bfloat16" in printed and "trust_remote_code" not in printed
     assert {tensor.dtype for tensor in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -266,7 +292,7 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path, tiny_vision_dir, t
 
 
 # --- push -----------------------------------------------------------------------------------------------------
-def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
     calls = []
@@ -283,6 +309,8 @@ def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypa
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     assert cli(str(qformer_run), str(out), "--push-to-hub", "someone/tiny-vlm", "--private") == 0
+    printed = capsys.readouterr().out
+    assert "trust_remote_code=True" in printed and "uploaded to https://huggingface.co/someone/tiny-vlm" in printed
     assert [call[:2] for call in calls] == [("create_repo", "someone/tiny-vlm"), ("upload_folder", "someone/tiny-vlm")]
     assert calls[0][2]["private"] is True
     assert Path(calls[1][2]["folder_path"]) == out and calls[1][2].get("repo_type", "model") == "model"
@@ -311,10 +339,29 @@ def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):
     ]
     for args, message in cases:
         assert cli(*args) == 2, args
-        err = capsys.readouterr().err.strip()
-        assert message in err and len(err.splitlines()) == 1, (args, err)
+        assert_one_error_line(capsys.readouterr().err, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "unfinished"]  # nothing half-written
     assert (full / "keep.txt").is_file()
+
+
+def test_llava_refuses_a_tower_whose_prefix_it_would_drop_wrongly(tmp_path, tiny_siglip_dir, tiny_llm_dir, capsys):
+    run = save_run(tmp_path / "siglip-run", tiny_siglip_dir, tiny_llm_dir, {"type": "mlp", "depth": 2},
+                   {"llm": "frozen"}, stage="align")
+    assert cli(str(run), str(tmp_path / "out"), "--format", "llava") == 2
+    assert_one_error_line(capsys.readouterr().err, "has 0 prefix token(s) and vision_feature_select_strategy is 'default'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_exports_and_its_card_says_which(qformer_run, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    for name in ("manifest.json", "trainable.safetensors"):
+        shutil.copy(qformer_run / name, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    assert export_run(checkpoint, tmp_path / "out") == "vlkit"
+    assert "checkpoint `checkpoint-2` (step 2) of run `run`" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_overwrite_replaces_a_non_empty_out_dir(qformer_run, tmp_path):

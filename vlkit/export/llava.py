@@ -85,7 +85,7 @@ def llava_blocker(model: VlkitForConditionalGeneration, processor) -> str | None
     if config.vision_feature_select_strategy == "default" and prefix != 1:
         return (
             f"the vision tower has {prefix} prefix token(s) and vision_feature_select_strategy is 'default'; "
-            "Llava's 'default' drops exactly 1 (retrain with 'full' or export --format vlkit)"
+            "Llava's 'default' drops exactly 1"
         )
     if getattr(config.vision_config, "patch_size", None) is None:
         return f"the vision tower ({config.vision_config.model_type}) has no patch_size for LlavaProcessor"
