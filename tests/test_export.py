@@ -267,6 +267,7 @@ def test_auto_picks_llava_and_writes_the_dtype_and_a_model_card(lora_run, tmp_pa
     assert "Stage `instruct` (LLM: lora)" in text and "/data/shapes/instruct_train.json" in text
     assert "train_loss 2.3456" in text and "| colour | 12 | 0.750 |" in text
     assert "LoRA weights merged into: language_model" in text and "AutoModelForImageTextToText" in text
+    assert "| LoRA, merged |" in text
 
 
 def test_hub_ids_in_card_metadata():
@@ -289,6 +290,45 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path, tiny_vision_dir, t
     assert merged.dtype == torch.float32 and not any("lora_" in name for name in exported.state_dict())
     assert torch.allclose(merged, base + (8 / 4) * lora_b @ lora_a, atol=1e-6)  # full-precision base + scaled LoRA
     assert "merged into the unquantized base" in (out / "README.md").read_text()
+
+
+def test_full_strategy_keeps_the_cls_token_in_both_formats(tiny_vision_dir, tiny_llm_dir):
+    from vlkit import build_vlm
+    from vlkit.export.llava import llava_blocker, llava_image_seq_length
+
+    model, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2},
+                                 vision_feature_select_strategy="full")
+    assert llava_blocker(model, processor) is None
+    assert llava_image_seq_length(model.config, processor.image_processor) == model.config.image_seq_length == 17
+
+
+@pytest.mark.parametrize("connector", [
+    {"type": "linear"}, {"type": "mlp", "depth": 3}, TINY_QFORMER,
+    {"type": "resampler", "num_latents": 4, "depth": 1, "hidden_size": 32, "num_heads": 2},
+    {"type": "pixel_shuffle", "scale_factor": 2},
+])
+def test_remote_code_ships_every_connector(connector, tmp_path, monkeypatch):
+    """The generated files import on their own (as a package of their own) and build the same connector."""
+    import importlib
+
+    from vlkit.connectors import build_connector
+    from vlkit.export.remote_code import write_remote_code
+
+    package = f"shipped_{connector['type']}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    files = write_remote_code(tmp_path / package, connector["type"])
+    assert len([name for name in files if name.startswith("vlkit_connector_") and name not in (
+        "vlkit_connector_base.py", "vlkit_connector_registry.py")]) == 1
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modeling = importlib.import_module(f"{package}.modeling_vlkit")
+    importlib.import_module(f"{package}.processing_vlkit")
+    shipped = modeling.build_connector(connector, 48, 64)
+    assert type(shipped).__module__.startswith(package)
+    own = build_connector(connector, 48, 64)
+    assert {k: v.shape for k, v in shipped.state_dict().items()} == {k: v.shape for k, v in own.state_dict().items()}
+    # Its own registry, holding just this connector; vlkit's registry is untouched.
+    assert set(modeling.build_connector.__globals__["CONNECTORS"]) == {connector["type"]}
 
 
 # --- push -----------------------------------------------------------------------------------------------------
@@ -330,6 +370,7 @@ def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):
     cases = [
         ((str(unfinished), str(tmp_path / "a")), f"export its newest checkpoint instead: {checkpoint}"),
         ((str(tmp_path / "nothing"), str(tmp_path / "b")), "does not exist"),
+        ((str(full), str(tmp_path / "b")), "is not a finished vlkit run or checkpoint"),
         ((str(lora_run), str(tmp_path / "c"), "--format", "onnx"), "unknown export format 'onnx'"),
         ((str(lora_run), str(tmp_path / "c"), "--dtype", "int8"), "unknown export dtype 'int8'"),
         ((str(qformer_run), str(tmp_path / "d"), "--format", "llava"), "--format llava does not apply: "),

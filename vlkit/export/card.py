@@ -125,19 +125,24 @@ def model_card(source: ExportSource, fmt: str, dtype: str, repo: str | None = No
         pipeline_tag="image-text-to-text",
         tags=["vlkit", "vision-language", f"connector-{connector['type']}", *(["llava"] if fmt == "llava" else [])],
     )
+    from vlkit import __version__
+
+    tune = manifest.get("tune", {})
+    modes = {"frozen": "frozen", "lora": "LoRA, merged", "qlora": "QLoRA, merged", "full": "fully trained"}
     title = repo or source.run_dir.name
     origin = f"checkpoint `{source.folder.name}` (step {source.checkpoint_step})" if source.checkpoint_step is not None \
         else "the final weights"
     lines = [
         f"# {title}", "",
-        f"A vision-language model built and trained with vlkit, from {origin} of run "
-        f"`{source.run_dir.name}`: a frozen vision tower, a trained `{connector['type']}` connector and an LLM, "
-        f"exported as a standalone `{fmt}`-format model in {dtype} (all weights included, LoRA merged).", "",
-        "| part | what |", "|---|---|",
+        f"A vision-language model built and trained with vlkit {__version__}, from {origin} of run "
+        f"`{source.run_dir.name}`: a vision tower and an LLM joined by a trained `{connector['type']}` connector, "
+        f"exported as a standalone `{fmt}`-format model in {dtype} (all weights included, nothing to download "
+        "besides this folder).", "",
+        "| part | base | training |", "|---|---|---|",
         f"| vision tower | `{bases.get('vision')}` (layer {spec['vision_feature_layer']}, "
-        f"strategy `{spec['vision_feature_select_strategy']}`) |",
-        f"| connector | `{json.dumps(connector)}`, {spec['image_seq_length']} tokens per image |",
-        f"| LLM | `{bases.get('llm')}` |", "",
+        f"strategy `{spec['vision_feature_select_strategy']}`) | {modes.get(tune.get('vision', 'frozen'))} |",
+        f"| connector | `{json.dumps(connector)}`, {spec['image_seq_length']} tokens per image | trained |",
+        f"| LLM | `{bases.get('llm')}` | {modes.get(tune.get('llm', 'frozen'))} |", "",
     ]
     if source.notes:
         lines += ["Export notes:", "", *[f"- {note}" for note in source.notes], ""]
