@@ -250,6 +250,21 @@ def test_qformer_exports_as_remote_code_that_runs_without_vlkit(exports, qformer
     assert type(processor) is VlkitProcessor and processor.image_seq_length == TINY_QFORMER["num_queries"]
 
 
+@pytest.mark.parametrize("fmt", ["llava", "vlkit"])
+def test_vlkit_loader_reads_exports_like_the_run(fmt, exports, lora_run, qformer_run, image_file):
+    """`load_any` (behind vlkit chat / eval) answers from an exported folder as from the run it came from."""
+    loading = pytest.importorskip("vlkit.loading")
+    out, _, _ = exports[fmt]
+    loaded = loading.load_any(str(out), device="cpu", dtype="float32")
+    assert loaded.kind == fmt
+    inputs, logits, generated, _ = vlkit_reference(lora_run if fmt == "llava" else qformer_run, image_file)
+    mine = loaded.prompt_inputs([[{"role": "user", "content": f"<image>\n{PROMPT}"}]], [[Image.open(image_file)]])
+    assert torch.equal(mine["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        assert (loaded.model(**mine).logits - logits).abs().max().item() < 1e-4
+        assert torch.equal(loaded.model.generate(**mine, do_sample=False, max_new_tokens=8), generated)
+
+
 # --- format choice, dtype, model card ---------------------------------------------------------------------
 def test_auto_picks_llava_and_writes_the_dtype_and_a_model_card(lora_run, tmp_path, capsys):
     out = tmp_path / "auto"
