@@ -371,6 +371,14 @@ def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypa
     assert Path(calls[1][2]["folder_path"]) == out and calls[1][2].get("repo_type", "model") == "model"
     assert 'from_pretrained("someone/tiny-vlm", trust_remote_code=True)' in (out / "README.md").read_text()
 
+    def offline(self, repo_id, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    assert cli(str(qformer_run), str(out), "--overwrite", "--push-to-hub", "someone/tiny-vlm") == 2
+    assert_one_error_line(capsys.readouterr().err, f"no route to host); the export is complete in {out}")
+    assert (out / "config.json").is_file()
+
 
 # --- bad input: one line each, exit code 2, nothing written ---------------------------------------------------
 def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):

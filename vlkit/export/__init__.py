@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
+from vlkit.errors import first_line
 from vlkit.export.source import DTYPES, ExportError, ExportSource, load_merged, resolve_source
 
 FORMATS = ("auto", "llava", "vlkit")
@@ -123,9 +124,15 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                      commit_message="Upload model exported with vlkit")
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message="Upload model exported with vlkit")
+    except Exception as error:  # network, auth, permissions: the export itself is complete and kept
+        raise ExportError(
+            f"upload to {repo_id} failed ({type(error).__name__}: {first_line(error)}); the export is complete in "
+            f"{folder}, upload it later with: hf upload {repo_id} {folder}"
+        ) from None
     return str(url)
 
 
