@@ -99,7 +99,7 @@ def test_qlora_instruct_runs_on_cpu(tmp_path, shapes_dir, tiny_vision_dir, tiny_
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
-    steps = 60
+    steps = 30
     tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,
                         logging_steps=5)
     killed = write_recipe(tmp_path / "killed.yaml", tree)
