@@ -152,3 +152,13 @@ def test_logits_at_labels_only_matches_the_full_loss_and_gradients(tiny_vlm):
     finally:
         model.config.logits_at_labels_only = True
         model.zero_grad()
+
+
+def test_rebuilding_gives_identical_models(tiny_vision_dir, tiny_llm_dir):
+    # Run dirs store only trained weights, so everything else must be rebuilt identically.
+    first, _ = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector="linear")
+    second, _ = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector="linear")
+    first_state, second_state = first.state_dict(), second.state_dict()
+    for name, tensor in first_state.items():
+        if not name.startswith("connector."):
+            assert torch.equal(tensor, second_state[name]), name

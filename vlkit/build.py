@@ -37,6 +37,12 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreTrain
     rows = language_model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # New rows are the mean of the old ones, not random: a run dir stores only what was
+        # trained, so rebuilding the model must reproduce these rows exactly.
+        with torch.no_grad():
+            for embedding in {language_model.get_input_embeddings(), language_model.get_output_embeddings()}:
+                if embedding is not None and embedding.weight.shape[0] > rows:
+                    embedding.weight[rows:] = embedding.weight[:rows].mean(dim=0)
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 

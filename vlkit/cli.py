@@ -88,6 +88,7 @@ def quiet_library_noise() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars; vlkit shows its own progress
 
 
 def main(argv: list[str] | None = None) -> int:

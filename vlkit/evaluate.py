@@ -233,7 +233,9 @@ def run(args) -> int:
         raise
     except Exception as error:
         raise ModelLoadError(f"cannot load model '{args.model}': {str(error).splitlines()[0]}") from None
-    out = Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
+    # A run dir keeps its evals; an exported folder stays as exported (a later push would upload extra files).
+    out = Path(args.out) if args.out else (
+        model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name)
     report = evaluate_vlm(loaded.model, loaded.processor, args.data, args.images, out, batch_size=args.batch_size,
                           max_samples=args.max_samples, no_image_baseline=args.no_image_baseline,
                           model_name=args.model)
