@@ -40,7 +40,8 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 # Modules kept in full precision under --load-4bit: the vision side is small and sensitive to
 # quantization, and the LM head is what bitsandbytes leaves alone by default.
-SKIP_4BIT = ["vision_tower", "connector", "multi_modal_projector", "lm_head"]
+# transformers matches these from the start of a module's name (or as a suffix): vlkit's and Llava's names.
+SKIP_4BIT = ["vision_tower", "connector", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
 # End-of-turn markers of common chat templates; a tokenizer whose eos is another token still ends a
 # reply at these (only those that are single special tokens of the tokenizer are used).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -424,6 +425,7 @@ def load_any(path_or_id: str, device: str = "auto", dtype: str | torch.dtype | N
 
     started = time.perf_counter()
     resolved_device = resolve_device(device)
+    requested_dtype = resolve_dtype(dtype, resolved_device)  # checked before any file is read
     if load_4bit and resolved_device.type == "mps":
         raise ModelLoadError("--load-4bit (bitsandbytes) does not run on mps; use --device cpu or a CUDA GPU")
     folder = Path(path_or_id).expanduser()
@@ -432,7 +434,7 @@ def load_any(path_or_id: str, device: str = "auto", dtype: str | torch.dtype | N
     kind = local_kind(folder) if folder.is_dir() else hub_kind(str(path_or_id))
     source = str(folder) if folder.is_dir() else str(path_or_id)
     # A run dir keeps its trained dtype unless one is named; folders default to the device's best.
-    wanted = None if (kind == "run" and dtype == "auto") else resolve_dtype(dtype, resolved_device)
+    wanted = None if (kind == "run" and dtype == "auto") else requested_dtype
     try:
         if kind == "run":
             model, processor, notes = load_run_dir(folder, resolved_device, wanted, load_4bit)

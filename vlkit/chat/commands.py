@@ -100,8 +100,8 @@ def setting_name(name: str) -> str:
     return key
 
 
-@command("set", "/set [NAME VALUE]", "change a generation setting (temperature, top_p, max_new_tokens, "
-         "repetition_penalty, verbose on|off); no arguments lists them")
+@command("set", "/set [NAME VALUE]", "set temperature, top_p, max_new_tokens, repetition_penalty or verbose "
+         "(on/off); alone: list them")
 def set_setting(session: ChatSession, text: str, console: Console) -> None:
     words = text.split()
     if not words:

@@ -86,7 +86,7 @@ class Driver:
             self.console.error(str(error))
             self.failed_messages += 1
             return None
-        except (RuntimeError, ValueError) as error:  # e.g. out of memory: report it, keep the session
+        except Exception as error:  # e.g. out of memory: one line, and the session (its history) lives on
             self.finish_line(started[0])
             self.console.error(f"generation failed ({type(error).__name__}: {first_line(error)}); "
                                "the conversation is unchanged")

@@ -71,7 +71,10 @@ def parse_bool(text: str) -> bool:
 
 def checked(kind: type, low: float | None, high: float | None, low_open: bool = False) -> Callable[[str], Any]:
     def parse(text: str):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError("expected an integer" if kind is int else "expected a number") from None
         if low is not None and (value < low or (low_open and value == low)):
             raise ValueError(f"must be {'>' if low_open else '>='} {low}")
         if high is not None and value > high:
