@@ -1,0 +1,96 @@
+"""Packing: several samples share a row instead of each sample padding its own row to the longest.
+
+A batch of samples is laid into rows no longer than its longest sample (first-fit decreasing), so
+no row is longer than in the padded batch, and there are fewer rows. Each sample's position ids
+restart at 0; with no 2-D `attention_mask` and no cache, transformers' mask builder reads those restarts
+(`masking_utils.find_packed_sequence_indices`) and gives every sample its own causal block, so no
+token attends across samples (sdpa, eager and flex attention alike; flash attention reads the same
+position ids). The loss is a sum over the same supervised tokens, so it equals the padded batch's.
+
+`packing_supported(model)` checks a loaded model once (a causal LM with its own mask code could
+ignore the restarts): a sample packed behind another must give the same logits as the sample alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of samples per row, each row's lengths summing to <= capacity."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"sample of {length} tokens does not fit a row of {capacity}")
+        row = next((r for r, space in enumerate(free) if space >= length), None)
+        if row is None:
+            rows.append([])
+            free.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= length
+    return rows
+
+
+def pack_batch(
+    ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int, capacity: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Packed `input_ids`, `labels`, `position_ids` [rows, capacity] (+ `use_cache=False`), and the
+    sample order they hold.
+
+    The first label of every sample is ignored: in a packed row it would be predicted from the end
+    of the previous sample (padded, it is never predicted at all). Leftover space is padding with
+    its own restarting positions and ignored labels.
+    """
+    rows = pack_rows([len(x) for x in ids], capacity)
+    input_ids = torch.full((len(rows), capacity), pad_token_id, dtype=torch.long)
+    batch_labels = torch.full((len(rows), capacity), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), capacity), dtype=torch.long)
+    order: list[int] = []
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            n = len(ids[index])
+            input_ids[row, start : start + n] = ids[index]
+            batch_labels[row, start : start + n] = labels[index]
+            batch_labels[row, start] = IGNORE_INDEX
+            position_ids[row, start : start + n] = torch.arange(n)
+            start += n
+            order.append(index)
+        position_ids[row, start:] = torch.arange(capacity - start)
+    # use_cache=False: transformers reads restarting positions only when no cache is being built.
+    return {"input_ids": input_ids, "labels": batch_labels, "position_ids": position_ids, "use_cache": False}, order
+
+
+@torch.no_grad()
+def packing_supported(model) -> bool:
+    """Whether the model's LLM keeps packed samples apart: sample B behind sample A == sample B alone."""
+    language_model = model.language_model
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    device = model.get_input_embeddings().weight.device
+    first = torch.randint(0, min(vocab, 1000), (7,), generator=generator)
+    second = torch.randint(0, min(vocab, 1000), (5,), generator=generator)
+    was_training = language_model.training
+    language_model.eval()  # no dropout in the comparison
+    try:
+        alone = language_model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        packed_ids = torch.cat([first, second])[None].to(device)
+        positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+        packed = language_model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, 7:].float()
+    finally:
+        language_model.train(was_training)
+    scale = alone.abs().max().clamp(min=1.0)
+    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
+    same = bool(((packed - alone).abs().max() / scale) <= tolerance)
+    if not same:
+        logger.warning("the LLM attends across packed samples (it ignores restarting position ids); padding instead")
+    return same
