@@ -31,6 +31,7 @@ from typing import Any
 
 import datasets
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from vlkit.data.checks import REASONS, Problem, check_caption, check_images, check_messages, length_problem
@@ -273,8 +274,30 @@ class ConversationDataset(SkippingDataset):
                 bar.update(len(batch["images"]))
         return problems
 
+    # A `vlkit.features.CachedFeatures` (set by `vlkit train` when `data.cache_vision_features`): items then
+    # carry the frozen tower's stored `vision_features` instead of `pixel_values`.
+    vision_features = None
+
+    def _stored_features(self, paths: list[str]) -> torch.Tensor:
+        from vlkit.data.images import resolve_image_path
+        from vlkit.features import MissingFeatures
+
+        try:
+            resolved = [resolve_image_path(p, self.image_root, self.allow_images_outside_root) for p in paths]
+            return self.vision_features.lookup(resolved)
+        except MissingFeatures as missing:
+            raise _Skip(missing.reason, missing.detail) from None
+        except ImageError as error:
+            raise _Skip("image_outside_root", str(error)) from None
+
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
-        images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
+        features = None
+        if self.vision_features is not None and sample["images"]:
+            features = self._stored_features(sample["images"])
+            # Blank stand-ins: the processor only counts them; the stored features replace their pixels.
+            images = [Image.new("RGB", (8, 8)) for _ in sample["images"]]
+        else:
+            images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
         try:
             encoded = self.processor.encode_conversation(sample["messages"], images, max_length=self.max_length)
         except ImageTokenMismatchError as error:
@@ -288,7 +311,8 @@ class ConversationDataset(SkippingDataset):
             "id": sample["id"],
             "input_ids": torch.as_tensor(encoded["input_ids"], dtype=torch.long),
             "labels": torch.as_tensor(encoded["labels"], dtype=torch.long),
-            "pixel_values": encoded["pixel_values"],
+            "pixel_values": encoded["pixel_values"] if features is None else None,
+            **({"vision_features": features} if features is not None else {}),
         }
 
 
