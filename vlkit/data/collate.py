@@ -1,9 +1,10 @@
 """Batch collation for conversation training items.
 
 `VlkitCollator` pads `input_ids` (pad token), `labels` (-100) and builds `attention_mask`; it
-concatenates every sample's `pixel_values` in batch order, which is the order the model splices
-image features into the `<image>` placeholders. Text-only samples contribute no images; a batch
-with no images at all has no `pixel_values` key.
+concatenates every sample's `pixel_values` (or stored `vision_features`) in batch order, which is
+the order the model splices image features into the `<image>` placeholders. Text-only samples
+contribute no images; a batch with no images at all has no `pixel_values` key. With `pack=True`
+several samples share a row (`vlkit.data.packing`) instead of padding.
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ class VlkitCollator:
     pad_token_id: id written into padded positions (masked out by attention_mask and labels).
     padding_side: "right" for training; "left" when the batch is continued by generation.
     pad_to_multiple_of: round the padded length up (helps tensor-core kernels on GPU).
+    pack: lay several samples into one row (`vlkit.data.packing`) instead of padding each: the batch
+        then has `position_ids` that restart per sample and no `attention_mask`.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None, pack: bool = False
+    ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
         if pad_token_id is None:
             raise ValueError("pad_token_id is None; set the tokenizer's pad token")
+        if pack and padding_side == "left":
+            raise ValueError("packing is for training batches; generation batches are left-padded, not packed")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.pack = pack
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(item["input_ids"], dtype=torch.long) for item in items]
@@ -38,6 +46,11 @@ class VlkitCollator:
         length = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.pack:
+            from vlkit.data.packing import pack_batch
+
+            batch, order = pack_batch(ids, labels, self.pad_token_id, length)
+            return self._add_images(batch, [items[i] for i in order])
         batch_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         batch_labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -48,7 +61,15 @@ class VlkitCollator:
             batch_labels[row, span] = row_labels
             attention_mask[row, span] = 1
         batch = {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask}
+        return self._add_images(batch, items)
+
+    @staticmethod
+    def _add_images(batch: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Images in the order their placeholders appear in the batch."""
         pixel_values = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values, dim=0)  # [total images, 3, H, W]
+        vision_features = [item["vision_features"] for item in items if item.get("vision_features") is not None]
+        if vision_features:
+            batch["vision_features"] = torch.cat(vision_features, dim=0)  # [total images, N, Dv], stored features
         return batch
