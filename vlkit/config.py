@@ -134,6 +134,9 @@ class DataSection(StrictSection):
     on_bad_sample: Literal["skip", "error"] = "skip"
     allow_images_outside_root: bool = False
     max_train_samples: int | None = Field(default=None, ge=1)
+    # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
+    cache_vision_features: bool | None = None
+    packing: bool = True  # several samples per row instead of padding, no cross-sample attention
 
     def path(self, name: str) -> Path:
         path = Path(name)
