@@ -73,6 +73,11 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             raise ConfigError(f"data file not found: {data.path(name)} (data.dir is '{data.dir}')")
     if not data.image_root_path().is_dir():
         raise ConfigError(f"image root not found: {data.image_root_path()}")
+    if data.cache_vision_features and recipe.tune.vision != "frozen":
+        raise ConfigError(
+            f"data.cache_vision_features needs a frozen vision tower, but tune.vision is '{recipe.tune.vision}'; "
+            "drop data.cache_vision_features"
+        )
 
     parent = None
     vision, llm = recipe.model.vision, recipe.model.llm
@@ -178,6 +183,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
 
     from vlkit.data.collate import VlkitCollator
     from vlkit.data.dataset import ConversationDataset
+    from vlkit.data.packing import packing_supported
+    from vlkit.features import cache_features_for, caches_vision_features
     from vlkit.train.checkpoint import build_manifest, save_trained
     from vlkit.train.plots import plot_loss
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
@@ -248,12 +255,21 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         "language_model": train.llm_learning_rate or train.learning_rate,
         "vision_tower": train.vision_learning_rate or train.learning_rate,
     }
+    if caches_vision_features(recipe):
+        from accelerate import PartialState
+
+        cached = cache_features_for(model, processor.image_processor, [d for d in (train_set, val_set) if d is not None],
+                                    device=args.device, shard=(args.process_index, args.world_size))
+        PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
+        if args.process_index == 0:
+            print(cached.summary(), flush=True)
+    pack = data.packing and packing_supported(model)
     trainer = VlkitTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set if has_eval else None,
-        data_collator=VlkitCollator(processor.tokenizer.pad_token_id),
+        data_collator=VlkitCollator(processor.tokenizer.pad_token_id, pack=pack),
         manifest=manifest,
         part_learning_rates=learning_rates,
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
