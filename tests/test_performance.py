@@ -1,0 +1,347 @@
+"""Equality tests for vlkit's optimised paths: each gives the loss and gradients of the plain path.
+
+Cached vision features (vs the tower run every step), packed and differently padded batches (vs
+one padded batch), the optimizer and gradient buffers of frozen parts (none at all), and
+generation from precomputed features (vs pixels). Speed is measured in bench/, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_image
+from train_helpers import REPO, align_recipe, write_recipe
+
+from vlkit import build_vlm
+from vlkit.config import TuneSection, load_recipe
+from vlkit.data import ConversationDataset, VlkitCollator
+from vlkit.data.packing import pack_rows, packing_supported
+from vlkit.errors import ConfigError
+from vlkit.features import (
+    FeatureStore,
+    cache_features_for,
+    caches_vision_features,
+    image_hash,
+    precompute_features,
+    tower_features,
+    tower_key,
+)
+from vlkit.train.stages import apply_adapters, set_trainable
+
+CONVERSATIONS = [
+    ("<image>\nCompare these.\n<image>", "Both are red circles on the left, one small and one large, next to a "
+     "blue square at the top and a green star at the bottom.", 2),
+    ("<image>\nWhat shape?", "A star.", 1),
+    ("Say hi.", "Hi!", 0),
+    ("<image>\nWhere is the small square?", "At the top.", 1),
+]
+
+
+@pytest.fixture()
+def vlm(tiny_vision_dir, tiny_llm_dir):
+    """A fresh (model, processor) per test: these tests change what trains."""
+    torch.manual_seed(7)
+    model, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2})
+    set_trainable(model, TuneSection())
+    return model, processor
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(5):
+        random_image(100 + index).save(folder / f"{index}.png")
+    random_image(100).save(folder / "copy_of_0.png")  # same bytes under another name
+    return folder
+
+
+def samples(names=("0", "1", "2", "copy_of_0")) -> list[dict]:
+    """Conversations whose images are the given files, in order."""
+    names = iter(names)
+    out = []
+    for index, (question, answer, n_images) in enumerate(CONVERSATIONS):
+        out.append({
+            "id": f"s{index}",
+            "images": [f"{next(names)}.png" for _ in range(n_images)],
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+        })
+    return out
+
+
+def loss_and_grads(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, **kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same(first, second, atol=1e-6):
+    (loss_a, grads_a), (loss_b, grads_b) = first, second
+    assert torch.allclose(loss_a, loss_b, atol=atol), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=atol), name
+        assert grads_a[name].abs().sum() > 0, name
+
+
+# --- 1. frozen vision features, cached -----------------------------------------------------------------
+def test_cached_features_give_the_same_loss_and_connector_grads(vlm, image_dir, tmp_path):
+    model, processor = vlm
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    collator = VlkitCollator(processor.tokenizer.pad_token_id)
+    plain = collator([dataset[i] for i in range(len(dataset))])
+    assert "pixel_values" in plain and "vision_features" not in plain
+
+    cached = cache_features_for(model, processor.image_processor, [dataset], home=tmp_path, progress=False)
+    assert (cached.computed, cached.reused) == (3, 0)  # 4 images, 3 distinct contents
+    assert len(cached.store) == 3 and cached.store.root.parent == tmp_path / "features"
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    assert "pixel_values" not in batch and batch["vision_features"].shape[0] == 4
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+
+    tower_calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+    try:
+        fast = loss_and_grads(model, batch)
+        assert not tower_calls  # the tower did not run
+        slow = loss_and_grads(model, plain)
+        assert tower_calls
+    finally:
+        hook.remove()
+    assert_same(slow, fast)
+
+    again = cache_features_for(model, processor.image_processor, [dataset], home=tmp_path, progress=False)
+    assert (again.computed, again.reused) == (0, 3)  # a later run computes nothing
+
+
+def test_feature_store_keys_and_failures(vlm, image_dir, tmp_path):
+    model, processor = vlm
+    tower, image_processor = model.vision_tower, processor.image_processor
+    key = tower_key(tower, image_processor, -2, "default", 1)
+    assert key == tower_key(tower, image_processor, -2, "default", 1)
+    assert len({key, tower_key(tower, image_processor, -1, "default", 1),
+                tower_key(tower, image_processor, -2, "full", 1)}) == 3
+    with torch.no_grad():
+        next(tower.parameters()).view(-1)[0] += 1.0  # other weights, other features
+        changed = tower_key(tower, image_processor, -2, "default", 1)
+        next(tower.parameters()).view(-1)[0] -= 1.0
+    assert changed != key
+
+    (image_dir / "broken.png").write_bytes(b"not a png")
+    paths = [image_dir / "0.png", image_dir / "copy_of_0.png", image_dir / "broken.png", image_dir / "missing.png"]
+    store = FeatureStore.for_tower(key, tmp_path)
+    cached = precompute_features(store, paths, tower, image_processor, -2, "default", 1, batch_size=2, progress=False)
+    assert cached.computed == 1 and image_hash(paths[0]) == image_hash(paths[1])
+    assert cached.failed[str(paths[2])][0] == "corrupt_image" and cached.failed[str(paths[3])][0] == "missing_image"
+    assert cached.lookup(paths[:2]).shape == (2, 16, 48)
+    assert not list(store.root.rglob(".*"))  # no staging files left behind
+    with torch.no_grad():
+        pixel_values = image_processor([random_image(100)], return_tensors="pt")["pixel_values"]
+        expected = model.get_vision_features(pixel_values)[0]
+        assert torch.allclose(tower_features(tower, pixel_values, -2, "default", 1)[0], expected)
+    assert torch.allclose(store.load(image_hash(paths[0])), expected, atol=1e-6)
+
+
+def test_dataset_skips_a_sample_whose_image_has_no_features(vlm, image_dir, tmp_path):
+    model, processor = vlm
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    cache_features_for(model, processor.image_processor, [dataset], home=tmp_path, progress=False)
+    dataset.vision_features.hashes.clear()  # as if the files were never seen
+    assert [dataset[i]["id"] for i in range(4)] == ["s2"] * 4  # bad samples are replaced by the next good one
+    assert dataset.skipped == {"corrupt_image": 3}
+
+
+def test_precompute_features_command(vlm, image_dir, tmp_path, tiny_vision_dir):
+    model, processor = vlm
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([
+        {"id": "a", "image": "0.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                         {"from": "gpt", "value": "Yo"}]},
+        {"id": "b", "image": "copy_of_0.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                                 {"from": "gpt", "value": "Yo"}]},
+        {"id": "c", "image": "3.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                         {"from": "gpt", "value": "Yo"}]},
+    ]))
+    env = {**os.environ, "VLKIT_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "data_tools.precompute_features", str(data), "--images", str(image_dir),
+         "--vision", tiny_vision_dir],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 computed, 0 reused" in result.stdout
+    key = tower_key(model.vision_tower, processor.image_processor, -2, "default", 1)
+    store = FeatureStore.for_tower(key, tmp_path / "home")
+    assert len(store) == 2  # the training run's key: it will reuse these
+    with torch.no_grad():
+        pixel_values = processor.image_processor([random_image(103)], return_tensors="pt")["pixel_values"]
+        expected = model.get_vision_features(pixel_values)[0]
+    assert torch.allclose(store.load(image_hash(image_dir / "3.png")), expected, atol=1e-6)
+
+
+def test_recipe_switch_defaults_and_errors(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    from vlkit.train.run import plan_run
+
+    tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir)
+    recipe = load_recipe(write_recipe(tmp_path / "a.yaml", tree))
+    assert recipe.data.packing and caches_vision_features(recipe)
+    tree["stage"] = "instruct"
+    tree["tune"] = {"llm": "lora"}
+    assert not caches_vision_features(load_recipe(write_recipe(tmp_path / "b.yaml", tree)))
+    tree["data"]["cache_vision_features"] = True
+    assert caches_vision_features(load_recipe(write_recipe(tmp_path / "c.yaml", tree)))
+    tree["tune"]["vision"] = "lora"
+    with pytest.raises(ConfigError, match="frozen vision tower"):
+        plan_run(load_recipe(write_recipe(tmp_path / "d.yaml", tree)))
+
+
+# --- 3. less padding -------------------------------------------------------------------------------------
+def test_pack_rows_first_fit_decreasing():
+    rows = pack_rows([5, 3, 9, 4, 2, 9], capacity=9)
+    assert sorted(i for row in rows for i in row) == list(range(6))
+    assert all(sum([5, 3, 9, 4, 2, 9][i] for i in row) <= 9 for row in rows)
+    assert len(rows) == 4  # 9 | 9 | 5+4 | 3+2
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, attn):
+    model, processor = vlm
+    model.language_model.config._attn_implementation = attn
+    apply_adapters(model, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    set_trainable(model, TuneSection(llm="lora"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so that lora_A gets a gradient to compare too
+                parameter.normal_(std=0.02)
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    items = [dataset[i] for i in range(len(dataset))]
+    padded = VlkitCollator(processor.tokenizer.pad_token_id)(items)
+    padded_more = VlkitCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=128)(items)
+    packed = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)
+    assert padded_more["input_ids"].shape[1] > padded["input_ids"].shape[1]
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # fewer pad tokens
+    assert "attention_mask" not in packed and packed["position_ids"][0, 0] == 0
+
+    reference = loss_and_grads(model, padded)
+    assert_same(reference, loss_and_grads(model, padded_more), atol=1e-5)
+    assert_same(reference, loss_and_grads(model, packed), atol=1e-5)
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    assert count == int((packed["labels"][:, 1:] != -100).sum())  # what the Trainer divides by
+    assert_same(loss_and_grads(model, padded, num_items_in_batch=count),
+                loss_and_grads(model, packed, num_items_in_batch=count), atol=1e-5)
+    # Every sample's logits are the same wherever it sits: alone, padded into a batch, or packed.
+    model.config.logits_at_labels_only = False
+    try:
+        assert_same(reference, loss_and_grads(model, packed), atol=1e-5)  # the full-logits path too
+        with torch.no_grad():
+            logits = model(**padded).logits
+            packed_logits = model(**packed).logits
+            for row, item in enumerate(items):
+                alone = model(**VlkitCollator(processor.tokenizer.pad_token_id)([item])).logits[0]
+                n = len(item["input_ids"])
+                assert torch.allclose(alone, logits[row, :n], atol=1e-5)
+                starts = (packed["position_ids"] == 0).nonzero().tolist()
+                segments = [packed_logits[r, c : c + n] for r, c in starts]
+                assert any(s.shape == alone.shape and torch.allclose(alone, s, atol=1e-5) for s in segments)
+    finally:
+        model.config.logits_at_labels_only = True
+
+
+def test_packing_support_is_checked(vlm):
+    model, _ = vlm
+    assert packing_supported(model)
+    forward = model.language_model.forward
+
+    def ignores_positions(*args, position_ids=None, **kwargs):  # an LLM that cannot keep samples apart
+        return forward(*args, **kwargs)
+
+    model.language_model.forward = ignores_positions
+    assert not packing_supported(model)
+
+
+# --- 4. nothing kept for frozen parts -------------------------------------------------------------------
+@pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8)])
+def test_optimizer_and_gradients_cover_only_trainable_parameters(vlm, image_dir, tmp_path, tune):
+    from transformers import TrainerCallback, TrainingArguments
+
+    from vlkit.train.trainer import VlkitTrainer
+
+    model, processor = vlm
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(names)
+    seen: dict[str, set[str]] = {}
+
+    class GradientsBeforeStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["grads"] = {n for n, p in model.named_parameters() if p.grad is not None}
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2,
+                             report_to=[], save_strategy="no", learning_rate=1e-3, use_cpu=True,
+                             remove_unused_columns=False)
+    trainer = VlkitTrainer(model=model, args=args, train_dataset=ConversationDataset(samples(), processor, image_dir),
+                           data_collator=VlkitCollator(processor.tokenizer.pad_token_id, pack=True), manifest={},
+                           part_learning_rates={"connector": 1e-3, "language_model": 1e-3},
+                           callbacks=[GradientsBeforeStep()])
+    trainer.train()
+    assert seen["grads"] == trainable  # backward built gradients for the trained weights only
+    state = trainer.optimizer.state
+    assert {names[id(p)] for p in state} == trainable
+    for parameter, slots in state.items():
+        assert slots["exp_avg"].shape == parameter.shape
+    optimizer_params = {names[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimizer_params == trainable
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+# --- 5. generation from features computed once ------------------------------------------------------------
+def test_generate_from_precomputed_features_matches_pixels(vlm):
+    model, processor = vlm
+    conversation = [{"role": "user", "content": "<image>\nWhat colour?"}]
+    inputs = processor.prompt_inputs([conversation, [{"role": "user", "content": "Hi"}]], [[random_image(9)], []])
+    settings = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+    with torch.no_grad():
+        expected = model.generate(**inputs, **settings)
+        features = model.get_vision_features(inputs.pop("pixel_values"))  # once per conversation, e.g. in chat
+        tower_calls = []
+        hook = model.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+        try:
+            actual = model.generate(**inputs, vision_features=features, **settings)
+        finally:
+            hook.remove()
+    assert torch.equal(expected, actual) and not tower_calls
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, vision_features=features, pixel_values=torch.zeros(1, 3, 32, 32))
+
+
+# --- the whole stage: cache + packing change nothing but speed --------------------------------------------
+def test_align_run_with_cache_and_packing_matches_the_plain_run(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir,
+                                                              monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlkit.train.run import train_vlm
+
+    monkeypatch.setenv("VLKIT_HOME", str(tmp_path / "home"))
+    runs = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        tree = align_recipe(tmp_path / name, tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=3, batch_size=4)
+        tree["data"].update(cache_vision_features=fast, packing=fast)
+        run_dir = train_vlm(load_recipe(write_recipe(tmp_path / f"{name}.yaml", tree)))
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        runs[name] = ([e["loss"] for e in summary["log_history"] if "loss" in e],
+                      load_file(run_dir / "trainable.safetensors"))
+    assert any((tmp_path / "home" / "features").rglob("*.safetensors"))
+    (plain_losses, plain_weights), (fast_losses, fast_weights) = runs["plain"], runs["fast"]
+    assert len(plain_losses) == 3 and torch.allclose(torch.tensor(plain_losses), torch.tensor(fast_losses), atol=1e-5)
+    for name, tensor in plain_weights.items():
+        assert torch.allclose(tensor, fast_weights[name], atol=1e-5), name
