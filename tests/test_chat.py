@@ -249,7 +249,7 @@ def test_line_mode_prints_one_reply_per_message_line(monkeypatch, capsys, vlm_di
     assert code == 0
     assert out.count("\n") == 3  # three messages, three reply lines; nothing else on stdout
     assert "vision tower" in err and "image not found" in err and "unknown command /bogus" in err
-    assert "in context: 1 image(s)" in err and "next message: b.png, c.png" in err
+    assert "in context: 1 image," in err and "next message: b.png, c.png" in err
 
 
 def test_json_mode_prints_one_object_per_reply(monkeypatch, capsys, vlm_dir, image_dir):
@@ -279,6 +279,7 @@ def test_prompt_answers_once_and_exits(monkeypatch, capsys, vlm_dir, image_dir):
     code, out, err = run_chat(monkeypatch, capsys, [vlm_dir, "--image", str(image_dir / "corrupt.png"),
                                                     "--prompt", "What is this?"])
     assert code != 0 and out == "" and "image does not decode" in err.splitlines()[-1]
+    assert "loading" not in err  # refused before the model was loaded
 
 
 # --- the REPL through a pseudo-terminal --------------------------------------------------------------------
@@ -299,14 +300,14 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     child.expect_exact(prompt)
     assert f"{TOKENS_PER_IMAGE} tokens per image" in child.before and "vision tower" in child.before
     do("/set verbose on", "verbose = True")
-    do("/image a.png", "attached a.png: 1 image(s) for your next message", "[1 image]")
-    do("What is in this picture?", f"(1 images, {TOKENS_PER_IMAGE} image tokens)")
-    do("/image b.png c.png", "2 image(s) for your next message", "[2 images]")
+    do("/image a.png", "attached a.png: 1 image for your next message", "[1 image]")
+    do("What is in this picture?", f"(1 image, {TOKENS_PER_IMAGE} image tokens)")
+    do("/image b.png c.png", "2 images for your next message", "[2 images]")
     do("And what about these two?", f"(3 images, {3 * TOKENS_PER_IMAGE} image tokens)")
     do("/image nowhere.png", "error: image not found")
     do("/image corrupt.png", "error: image does not decode")
     do("/frobnicate", "error: unknown command /frobnicate")
-    do("/images", f"in context: 3 image(s), {3 * TOKENS_PER_IMAGE} image tokens", "message 2: b.png, c.png")
+    do("/images", f"in context: 3 images, {3 * TOKENS_PER_IMAGE} image tokens", "message 2: b.png, c.png")
     do(f"/save {tmp_path / 'chat.json'}", "saved 4 turns")
     # Ctrl-C at the prompt drops the line; Ctrl-C during a reply stops it and keeps the session.
     child.send("half a line")
@@ -320,7 +321,7 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     child.expect(r"\| interrupted")
     child.expect_exact(prompt)
     do("/reset", "conversation cleared")
-    do("/images", "in context: 0 image(s)")
+    do("/images", "in context: 0 images")
     do("/set max_new_tokens 3")
     do("Still alive?", "(0 images, 0 image tokens)")
     child.sendline("/quit")

@@ -21,7 +21,7 @@ def run(args) -> int:
     """CLI entry: `vlkit chat` (arguments defined in vlkit.cli)."""
     from vlkit.chat.console import Console
     from vlkit.chat.repl import Driver, interactive, lines, one_shot
-    from vlkit.chat.session import ChatError, ChatSession, Settings
+    from vlkit.chat.session import ChatError, ChatSession, Settings, load_attachments
     from vlkit.llm import vlkit_home
     from vlkit.loading import load_any
 
@@ -31,22 +31,18 @@ def run(args) -> int:
     one_shot_mode = args.prompt is not None
     is_interactive = not one_shot_mode and sys.stdin.isatty()
     console = Console(interactive=is_interactive)
+    attached, errors = load_attachments(args.image)  # before the model: a typo costs no load time
+    if errors and one_shot_mode:
+        raise ChatError(errors[0])  # a script asked for this image: answering without it would mislead
     console.info(f"loading {args.model} ...")
-    if not is_interactive:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # keep a script's stderr to vlkit's own lines
     loaded = load_any(args.model, device=args.device, dtype=args.dtype, load_4bit=args.load_4bit)
     console.info(loaded.describe())
     session = ChatSession(loaded, system=args.system, settings=settings)
-    if args.image:
-        attached, errors = session.attach(args.image)
-        if errors and one_shot_mode:
-            raise ChatError(errors[0])  # a script asked for this image: answering without it would mislead
-        for error in errors:
-            console.error(error)
-        if attached:
-            console.info(f"attached {', '.join(a.path for a in attached)} to your first message")
+    session.pending = attached
+    for error in errors:
+        console.error(error)
+    if attached:
+        console.info(f"attached {', '.join(a.path for a in attached)} to your first message")
     # Stream to a terminal; a pipe gets whole replies, one per line.
     driver = Driver(session, console, json_mode=args.json, stream=is_interactive or (one_shot_mode and sys.stdout.isatty()))
     if one_shot_mode:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlkit.chat.console import Console
-from vlkit.chat.session import SETTING_PARSERS, ChatError, ChatSession
+from vlkit.chat.session import SETTING_PARSERS, ChatError, ChatSession, plural
 
 
 @dataclass
@@ -58,7 +58,7 @@ def attach_images(session: ChatSession, text: str, console: Console) -> None:
     for error in errors:
         console.error(error)
     if attached:
-        console.info(f"attached {image_list(attached)}: {len(session.pending)} image(s) for your next message")
+        console.info(f"attached {image_list(attached)}: {plural(len(session.pending), 'image')} for your next message")
 
 
 @command("images", "/images", "list the images attached and those in the conversation")
@@ -66,13 +66,13 @@ def list_images(session: ChatSession, text: str, console: Console) -> None:
     in_context = session.images_in_context()
     per_image = session.loaded.image_seq_length
     console.info(f"next message: {image_list(session.pending) if session.pending else 'no images attached'}")
-    console.info(f"in context: {len(in_context)} image(s), {len(in_context) * per_image} image tokens")
+    console.info(f"in context: {plural(len(in_context), 'image')}, {plural(len(in_context) * per_image, 'image token')}")
     user_turns = [turn for turn in session.context_turns() if turn.role == "user"]
     for number, turn in enumerate(user_turns, start=1):
         if turn.images:
             console.info(f"  message {number}: {image_list(turn.images)}")
     if session.context_start:
-        console.info(f"({session.context_start // 2} older exchange(s) dropped from the context)")
+        console.info(f"({plural(session.context_start // 2, 'older exchange')} dropped from the context)")
 
 
 @command("reset", "/reset", "forget the conversation and attached images (keeps /system and /set)")

@@ -30,6 +30,10 @@ from vlkit.data.images import load_image
 from vlkit.errors import VlkitError, first_line
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 class ChatError(VlkitError):
     """Something a chat user asked for cannot be done (bad command, message too long, unwritable file)."""
 
@@ -39,6 +43,19 @@ class AttachedImage:
     path: str  # as the user typed it
     resolved: str  # absolute, for transcripts
     image: Image.Image = field(repr=False)
+
+
+def load_attachments(paths: list[str]) -> tuple[list[AttachedImage], list[str]]:
+    """Decode each image now (so a bad one is reported at once); (loaded, one error line per failure)."""
+    attached, errors = [], []
+    for path in paths:
+        try:
+            image = load_image(Path(path).expanduser())
+        except VlkitError as error:
+            errors.append(str(error))
+            continue
+        attached.append(AttachedImage(path, str(Path(path).expanduser().resolve()), image))
+    return attached, errors
 
 
 @dataclass
@@ -112,8 +129,9 @@ class Reply:
         """The verbose line: prompt size, images, time to first token, speed."""
         rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
         first = f"{self.first_token_seconds:.2f} s" if self.first_token_seconds is not None else "-"
-        return (f"prompt {self.prompt_tokens} tokens ({self.images_in_prompt} images, {self.image_tokens} image tokens)"
-                f" | first token {first} | {self.new_tokens} tokens in {self.seconds:.2f} s ({rate:.1f} tok/s)"
+        return (f"prompt {plural(self.prompt_tokens, 'token')} ({plural(self.images_in_prompt, 'image')}, "
+                f"{plural(self.image_tokens, 'image token')}) | first token {first} | "
+                f"{plural(self.new_tokens, 'token')} in {self.seconds:.2f} s ({rate:.1f} tok/s)"
                 f" | {self.finish_reason}")
 
 
@@ -131,14 +149,7 @@ class ChatSession:
     # --- images ---------------------------------------------------------------------------------------
     def attach(self, paths: list[str]) -> tuple[list[AttachedImage], list[str]]:
         """Load images for the next message; returns (attached, one error line per image that failed)."""
-        attached, errors = [], []
-        for path in paths:
-            try:
-                image = load_image(Path(path).expanduser())
-            except VlkitError as error:
-                errors.append(str(error))
-                continue
-            attached.append(AttachedImage(path, str(Path(path).expanduser().resolve()), image))
+        attached, errors = load_attachments(paths)
         self.pending.extend(attached)
         return attached, errors
 
@@ -230,7 +241,7 @@ class ChatSession:
             images = sum(len(turn.images) for turn in self.turns[self.context_start : start])
             if on_notice is not None:
                 on_notice(
-                    f"context full: dropped the oldest {dropped} exchange(s) ({images} image(s)) to fit "
+                    f"context full: dropped the oldest {plural(dropped, 'exchange')} ({plural(images, 'image')}) to fit "
                     f"{self.loaded.context_length} tokens"
                 )
         turns = [*self.turns[start:], user]
