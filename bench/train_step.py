@@ -1,0 +1,217 @@
+"""Align- and instruct-stage training steps/s: vlkit versus stock transformers Llava, side by side.
+
+    python bench/train_step.py                    # SmolLM2-135M + tiny CLIP tower; appends to docs/performance.md
+    python bench/train_step.py --llm DIR --vision DIR --data DIR --toy --no-append    # tiny models (tests)
+
+Both sides get the same first `--batch-size` samples of the shapes world and the same weights (the
+Llava model shares the vlkit model's tensors). One step = zero_grad, forward(labels), backward,
+AdamW step, on:
+
+- vlkit: its training path. Align: the tower's features come from the feature cache, samples are
+  packed, the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
+  on the connector). Instruct: the same with LoRA on the LLM, tower run every step (the default:
+  `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
+- Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
+  batch, forward(labels)/backward, AdamW on the projector (+ LoRA via peft for instruct).
+- Llava, frozen: the same, with the tower and LLM set `requires_grad_(False)` by hand, as
+  LLaVA's own training code does: a stricter reference than the plain loop.
+
+MFU = the FLOPs the step must do (`parts.train_step_flops`, vlkit's work) / step time / the best
+fp32 matmul rate measured in this process between rounds. Peak RSS: see bench/common.py (the
+shared weights count in every row). Speed-ups are medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import (
+    DOCS,
+    append_section,
+    command_line,
+    interleaved,
+    markdown_table,
+    matmul_peak,
+    median_ratio,
+    verdict,
+)
+from parts import default_vision, first_samples, llava_twin, lora_on_llava, shapes_data, train_step_flops
+
+GOALS = {"align": 2.0, "instruct": 1.3}
+MFU_GOAL = 0.50
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}  # recipes/tiny/instruct.yaml
+VARIANTS = ("vlkit", "llava-plain", "llava-frozen")
+
+
+@dataclass
+class Variant:
+    model: torch.nn.Module
+    batch: dict
+    optimizer: torch.optim.Optimizer
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(**self.batch).loss.backward()
+        self.optimizer.step()
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class Bench:
+    """Builds the models once; `stage(name)` returns its variants (instruct adds LoRA: run align first)."""
+
+    def __init__(self, args, workdir: Path) -> None:
+        from vlkit import build_vlm
+
+        self.args, self.workdir = args, workdir
+        vision = args.vision or default_vision(workdir)
+        self.data = shapes_data(workdir, args.batch_size, args.data)
+        torch.manual_seed(0)
+        self.model, self.processor = build_vlm(vision=vision, llm=args.llm, connector={"type": "mlp", "depth": 2})
+        self.sources = f"LLM {args.llm}, vision {Path(vision).name}, mlp connector, batch {args.batch_size}"
+        # Llava twins before any LoRA: to_llava maps the plain weight names.
+        self.twins = {}
+
+    def twin(self, key: str):
+        if key not in self.twins:
+            self.twins[key] = llava_twin(self.model)
+        return self.twins[key]
+
+    def batches(self, stage: str, cache: bool) -> tuple[dict, dict, dict]:
+        """(vlkit batch, Llava batch, facts for FLOPs) for the stage's samples."""
+        from vlkit.data import ConversationDataset, VlkitCollator
+        from vlkit.features import cache_features_for
+
+        samples = first_samples(self.data, stage, self.args.batch_size)
+        pad = self.processor.tokenizer.pad_token_id
+        plain = ConversationDataset(samples, self.processor, self.data, max_length=None)
+        items = [plain[i] for i in range(len(plain))]
+        fast = ConversationDataset(samples, self.processor, self.data, max_length=None)
+        if cache:
+            cache_features_for(self.model, self.processor.image_processor, [fast], home=self.workdir, progress=False)
+        vlkit_batch = VlkitCollator(pad, pack=True)([fast[i] for i in range(len(fast))])
+        llava_batch = VlkitCollator(pad)(items)
+        facts = {
+            "lengths": [len(item["input_ids"]) for item in items],
+            "supervised": int((llava_batch["labels"][:, 1:] != -100).sum()),
+            "images": int(llava_batch["pixel_values"].shape[0]),
+            "padded_tokens": int(llava_batch["input_ids"].numel()),
+            "packed_tokens": int(vlkit_batch["input_ids"].numel()),
+        }
+        return vlkit_batch, llava_batch, facts
+
+    def stage(self, stage: str, names=VARIANTS) -> tuple[dict[str, Variant], dict]:
+        from vlkit.config import TuneSection
+        from vlkit.train.stages import apply_adapters, set_trainable
+
+        cache = stage == "align"  # the recipe default: on for align, off for instruct
+        twins = {name: self.twin(f"{stage}/{name}") for name in names if name != "vlkit"}
+        tune = TuneSection() if stage == "align" else TuneSection(
+            llm="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"])
+        apply_adapters(self.model, tune)
+        set_trainable(self.model, tune)
+        for name, llava in twins.items():
+            llava.train()
+            llava.requires_grad_(name == "llava-plain")  # plain: every weight as loaded requires grad
+            llava.model.multi_modal_projector.requires_grad_(True)
+            if stage == "instruct":
+                lora_on_llava(llava, LORA["r"], LORA["alpha"], LORA["dropout"])  # freezes the LLM's base weights
+        vlkit_batch, llava_batch, facts = self.batches(stage, cache)
+        variants = {}
+        if "vlkit" in names:
+            variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+        for name, llava in twins.items():
+            if name == "llava-plain":
+                params = [*llava.model.multi_modal_projector.parameters(),
+                          *(p for n, p in llava.named_parameters() if "lora_" in n)]
+            else:
+                params = trainable(llava)
+            variants[name] = Variant(llava, llava_batch, torch.optim.AdamW(params, lr=1e-4))
+        if "vlkit" in names and twins:
+            self.check_same_function(variants, tune)
+        facts["flops"] = train_step_flops(self.model, facts["lengths"], facts["supervised"], facts["images"],
+                                          tower_runs=not cache)
+        facts["lora_params"] = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
+        for name, llava in twins.items():
+            assert sum(p.numel() for n, p in llava.named_parameters() if "lora_" in n) == facts["lora_params"], name
+        return variants, facts
+
+    @staticmethod
+    def check_same_function(variants: dict[str, Variant], tune) -> None:
+        """Before timing: every variant gives the same loss on its batch (same weights, same samples)."""
+        losses = {}
+        for name, variant in variants.items():
+            modes = {m: m.training for m in variant.model.modules()}
+            variant.model.eval()  # no LoRA dropout in the comparison
+            with torch.no_grad():
+                losses[name] = float(variant.model(**variant.batch).loss)
+            for module, mode in modes.items():
+                module.training = mode
+        reference = losses["vlkit"]
+        for name, loss in losses.items():
+            if abs(loss - reference) > 1e-3 * max(1.0, abs(reference)):
+                raise SystemExit(f"benchmark invalid: {name} loss {loss:.6f} != vlkit loss {reference:.6f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llm", default="smollm2-135m-instruct")
+    parser.add_argument("--vision", default=None, help="default: runs/tiny-clip, runs/demo/clip, or a random tiny tower")
+    parser.add_argument("--data", default=None, help="a shapes world folder (default: data/shapes, or generated)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stages", default="align,instruct")
+    parser.add_argument("--toy", action="store_true", help="quick settings for tests (1 round)")
+    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to docs/performance.md")
+    args = parser.parse_args(argv)
+    if args.toy:
+        args.rounds = 1
+    torch.manual_seed(0)
+    stages = [s for s in args.stages.split(",") if s]
+    rows, lines = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(args, Path(tmp))
+        for stage in stages:
+            variants, facts = bench.stage(stage)
+            peaks: list[float] = [matmul_peak()]
+            rss: dict[str, float] = {}
+            times = interleaved({name: v.step for name, v in variants.items()}, rounds=args.rounds,
+                                between=lambda: peaks.append(matmul_peak()), peak_rss=rss)  # noqa: B023
+            peak = statistics.median(peaks)
+            flops = sum(facts["flops"].values())
+            for name in variants:
+                seconds = statistics.median(times[name])
+                speedup = median_ratio(times[name], times["vlkit"])
+                rows.append([stage, name, f"{seconds:.3f}", f"{1 / seconds:.2f}",
+                             "1.00 (ref.)" if name == "vlkit" else f"{speedup:.2f}x",
+                             f"{100 * flops / seconds / peak:.1f}%", f"{rss[name]:.0f}"])
+            plain = median_ratio(times["llava-plain"], times["vlkit"])
+            frozen = median_ratio(times["llava-frozen"], times["vlkit"])
+            mfu = flops / statistics.median(times["vlkit"]) / peak
+            lines.append(f"- {stage}: vlkit vs plain Llava loop {verdict(plain, GOALS[stage])}; "
+                         f"vs hand-frozen Llava {frozen:.2f}x")
+            if stage == "instruct":
+                lines.append(f"- instruct MFU (vlkit): {verdict(100 * mfu, 100 * MFU_GOAL, '%')}")
+            parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in facts["flops"].items() if v)
+            lines.append(f"  ({stage}: {len(facts['lengths'])} samples, {sum(facts['lengths'])} tokens; padded batch "
+                         f"{facts['padded_tokens']} token slots, packed {facts['packed_tokens']}; "
+                         f"{facts['supervised']} labelled; GFLOP/step: {parts}; matmul peak {peak / 1e9:.1f} GFLOP/s)")
+    table = markdown_table(["stage", "variant", "s/step", "steps/s", "vlkit speed-up", "MFU", "peak RSS MiB"], rows)
+    body = f"{bench.sources}, {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)
+    print(body)
+    if not args.no_append:
+        append_section("Training step: vlkit vs stock Llava", body, command_line(), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
