@@ -311,11 +311,13 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     do(f"/save {tmp_path / 'chat.json'}", "saved 4 turns")
     # Ctrl-C at the prompt drops the line; Ctrl-C during a reply stops it and keeps the session.
     child.send("half a line")
+    child.expect_exact("half a line")  # readline echoed it: it is waiting for more, as after a person typed
+    time.sleep(0.3)
     child.sendintr()
     child.expect_exact(prompt)
     do("/set max_new_tokens 450")
     child.sendline("Now a very long answer, please.")
-    time.sleep(1.0)  # the reply is running (450 tokens take several seconds here)
+    time.sleep(0.5)  # the reply is running: 450 tokens take seconds (generate costs milliseconds per token)
     child.sendintr()
     child.expect_exact("[stopped]")
     child.expect(r"\| interrupted")

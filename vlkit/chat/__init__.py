@@ -22,6 +22,7 @@ def run(args) -> int:
     from vlkit.chat.console import Console
     from vlkit.chat.repl import Driver, interactive, lines, one_shot
     from vlkit.chat.session import ChatError, ChatSession, Settings, load_attachments
+    from vlkit.errors import first_line
     from vlkit.llm import vlkit_home
     from vlkit.loading import load_any
 
@@ -37,6 +38,10 @@ def run(args) -> int:
     console.info(f"loading {args.model} ...")
     loaded = load_any(args.model, device=args.device, dtype=args.dtype, load_4bit=args.load_4bit)
     console.info(loaded.describe())
+    try:
+        loaded.render([{"role": "user", "content": "hi"}])
+    except Exception as error:  # e.g. a base LLM's tokenizer without a chat template
+        raise ChatError(f"cannot write a chat prompt for {args.model}: {first_line(error)}") from None
     session = ChatSession(loaded, system=args.system, settings=settings)
     session.pending = attached
     for error in errors:
