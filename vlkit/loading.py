@@ -173,8 +173,10 @@ class LoadedModel:
 
     # conversation interface (the same for both processor kinds)
     def prompt_inputs(self, conversations: list[list[dict[str, Any]]], images: list[list] | None = None):
-        """Left-padded generation inputs on the model's device."""
-        return self.processor.prompt_inputs(conversations, images).to(self.device)
+        """Left-padded generation inputs on the model's device, pixel values in the vision tower's dtype."""
+        inputs = self.processor.prompt_inputs(conversations, images)
+        vision_dtype = next(self.parts()[0].parameters()).dtype
+        return inputs.to(device=self.device, dtype=vision_dtype)  # casts only the floating-point tensors
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.processor.decode(token_ids, skip_special_tokens=skip_special_tokens)
