@@ -45,10 +45,11 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(n_train=4000, n_eval=200, eval_images=100,
-                     clip=["train.epochs=6"], align=["train.max_steps=60"], instruct=["train.max_steps=80"]),
-    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=20,
-                     clip=["train.epochs=4"], align=["train.max_steps=8"], instruct=["train.max_steps=10"]),
+    # SmolLM2 trains at roughly 1 sample/s on 2 cores, so the LLM stages see a few hundred samples.
+    "full": DemoSize(n_train=4000, n_eval=200, eval_images=50,
+                     clip=[], align=["train.max_steps=24"], instruct=["train.max_steps=32"]),
+    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8,
+                     clip=["train.epochs=2"], align=["train.max_steps=6"], instruct=["train.max_steps=6"]),
 }
 
 
