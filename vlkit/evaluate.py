@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlkit.errors import DataError, ModelLoadError
+from vlkit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def answer_all(model, processor, items: list[dict[str, Any]], image_root: Path, 
                 marker = "<image>\n" * len(item["images"]) if with_image else ""
                 conversations.append([{"role": "user", "content": marker + item["question"]}])
                 images.append([load_image(p, image_root) for p in item["images"]] if with_image else [])
-            inputs = processor.prompt_inputs(conversations, images)
+            inputs = processor.prompt_inputs(conversations, images).to(model.device)
             output = model.generate(**inputs, do_sample=False,
                                     max_new_tokens=MAX_NEW_TOKENS.get(question_type, DEFAULT_MAX_NEW_TOKENS))
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
@@ -227,12 +227,7 @@ def run(args) -> int:
         return run_clip_eval(args)
     from vlkit.loading import load_any
 
-    try:
-        loaded = load_any(args.model)
-    except ModelLoadError:
-        raise
-    except Exception as error:
-        raise ModelLoadError(f"cannot load model '{args.model}': {str(error).splitlines()[0]}") from None
+    loaded = load_any(args.model)  # raises a one-line ModelLoadError for what cannot be loaded
     # A run dir keeps its evals; an exported folder stays as exported (a later push would upload extra files).
     out = Path(args.out) if args.out else (
         model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name)
