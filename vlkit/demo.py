@@ -105,13 +105,16 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
         else:
             log(f"stage {name}: vlkit train recipes/tiny/{recipe} {' '.join(overrides)}")
             run_stage(recipe, out / name, overrides)
-        figures["timings"][name] = round(time.time() - stage_started, 1)
-        figures[name] = json.loads((out / name / "run_summary.json").read_text()).get("final_metrics", {})
+        summary = json.loads((out / name / "run_summary.json").read_text())
+        # The stage's own wall time, so a reused stage still reports what it cost.
+        figures["timings"][name] = summary.get("wall_time_s", round(time.time() - stage_started, 1))
+        figures[name] = summary.get("final_metrics", {})
 
     figures["clip_eval"] = evaluate_clip_stage(out, data_dir)
     figures["vqa"] = evaluate_vlm_stage(out, data_dir, size)
     figures["export"] = export_stage(out, data_dir)
-    figures["timings"]["total"] = round(time.time() - started, 1)
+    figures["timings"]["this run"] = round(time.time() - started, 1)
+    figures["timings"]["all stages"] = round(sum(v for k, v in figures["timings"].items() if k != "this run"), 1)
     return figures
 
 
