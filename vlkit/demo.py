@@ -110,9 +110,13 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
         figures["timings"][name] = summary.get("wall_time_s", round(time.time() - stage_started, 1))
         figures[name] = summary.get("final_metrics", {})
 
+    stage_started = time.time()
     figures["clip_eval"] = evaluate_clip_stage(out, data_dir)
     figures["vqa"] = evaluate_vlm_stage(out, data_dir, size)
+    figures["timings"]["eval"] = round(time.time() - stage_started, 1)
+    stage_started = time.time()
     figures["export"] = export_stage(out, data_dir)
+    figures["timings"]["export"] = round(time.time() - stage_started, 1)
     figures["timings"]["this run"] = round(time.time() - started, 1)
     figures["timings"]["all stages"] = round(sum(v for k, v in figures["timings"].items() if k != "this run"), 1)
     return figures
