@@ -287,7 +287,7 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     env = {**os.environ, "TERM": "dumb", "VLKIT_HOME": str(tmp_path / "home"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
     child = pexpect.spawn(sys.executable, ["-m", "vlkit", "chat", vlm_dir, "--max-new-tokens", "6"], cwd=str(image_dir),
-                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 200))
     prompt = ">>> "
 
     def do(line: str, *expected: str) -> str:
