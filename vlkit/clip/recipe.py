@@ -8,16 +8,14 @@ resolve against the working directory (the repo root for `make demo`).
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlkit.clip.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
-from vlkit.errors import ConfigError
+from vlkit.config import apply_overrides, read_yaml, validate_tree
 
 
 class _Strict(BaseModel):
@@ -133,69 +131,11 @@ class ClipRecipe(_Strict):
         return math.log(min(scale, self.loss.logit_scale_max))
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
-        node = child
-    node[leaf] = value
-
-
-def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
-    """Apply `a.b=value` overrides; values parse as YAML (`10`, `true`, `[a, b]`, `null`)."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=10)")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return tree
-
-
-def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
-    for part in location[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = tuple(first["loc"])
-    where = ".".join(str(part) for part in location) or "recipe"
-    if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(location[-1]), _known_keys(ClipRecipe, location), n=1)
-        hint = f"; did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
-        return f"unknown recipe key '{where}'{hint}"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"recipe key '{where}': {message}"
-
-
 def parse_clip_recipe(tree: dict) -> ClipRecipe:
     """Validate a recipe dict; a bad key or value raises a one-line `ConfigError`."""
-    try:
-        return ClipRecipe.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+    return validate_tree(tree, ClipRecipe)
 
 
 def load_clip_recipe(path: str | Path, overrides: list[str] | None = None) -> ClipRecipe:
     """Read a `stage: clip` recipe YAML, apply `a.b=value` overrides, validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"recipe {path} must be a YAML mapping")
-    return parse_clip_recipe(apply_overrides(tree, overrides))
-
-
-def dump_recipe(recipe: ClipRecipe) -> str:
-    """The resolved recipe as YAML (written into every run dir)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return parse_clip_recipe(apply_overrides(read_yaml(path), overrides))

@@ -29,7 +29,8 @@ from vlkit.clip.model import (
     build_tokenizer,
     save_clip_folder,
 )
-from vlkit.clip.recipe import ClipRecipe, dump_recipe, load_clip_recipe
+from vlkit.clip.recipe import ClipRecipe, load_clip_recipe
+from vlkit.config import dump_recipe
 from vlkit.errors import DataError
 
 logger = logging.getLogger(__name__)
