@@ -94,3 +94,57 @@ def test_gather_without_grad_does_not_give_full_gradients(two_process_results):
     result = two_process_results[("clip", False)][0]
     assert torch.allclose(result["loss"][0], expected_loss, atol=1e-5)  # the forward is the same
     assert not torch.allclose(result["image.weight"], expected_grads["image.weight"], atol=1e-5)
+
+
+TRAIN_SCRIPT = """
+import sys
+from vlkit.clip.recipe import parse_clip_recipe
+from vlkit.clip.train import train_clip
+import json
+train_clip(parse_clip_recipe(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_trainer_ddp_step_equals_single_process_step(tmp_path):
+    # End to end through Trainer + DDP: one SGD step (lr 1, no clipping, no decay) on 8 pairs, as
+    # 2 processes x 4 and as 1 process x 8, must move every weight identically.
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_clip_train import TINY_TEXT, TINY_VISION, write_pairs
+
+    write_pairs(tmp_path / "data", n=8)
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+
+    def recipe(out: str, batch: int, learning_rate: float = 1.0) -> str:
+        return json.dumps({
+            "stage": "clip", "output_dir": str(tmp_path / out),
+            "data": {"dir": str(tmp_path / "data"), "train_file": "pairs.jsonl"},
+            "model": {"projection_dim": 16, "vision": {"config": TINY_VISION}, "text": {"config": TINY_TEXT}},
+            "train": {"batch_size": batch, "max_steps": 1, "optimizer": "sgd", "learning_rate": learning_rate,
+                      "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": None, "seed": 0},
+        })
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), recipe("one", 8)], check=True, env=env, capture_output=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    done = subprocess.run([*launcher, str(script), recipe("two", 4)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads((tmp_path / name / "run_summary.json").read_text()) for name in ("one", "two")]
+    assert [s["world_size"] for s in summaries] == [1, 2] and [s["samples"] for s in summaries] == [8, 8]
+    # The logged loss (mean over ranks) equals the single-process loss on the same 8 pairs.
+    losses = [s["final_metrics"]["train_loss"] for s in summaries]
+    assert math.isclose(losses[0], losses[1], abs_tol=1e-5), losses
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    # The step really moved the weights: the same run with learning rate 1e-12 keeps the initial ones.
+    subprocess.run([sys.executable, str(script), recipe("zero", 8, learning_rate=1e-12)], check=True, env=env, capture_output=True)
+    initial = load_file(tmp_path / "zero" / "model.safetensors")
+    assert not torch.allclose(initial["visual_projection.weight"], one["visual_projection.weight"], atol=1e-4)
+    assert not torch.allclose(initial["logit_scale"], one["logit_scale"])
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name

@@ -215,3 +215,10 @@ def test_retrieval_and_zero_shot_metrics_on_known_embeddings():
     result = zero_shot(eye[:3], eye, torch.tensor([0, 1, 3]))
     assert math.isclose(result["top1"], 2 / 3, rel_tol=1e-6) and result["top5"] == 1.0
     assert int(result["confusion"][2, 1]) == 0 and int(result["confusion"][3, 2]) == 1
+
+
+def test_shipped_tiny_recipe_is_valid_and_keeps_augmentation_off():
+    recipe = load_clip_recipe(Path(__file__).parents[1] / "recipes" / "tiny" / "clip.yaml")
+    assert recipe.stage == "clip" and recipe.loss.type == "clip" and recipe.loss.gather_with_grad
+    assert not Augment(recipe.augment).enabled  # colour is the label in the shapes world
+    assert recipe.model.vision.config["image_size"] == 64  # the shapes world's image size
