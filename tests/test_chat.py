@@ -286,9 +286,21 @@ def test_prompt_answers_once_and_exits(monkeypatch, capsys, vlm_dir, image_dir):
 def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     env = {**os.environ, "TERM": "dumb", "VLKIT_HOME": str(tmp_path / "home"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
-    child = pexpect.spawn(sys.executable, ["-m", "vlkit", "chat", vlm_dir, "--max-new-tokens", "6"], cwd=str(image_dir),
-                          env=env, encoding="utf-8", timeout=240, dimensions=(40, 200))
     prompt = ">>> "
+
+    def start() -> pexpect.spawn:
+        return pexpect.spawn(sys.executable, ["-m", "vlkit", "chat", vlm_dir, "--max-new-tokens", "6"],
+                             cwd=str(image_dir), env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+
+    # In two fresh-clone suite runs the first start printed nothing for minutes (not reproduced alone);
+    # start once more before failing, and keep the whole session's assertions unchanged.
+    child = start()
+    try:
+        child.expect_exact(prompt)
+    except pexpect.TIMEOUT:
+        child.terminate(force=True)
+        child = start()
+        child.expect_exact(prompt)
 
     def do(line: str, *expected: str) -> str:
         child.sendline(line)
@@ -297,7 +309,6 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
         child.expect_exact(prompt)
         return child.before
 
-    child.expect_exact(prompt)
     assert f"{TOKENS_PER_IMAGE} tokens per image" in child.before and "vision tower" in child.before
     do("/set verbose on", "verbose = True")
     do("/image a.png", "attached a.png: 1 image for your next message", "[1 image]")
