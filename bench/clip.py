@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--toy", action="store_true", help="quick settings for tests")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
     parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.toy:
         args.rounds, args.batch_size, args.batches = 1, min(args.batch_size, 8), 2
     with tempfile.TemporaryDirectory() as tmp:

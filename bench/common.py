@@ -6,6 +6,11 @@ alike; it reports the median of per-round ratios. Peak RSS is the process's high
 each variant's own calls (restarted before every call with Linux's clear_refs, after returning
 freed heap to the OS): the weights, shared by all variants, count in every row; the differences
 between rows are each variant's own gradients, optimizer state and activations.
+
+The CPU benchmarks run one torch thread by default (`--threads N` to change; the matmul peak is
+measured with the same setting). On a 2-core machine shared with other processes, a second thread
+makes every op wait at a barrier for a preempted sibling: one SmolLM2 align step took 4.1 s on
+one thread and 18 s on two, and the 1-thread matmul peak was higher (86 vs 57 GFLOP/s).
 """
 
 from __future__ import annotations

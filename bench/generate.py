@@ -116,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--toy", action="store_true", help="quick settings for tests (2 rounds, 8 tokens)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
     parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.toy:
         args.rounds, args.new_tokens = 1, min(args.new_tokens, 8)
     n = args.new_tokens

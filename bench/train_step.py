@@ -167,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision", default=None, help="default: runs/tiny-clip, runs/demo/clip, or a random tiny tower")
     parser.add_argument("--data", default=None, help="a shapes world folder (default: data/shapes, or generated)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stages", default="align,instruct")
     parser.add_argument("--toy", action="store_true", help="quick settings for tests (1 round)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
     parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to docs/performance.md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.toy:
         args.rounds = 1
     torch.manual_seed(0)

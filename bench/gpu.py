@@ -1,0 +1,201 @@
+"""LLaVA-1.5-7B-shaped instruct step on one GPU: vlkit versus stock Llava, steps/s and MFU.
+
+    python bench/gpu.py                 # CLIP ViT-L/14-336 + Llama-2-7B configs, random weights, bf16, cuda
+    python bench/gpu.py --toy --no-append        # the same code at toy size on CPU (tests)
+
+Random weights (the speed of a model does not depend on its values), built from configs:
+the vision tower is CLIP ViT-L/14 at 336 px (576 patches, feature layer -2), the LLM Llama-2-7B
+(vocab 32064 with the image token, as llava-1.5-7b-hf), an mlp connector, LoRA r=128 alpha=256
+dropout 0.05 on every linear layer of the LLM (recipes/llava-1.5-7b/instruct.yaml). The batch:
+`--batch-size` samples of 576 image tokens + a prompt + an answer of varied length, answers
+supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + LoRA):
+
+- vlkit: packed batch, LM head at labelled positions only, frozen weights build no gradients;
+- llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
+  peft, padded batch, tower and LLM frozen by hand;
+- llava-plain: the same with the tower left trainable as loaded (a plain loop).
+
+MFU = the FLOPs the step must do (`parts.train_step_flops`) / step time / the best bf16 matmul rate
+measured in this process. Goal: MFU >= 45% on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from common import (
+    DOCS,
+    append_section,
+    command_line,
+    interleaved,
+    markdown_table,
+    matmul_peak,
+    median_ratio,
+    verdict,
+)
+from parts import llava_twin, lora_on_llava, train_step_flops
+
+MFU_GOAL = 0.45
+IMAGE_TOKEN_ID = 32000
+
+VISION_7B = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu"}
+TEXT_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+VISION_TOY = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8, "projection_dim": 32, "hidden_act": "quick_gelu"}
+TEXT_TOY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "vocab_size": 32064, "max_position_embeddings": 4096}
+LORA = {"r": 128, "alpha": 256.0, "dropout": 0.05}
+LORA_TOY = {"r": 4, "alpha": 8.0, "dropout": 0.05}
+
+
+def build_model(toy: bool, device: torch.device, dtype: torch.dtype):
+    """A VlkitForConditionalGeneration from configs, random weights, on `device` in `dtype`."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
+
+    vision_config = CLIPVisionConfig(**(VISION_TOY if toy else VISION_7B))
+    text_config = LlamaConfig(**(TEXT_TOY if toy else TEXT_7B), attn_implementation="sdpa")
+    vision_config._attn_implementation = "sdpa"
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = VlkitConfig(vision_config=vision_config, text_config=text_config,
+                         connector_config={"type": "mlp", "depth": 2}, image_token_id=IMAGE_TOKEN_ID,
+                         image_seq_length=patches, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         vision_num_prefix_tokens=1)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B model is not built in fp32 first
+    try:
+        with device:
+            tower = CLIPVisionModel(vision_config)
+            llm = LlamaForCausalLM(text_config)
+            model = VlkitForConditionalGeneration(config, vision_tower=tower, language_model=llm)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+def samples(model, batch_size: int, toy: bool, generator: torch.Generator) -> list[dict]:
+    """LLaVA-instruct-like token sequences: system/user prompt, image tokens, question, answer (supervised)."""
+    config = model.config
+    items = []
+    for _ in range(batch_size):
+        prompt = int(torch.randint(8, 16, (), generator=generator)) if toy else int(torch.randint(30, 60, (), generator=generator))
+        answer = int(torch.randint(4, 24, (), generator=generator)) if toy else int(torch.randint(40, 500, (), generator=generator))
+        text = torch.randint(0, IMAGE_TOKEN_ID, (prompt + answer,), generator=generator)
+        ids = torch.cat([text[:prompt], torch.full((config.image_seq_length,), IMAGE_TOKEN_ID), text[prompt:]])
+        labels = torch.full_like(ids, -100)
+        labels[-answer:] = ids[-answer:]
+        size = config.vision_config.image_size
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, size, size, generator=generator)})
+    return items
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default="vlkit,llava-frozen,llava-plain")
+    parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
+    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from vlkit.config import TuneSection
+    from vlkit.data import VlkitCollator
+    from vlkit.train.stages import apply_adapters, set_trainable
+
+    if args.toy:
+        device, dtype, args.rounds = torch.device("cpu"), torch.float32, 1
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        raise SystemExit("no GPU: bench/gpu.py measures a 7B model on a GPU; use --toy to check it on CPU")
+    names = [n for n in args.variants.split(",") if n]
+    lora = LORA_TOY if args.toy else LORA
+    model = build_model(args.toy, device, dtype)
+    twins = {name: llava_twin(model) for name in names if name != "vlkit"}
+    tune = TuneSection(llm="lora", lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    model.to(device=device, dtype=dtype)  # the LoRA weights too
+    for name, llava in twins.items():
+        llava.train().requires_grad_(False)
+        llava.model.multi_modal_projector.requires_grad_(True)
+        llava.model.vision_tower.requires_grad_(name == "llava-plain")
+        lora_on_llava(llava, lora["r"], lora["alpha"], lora["dropout"])
+        llava.to(device=device, dtype=dtype)
+    items = samples(model, args.batch_size, args.toy, torch.Generator().manual_seed(0))
+    padded = to_device(VlkitCollator(0)(items), device, dtype)
+    packed = to_device(VlkitCollator(0, pack=True)(items), device, dtype)
+
+    def step_of(module, batch, optimizer):
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            module(**batch).loss.backward()
+            optimizer.step()
+        return step
+
+    # Same weights, same samples: the same loss on every side (checked before timing).
+    losses = {}
+    for name, module, batch in [("vlkit", model, packed), *((n, t, padded) for n, t in twins.items())]:
+        module.eval()
+        with torch.no_grad():
+            losses[name] = float(module(**batch).loss)
+        module.train()
+    model.vision_tower.eval()  # frozen parts stay in eval mode, as `set_trainable` left them
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    if any(abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])) for loss in losses.values()):
+        raise SystemExit(f"benchmark invalid: losses differ {losses}")
+
+    steps = {}
+    if "vlkit" in names:
+        steps["vlkit"] = step_of(model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    for name, llava in twins.items():
+        params = [p for n, p in llava.named_parameters() if "lora_" in n or "multi_modal_projector" in n]
+        steps[name] = step_of(llava, padded, torch.optim.AdamW(params))
+    peak = matmul_peak(dtype, device, n=512 if args.toy else 8192)
+    lengths = [len(item["input_ids"]) for item in items]
+    flops = sum(train_step_flops(model, lengths, int((padded["labels"][:, 1:] != -100).sum()), len(items),
+                                 tower_runs=True).values())
+    rows, times = [], {}
+    for name, step in steps.items():  # one at a time: a 7B step may run out of memory on its own
+        try:
+            times.update(interleaved({name: step}, rounds=args.rounds))
+        except torch.OutOfMemoryError:
+            rows.append([name, "out of memory", "", "", ""])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    reference = times.get("vlkit")
+    for name, series in times.items():
+        seconds = statistics.median(series)
+        speedup = "1.00 (ref.)" if name == "vlkit" else f"{median_ratio(series, reference):.2f}x" if reference else "-"
+        rows.append([name, f"{seconds:.3f}", f"{args.batch_size / seconds:.2f}", speedup,
+                     f"{100 * flops / seconds / peak:.1f}%"])
+    table = markdown_table(["variant", "s/step", "samples/s", "vlkit speed-up", "MFU"], rows)
+    size = "toy" if args.toy else "LLaVA-1.5-7B-shaped"
+    lines = [f"{size}, {dtype}, batch {args.batch_size} ({sum(lengths)} tokens, padded {padded['input_ids'].numel()}, "
+             f"packed {packed['input_ids'].numel()}), matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e12:.2f} TFLOP/step."]
+    if reference:
+        lines.append(f"- instruct MFU (vlkit): {verdict(100 * flops / statistics.median(reference) / peak, 100 * MFU_GOAL, '%')}")
+    body = "\n".join([lines[0], "", table, "", *lines[1:]])
+    print(body)
+    if not args.no_append:
+        append_section(f"GPU instruct step ({size}): vlkit vs stock Llava", body, command_line(), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The benchmark scripts keep working: each runs at toy size on the tiny test models and writes its table.
+
+Timings are not asserted (they are noise at this size); the tables, the goal lines, the sanity
+checks the scripts make (same loss / same greedy tokens on both sides) and the docs section are.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from train_helpers import REPO
+
+
+def run_bench(script: str, *args: str, out) -> str:
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}", "--toy", "--out", str(out), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture()
+def docs(tmp_path):
+    return tmp_path / "performance.md"
+
+
+def test_train_step_bench(tiny_llm_dir, tiny_vision_dir, shapes_dir, docs):
+    out = run_bench("train_step.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=docs)
+    for row in ("| align    | vlkit", "| align    | llava-plain", "| instruct | llava-frozen"):
+        assert row in out
+    assert "align: vlkit vs plain Llava loop" in out and "instruct MFU (vlkit)" in out and "goal >= 2x" in out
+    text = docs.read_text()
+    assert text.startswith("\n## Training step: vlkit vs stock Llava") and "Machine: " in text and "torch " in text
+
+
+def test_generate_bench(tiny_llm_dir, tiny_vision_dir, docs):
+    out = run_bench("generate.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--no-append", out=docs)
+    assert "| first token " in out and "| decode, 4 prompts" in out and "time to first token:" in out
+    assert "greedy outputs identical (1 and 4 prompts, 8 tokens): yes" in out
+    assert not docs.exists()  # --no-append
+
+
+def test_clip_bench(shapes_dir, docs):
+    out = run_bench("clip.py", "--data", shapes_dir, out=docs)
+    assert "| with data " in out and "| model only " in out and "CLIP stage, with data:" in out
+    assert "## CLIP stage: vlkit vs plain CLIPModel loop" in docs.read_text()
+
+
+def test_gpu_bench_at_toy_size(docs):
+    out = run_bench("gpu.py", "--no-append", out=docs)
+    for variant in ("vlkit", "llava-frozen", "llava-plain"):
+        assert f"| {variant}" in out
+    assert "instruct MFU (vlkit)" in out and "toy, torch.float32" in out
