@@ -96,3 +96,26 @@ def test_history_rewriting_template_is_refused(tiny_vlm):
             rewriting.encode_conversation(messages)
     finally:
         tokenizer.chat_template = original
+
+
+def test_system_prompt_replaces_the_default_everywhere_it_renders(tiny_vision_dir, tiny_llm_dir, tmp_path):
+    from vlkit import build_vlm
+
+    _, plain = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir)
+    _, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, system_prompt='Answer "briefly".')
+    question = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    own_system = [{"role": "system", "content": "Be verbose."}, *question]
+    as_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+
+    rendered = processor.render(question, add_generation_prompt=True)
+    assert rendered.startswith('<|im_start|>system\nAnswer "briefly".<|im_end|>\n<|im_start|>user\n<image>')
+    assert processor.render(own_system) == plain.render(own_system)  # a conversation's own system turn wins
+    assert "Answer" not in plain.render(question)
+    # The stock processor template (content lists) and a save/load round trip render the same text.
+    assert processor.apply_chat_template(as_list, add_generation_prompt=True, tokenize=False) == rendered
+    processor.save_pretrained(tmp_path)
+    reloaded = VlkitProcessor.from_pretrained(tmp_path)
+    assert reloaded.render(question, add_generation_prompt=True) == rendered
+    # Training labels still cover exactly the assistant turn after the injected system turn.
+    encoded = processor.encode_conversation([*question, {"role": "assistant", "content": "red"}], [random_image(0)])
+    assert supervised_text(processor, encoded) == "red<|im_end|>\n"

@@ -23,7 +23,8 @@ from vlkit.train.run import train_vlm
 
 def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
     align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=5, save_steps=2)
-    align["data"]["val_file"] = "align_val.json"
+    align["data"].update(val_file="align_val.json", max_val_samples=3)
+    align["model"]["system_prompt"] = "Answer briefly."
     align_dir = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
     for name in ("recipe.yaml", "manifest.json", "trainable.safetensors", "run_summary.json", "loss.png",
                  "processor/processor_config.json"):
@@ -32,6 +33,7 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
     assert saved and all(name.startswith("connector.") for name in saved)
     summary = json.loads((align_dir / "run_summary.json").read_text())
     assert summary["steps"] == 5 and summary["skipped_samples"] == 0 and "eval_loss" in summary["final_metrics"]
+    assert summary["val_samples"] == 3  # data.max_val_samples keeps the end-of-run loss cheap
     assert sorted(p.name for p in (align_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-4", "checkpoint-5"]  # rotation keeps the last two; the final step is saved too
     # A checkpoint is megabytes-small: the trained weights, not the bases.
@@ -58,6 +60,9 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
             assert torch.equal(parameter.detach(), saved[name]), name
     manifest = json.loads((instruct_dir / "manifest.json").read_text())
     assert [s["stage"] for s in manifest["stages"]] == ["align", "instruct"]
+    # The align recipe's system prompt carries into the instruct run and into its rebuilt processor.
+    assert manifest["model"]["system_prompt"] == "Answer briefly."
+    assert "Answer briefly." in processor.render([{"role": "user", "content": "Hi"}])
     assert manifest["bases"]["llm"]["sha256"]
 
 

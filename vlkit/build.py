@@ -20,7 +20,7 @@ from vlkit.connectors.registry import build_connector, log_connector_summary
 from vlkit.errors import ConfigError
 from vlkit.llm import load_llm
 from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
-from vlkit.processing import VlkitProcessor
+from vlkit.processing import VlkitProcessor, system_prompt_template
 from vlkit.vision import load_vision_tower, num_patches, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,13 @@ def build_vlm(
     dtype: torch.dtype | None = None,
     llm_quantization_config=None,
     attn_implementation: str | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[VlkitForConditionalGeneration, VlkitProcessor]:
-    """Load the vision tower and LLM, build the connector, and return (model, processor)."""
+    """Load the vision tower and LLM, build the connector, and return (model, processor).
+
+    system_prompt: replaces the LLM template's default system turn (SmolLM2's is ~15 tokens of
+    every sample) in conversations that bring none; None keeps the template as it is.
+    """
     connector_config = {"type": connector} if isinstance(connector, str) else dict(connector)
     if vision_feature_select_strategy not in ("default", "full"):
         raise ConfigError(
@@ -86,6 +91,10 @@ def build_vlm(
         llm, dtype=dtype, quantization_config=llm_quantization_config, attn_implementation=attn_implementation
     )
     image_token_id = add_image_token(tokenizer, language_model)
+    if system_prompt is not None:
+        if not tokenizer.chat_template:
+            raise ConfigError("system_prompt needs an LLM with a chat template; this tokenizer has none")
+        tokenizer.chat_template = system_prompt_template(tokenizer.chat_template, system_prompt)
 
     vision_config = vision_tower.config
     text_config = language_model.config

@@ -104,6 +104,8 @@ class ModelSection(StrictSection):
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None
+    # The system turn of conversations that bring none; null keeps the LLM template's default.
+    system_prompt: str | None = None
 
     @model_validator(mode="after")
     def _connector_has_type(self) -> ModelSection:
@@ -134,6 +136,7 @@ class DataSection(StrictSection):
     on_bad_sample: Literal["skip", "error"] = "skip"
     allow_images_outside_root: bool = False
     max_train_samples: int | None = Field(default=None, ge=1)
+    max_val_samples: int | None = Field(default=None, ge=1)  # the first N of val_file (the end-of-run loss)
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
     packing: bool = True  # several samples per row instead of padding, no cross-sample attention

@@ -10,6 +10,7 @@ earlier turns) cannot be masked reliably, and raises `ChatTemplateError` rather 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -47,6 +48,21 @@ def multimodal_chat_template(text_template: str, image_token: str = "<image>") -
     if text_template.startswith(MULTIMODAL_TEMPLATE_PREFIX[:40]):
         return text_template
     return MULTIMODAL_TEMPLATE_PREFIX.replace("__IMAGE__", image_token) + text_template
+
+
+def system_prompt_template(text_template: str, system_prompt: str) -> str:
+    """Wrap an LLM chat template so a conversation without a system turn gets `system_prompt`.
+
+    Kept in the template (not in Python) so training, `vlkit chat`, `vlkit eval` and stock
+    `transformers` loading an export all render the same prompt.
+    """
+    literal = json.dumps(system_prompt)  # a JSON string is a valid Jinja string literal
+    prefix = (
+        "{%- if messages and messages[0]['role'] != 'system' -%}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
+        "{%- endif -%}"
+    )
+    return prefix + text_template
 
 
 def content_to_text(content: str | list[dict[str, Any]], image_token: str = "<image>") -> str:

@@ -95,6 +95,7 @@ def load_unquantized(source: ExportSource, dtype: torch.dtype):
         connector=spec["connector"],
         vision_feature_layer=spec["vision_feature_layer"],
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
+        system_prompt=spec.get("system_prompt"),  # absent in runs made before it existed
         dtype=dtype,
     )
     # Same LoRA layout as training (the adapter names match), without the 4-bit preparation.

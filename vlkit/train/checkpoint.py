@@ -94,8 +94,10 @@ def content_hash(source: str) -> str | None:
 
 
 # --- manifests ------------------------------------------------------------------------------------------
-def build_manifest(recipe, model, bases: dict[str, str], history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything needed to rebuild the model from its bases."""
+def build_manifest(
+    recipe, model, bases: dict[str, str], history: list[dict[str, Any]], system_prompt: str | None = None
+) -> dict[str, Any]:
+    """Everything needed to rebuild the model from its bases (system_prompt: the one build_vlm used)."""
     config = model.config
     return {
         "format": RUN_FORMAT,
@@ -107,6 +109,7 @@ def build_manifest(recipe, model, bases: dict[str, str], history: list[dict[str,
             "vision_feature_select_strategy": config.vision_feature_select_strategy,
             "dtype": recipe.model.dtype,
             "image_seq_length": config.image_seq_length,
+            "system_prompt": system_prompt,
         },
         "tune": recipe.tune.model_dump(mode="json"),
         "stages": [*history, {"stage": recipe.stage, "output_dir": recipe.output_dir, "tune": recipe.tune.llm}],
@@ -195,6 +198,7 @@ def load_run(folder: str | Path, device: str | None = None):
         connector=spec["connector"],
         vision_feature_layer=spec["vision_feature_layer"],
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
+        system_prompt=spec.get("system_prompt"),  # absent in runs made before it existed
         dtype=dtype,
         llm_quantization_config=quantization,
     )

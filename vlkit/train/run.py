@@ -137,6 +137,11 @@ def resolve_resume(recipe: VlmRecipe) -> str | None:
     return None
 
 
+def model_spec(plan: Plan) -> dict[str, Any]:
+    """How the model is built: the parent run's choices when continuing one, else this recipe's."""
+    return plan.parent["model"] if plan.parent else plan.recipe.model.model_dump()
+
+
 def build_model(plan: Plan):
     """(model, processor) for the stage: from the bases, or continuing `init_from`."""
     from transformers import BitsAndBytesConfig
@@ -152,12 +157,13 @@ def build_model(plan: Plan):
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
-    spec = plan.parent["model"] if plan.parent else recipe.model.model_dump()
+    spec = model_spec(plan)
     model, processor = build_vlm(
         vision=plan.vision, llm=plan.llm, connector=plan.connector,
         vision_feature_layer=spec["vision_feature_layer"],
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
         dtype=dtype, llm_quantization_config=quantization, attn_implementation=recipe.model.attn_implementation,
+        system_prompt=spec.get("system_prompt"),
     )
     if plan.parent:
         check_bases_unchanged(plan.parent, f"run {recipe.init_from}")
@@ -215,10 +221,12 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         val_set = ConversationDataset.from_file(
             data.path(data.val_file), processor, data.image_root_path(), format=data.format, **dataset_options
         )
+        if data.max_val_samples:
+            val_set.samples = val_set.samples.select(range(min(data.max_val_samples, len(val_set.samples))))
 
     bases = {"vision": plan.vision, "llm": plan.llm}
     history = plan.parent["stages"] if plan.parent else []
-    manifest = build_manifest(recipe, model, bases, history)
+    manifest = build_manifest(recipe, model, bases, history, system_prompt=model_spec(plan).get("system_prompt"))
     train = recipe.train
     has_eval = val_set is not None and train.eval_steps is not None
     args = TrainingArguments(
@@ -290,6 +298,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
             "epochs": trainer.state.epoch,
             "samples": trainer.state.global_step * train.batch_size * train.gradient_accumulation_steps * args.world_size,
             "train_samples_available": len(train_set),
+            "val_samples": len(val_set) if val_set is not None else 0,
             "skipped_samples": train_set.num_skipped,
             "skipped_by_reason": train_set.skipped,
             "skipped_ids": train_set.skipped_ids,
