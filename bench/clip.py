@@ -39,6 +39,8 @@ from common import (
     verdict,
 )
 
+from vlkit.cli import quiet_library_noise
+
 GOAL = 1.0
 # recipes/tiny/clip.yaml's model and loss, used when that file is absent.
 TINY_CLIP = {
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    quiet_library_noise()  # load reports and optional-kernel notices need no action here
     if args.toy:
         args.rounds, args.batch_size, args.batches = 1, min(args.batch_size, 8), 2
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,6 +36,8 @@ from common import (
 )
 from parts import default_vision
 
+from vlkit.cli import quiet_library_noise
+
 GOAL = 1.0
 QUESTIONS = ["Describe the image.", "What colours do you see?", "Is there a person?", "What is in the centre?"]
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    quiet_library_noise()  # load reports and optional-kernel notices need no action here
     if args.toy:
         args.rounds, args.new_tokens = 1, min(args.new_tokens, 8)
     n = args.new_tokens

@@ -39,6 +39,8 @@ from common import (
 )
 from parts import llava_twin, lora_on_llava, train_step_flops
 
+from vlkit.cli import quiet_library_noise
+
 MFU_GOAL = 0.45
 IMAGE_TOKEN_ID = 32000
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    quiet_library_noise()  # load reports and optional-kernel notices need no action here
     from vlkit.config import TuneSection
     from vlkit.data import VlkitCollator
     from vlkit.train.stages import apply_adapters, set_trainable

@@ -20,7 +20,7 @@ TINY_CLIP = [
 @pytest.mark.slow
 def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     size = DemoSize(
-        n_train=32, n_eval=6, eval_images=4, llm=tiny_llm_dir, batch_size=4,
+        n_train=32, n_eval=6, eval_images=4, llm=tiny_llm_dir, batch_size=4, val_samples=3, budget_minutes=600,
         clip=["train.epochs=1", *TINY_CLIP], align=["train.max_steps=2"], instruct=["train.max_steps=2"],
     )
     out = tmp_path / "demo"
@@ -30,6 +30,9 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     for stage in ("clip", "align", "instruct"):
         assert (out / stage / "run_summary.json").is_file()
         assert f"{stage}/loss.png" in text
+    for stage in ("align", "instruct"):
+        assert json.loads((out / stage / "run_summary.json").read_text())["val_samples"] == 3
+    assert "(budget 600 min: met)" in text
     for split in ("test", "test_heldout"):
         by_type = figures["vqa"][split]["by_type"]
         assert by_type and all(0.0 <= row["accuracy"] <= 1.0 and "no_image_accuracy" in row for row in by_type.values())
@@ -42,3 +45,17 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     saved = json.loads((out / "figures.json").read_text())
     assert saved["timings"]["all stages"] > 0
     assert Path(figures["export"]["dir"]).is_dir()
+
+
+def test_a_finished_stage_is_reused_only_with_the_same_recipe(tmp_path):
+    from vlkit.config import dump_recipe
+    from vlkit.demo import reusable, stage_recipe
+
+    run_dir = tmp_path / "align"
+    recipe = stage_recipe("align.yaml", run_dir, ["train.max_steps=3"])
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    assert not reusable(run_dir, recipe)  # no run_summary.json: the run did not finish
+    (run_dir / "run_summary.json").write_text("{}")
+    assert reusable(run_dir, recipe)
+    assert not reusable(run_dir, stage_recipe("align.yaml", run_dir, ["train.max_steps=4"]))

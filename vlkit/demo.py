@@ -11,8 +11,8 @@
 6. write runs/demo/report.md with the figures and plots.
 
 Every stage goes through the same recipes and functions as `vlkit train` / `vlkit eval`, with
-overrides for the sizes; `--fast` runs a reduced version. Finished stages are reused when the
-demo is run again (delete runs/demo to start over).
+overrides for the sizes; `--fast` runs a reduced version. A finished stage is reused when the
+demo runs again with the same recipe and sizes (delete runs/demo to start over).
 """
 
 from __future__ import annotations
@@ -41,14 +41,16 @@ class DemoSize:
     instruct: list[str]
     llm: str = "smollm2-135m-instruct"
     batch_size: int | None = None  # None: the recipes' own
+    val_samples: int = 32  # per LLM stage: its end-of-run val loss (the demo scores VQA separately)
+    budget_minutes: float | None = None  # the wall-time goal this size is meant to fit
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
 SIZES = {
     # SmolLM2 trains at roughly 1 sample/s on 2 cores, so the LLM stages see a few hundred samples.
-    "full": DemoSize(n_train=4000, n_eval=200, eval_images=50,
+    "full": DemoSize(n_train=10000, n_eval=200, eval_images=50, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
-    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8,
+    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5,
                      clip=["train.epochs=2"], align=["train.max_steps=6"], instruct=["train.max_steps=6"]),
 }
 
@@ -57,15 +59,23 @@ def log(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def finished(run_dir: Path) -> bool:
-    return (run_dir / "run_summary.json").is_file()
-
-
-def run_stage(recipe_name: str, out: Path, overrides: list[str]) -> Path:
+def stage_recipe(recipe_name: str, out: Path, overrides: list[str]):
+    """The shipped recipe with the demo's overrides, resolved and validated."""
     from vlkit.config import load_recipe
 
     replace = [] if recipe_name == "clip.yaml" else ["overwrite=true"]  # an unfinished stage starts over
-    recipe = load_recipe(RECIPES / recipe_name, [f"output_dir={out}", *replace, *overrides])
+    return load_recipe(RECIPES / recipe_name, [f"output_dir={out}", *replace, *overrides])
+
+
+def reusable(run_dir: Path, recipe) -> bool:
+    """A finished run of exactly this recipe: a changed recipe or size trains the stage again."""
+    from vlkit.config import dump_recipe
+
+    saved = run_dir / "recipe.yaml"
+    return (run_dir / "run_summary.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
+
+
+def train_stage(recipe) -> Path:
     if recipe.stage == "clip":
         from vlkit.clip.train import train_clip
 
@@ -90,21 +100,25 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     figures["timings"]["data"] = round(time.time() - started, 1)
 
     data = [f"data.dir={data_dir}"]
+    val = [f"data.max_val_samples={size.val_samples}"]
     batch = [f"train.batch_size={size.batch_size}"] if size.batch_size else []
     stages = [
         ("clip", "clip.yaml", [*data, *size.clip, *size.extra.get("clip", [])]),
         ("align", "align.yaml", [*data, f"model.vision={out / 'clip'}", f"model.llm={size.llm}",
-                                 *batch, "train.report_to=[]",
+                                 *batch, *val, "train.report_to=[]",
                                  *size.align, *size.extra.get("align", [])]),
-        ("instruct", "instruct.yaml", [*data, f"init_from={out / 'align'}", *batch, "train.report_to=[]", *size.instruct, *size.extra.get("instruct", [])]),
+        ("instruct", "instruct.yaml", [*data, f"init_from={out / 'align'}", *batch, *val, "train.report_to=[]", *size.instruct, *size.extra.get("instruct", [])]),
     ]
-    for name, recipe, overrides in stages:
+    upstream_trained = False  # a retrained stage invalidates the stages built on it
+    for name, recipe_name, overrides in stages:
         stage_started = time.time()
-        if finished(out / name):
-            log(f"stage {name}: reusing {out / name}")
+        recipe = stage_recipe(recipe_name, out / name, overrides)
+        if not upstream_trained and reusable(out / name, recipe):
+            log(f"stage {name}: reusing {out / name} (same recipe)")
         else:
-            log(f"stage {name}: vlkit train recipes/tiny/{recipe} {' '.join(overrides)}")
-            run_stage(recipe, out / name, overrides)
+            log(f"stage {name}: vlkit train recipes/tiny/{recipe_name} {' '.join(overrides)}")
+            train_stage(recipe)
+            upstream_trained = True
         summary = json.loads((out / name / "run_summary.json").read_text())
         # The stage's own wall time, so a reused stage still reports what it cost.
         figures["timings"][name] = summary.get("wall_time_s", round(time.time() - stage_started, 1))
@@ -119,6 +133,7 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     figures["timings"]["export"] = round(time.time() - stage_started, 1)
     figures["timings"]["this run"] = round(time.time() - started, 1)
     figures["timings"]["all stages"] = round(sum(v for k, v in figures["timings"].items() if k != "this run"), 1)
+    figures["budget_minutes"] = size.budget_minutes
     return figures
 
 

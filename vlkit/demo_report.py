@@ -33,8 +33,17 @@ def summary_table(figures: dict[str, Any]) -> str:
     clip_test = figures["clip_eval"]["test"].get("zero_shot", {})
     clip_heldout = figures["clip_eval"]["test_heldout"].get("zero_shot", {})
     lines.append(f"CLIP zero-shot top-1: test {_fmt(clip_test.get('top1'))}, test_heldout {_fmt(clip_heldout.get('top1'))}")
-    lines.append(f"export format: {figures['export']['format']}; time {figures['timings']['all stages']:.0f} s in all stages")
+    lines.append(f"export format: {figures['export']['format']}; all stages {time_verdict(figures)}")
     return "\n".join(lines)
+
+
+def time_verdict(figures: dict[str, Any]) -> str:
+    """All stages' wall time against the size's budget, e.g. '17.3 min (budget 20 min: met)'."""
+    minutes = figures["timings"]["all stages"] / 60
+    budget = figures.get("budget_minutes")
+    if not budget:
+        return f"{minutes:.1f} min"
+    return f"{minutes:.1f} min (budget {budget:g} min: {'met' if minutes <= budget else 'NOT met'})"
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -54,6 +63,8 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
         "| " + " | ".join(timings) + " |",
         "|" + "---:|" * len(timings),
         "| " + " | ".join(f"{v:.0f}" for v in timings.values()) + " |",
+        "",
+        f"All stages: {time_verdict(figures)}. Reused stages count with the time they took when they ran.",
         "",
         "## VQA accuracy (exact match; descriptions: same colour+shape pairs)",
         "",
