@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from vlkit.errors import VlkitError
 
@@ -85,6 +86,8 @@ def quiet_library_noise() -> None:
     # bitsandbytes warns on import that it cannot fetch an optional CPU kernel from a hub.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()

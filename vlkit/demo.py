@@ -47,11 +47,11 @@ class DemoSize:
 
 
 SIZES = {
-    # SmolLM2 trains at roughly 1 sample/s on 2 cores, so the LLM stages see a few hundred samples.
+    # On 2 idle cores SmolLM2 trains ~3 captions or ~1.7 conversations per second: the LLM stages see ~500 each.
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=50, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
     "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5,
-                     clip=["train.epochs=2"], align=["train.max_steps=6"], instruct=["train.max_steps=6"]),
+                     clip=["train.max_steps=150"], align=["train.max_steps=10"], instruct=["train.max_steps=12"]),
 }
 
 
@@ -172,8 +172,8 @@ def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     from vlkit.export import export_run
     from vlkit.loading import load_any
 
-    log("export: vlkit export runs/demo/instruct -> runs/demo/export, then reload it")
     export_dir = out / "export"
+    log(f"export: vlkit export {out / 'instruct'} {export_dir}, then reload it")
     export_format = export_run(out / "instruct", export_dir, format="auto", overwrite=True)
     loaded = load_any(str(export_dir))
     heldout = json.loads((data_dir / "instruct_test_heldout.json").read_text())[:3]
