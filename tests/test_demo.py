@@ -59,3 +59,19 @@ def test_a_finished_stage_is_reused_only_with_the_same_recipe(tmp_path):
     (run_dir / "run_summary.json").write_text("{}")
     assert reusable(run_dir, recipe)
     assert not reusable(run_dir, stage_recipe("align.yaml", run_dir, ["train.max_steps=4"]))
+
+
+def test_the_report_names_every_missed_goal():
+    from vlkit.demo_report import shortfalls
+
+    def row(accuracy, baseline):
+        return {"accuracy": accuracy, "no_image_accuracy": baseline}
+
+    figures = {"vqa": {
+        "test": {"by_type": {"colour": row(0.95, 0.1), "count": row(0.5, 0.6), "existence": row(0.9, 0.5)}},
+        "test_heldout": {"by_type": {}},
+    }}
+    assert shortfalls(figures) == ["Targets missed on test: count 0.500 < 0.75.",
+                                   "Not above the no-image baseline: count 0.500 <= 0.600."]
+    figures["vqa"]["test"]["by_type"]["count"] = row(0.8, 0.6)
+    assert shortfalls(figures) == []

@@ -34,7 +34,26 @@ def summary_table(figures: dict[str, Any]) -> str:
     clip_heldout = figures["clip_eval"]["test_heldout"].get("zero_shot", {})
     lines.append(f"CLIP zero-shot top-1: test {_fmt(clip_test.get('top1'))}, test_heldout {_fmt(clip_heldout.get('top1'))}")
     lines.append(f"export format: {figures['export']['format']}; all stages {time_verdict(figures)}")
+    lines += shortfalls(figures)
     return "\n".join(lines)
+
+
+def shortfalls(figures: dict[str, Any]) -> list[str]:
+    """One line per goal the run missed: targets on test, and the no-image baseline on every type."""
+    missed_targets, not_above_baseline = [], []
+    for qtype, test, _ in vqa_rows(figures):
+        accuracy, baseline = test.get("accuracy"), test.get("no_image_accuracy")
+        target = TARGETS.get(qtype)
+        if target is not None and (accuracy or 0) < target:
+            missed_targets.append(f"{qtype} {_fmt(accuracy)} < {target:g}")
+        if accuracy is not None and baseline is not None and accuracy <= baseline:
+            not_above_baseline.append(f"{qtype} {_fmt(accuracy)} <= {_fmt(baseline)}")
+    lines = []
+    if missed_targets:
+        lines.append("Targets missed on test: " + "; ".join(missed_targets) + ".")
+    if not_above_baseline:
+        lines.append("Not above the no-image baseline: " + "; ".join(not_above_baseline) + ".")
+    return lines
 
 
 def time_verdict(figures: dict[str, Any]) -> str:
@@ -76,6 +95,8 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
         met = "-" if target is None else ("yes" if test.get("accuracy", 0) >= target else "**no**")
         parts.append(f"| {qtype} | {_fmt(test.get('accuracy'))} | {_fmt(test.get('no_image_accuracy'))} | "
                      f"{_fmt(heldout.get('accuracy'))} | {_fmt(target) if target else '-'} | {met} |")
+    missed = shortfalls(figures)
+    parts += ["", *(missed or ["Every target is met and every type is above the no-image baseline."])]
     parts += ["", f"![accuracy by type, test]({_rel(out / 'eval/vqa_test/eval.png', out)})",
               f"![accuracy by type, test_heldout]({_rel(out / 'eval/vqa_test_heldout/eval.png', out)})", ""]
 
