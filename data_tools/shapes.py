@@ -7,7 +7,8 @@ Each image shows 1-3 coloured shapes (one of 5 positions, small or large) on a t
 background with sensor noise. OUT_DIR is the image root of every file written:
 
     images/{split}_{i:06d}.png
-    clip_{split}.jsonl       {"id", "image", "caption", "label" (single-shape images) | null, "labels"}
+    clip_{split}.jsonl       {"id", "image", "caption", "objects", "label" (single-shape images) | null, "labels"}
+                             ("objects": a caption naming only colour and shape, "a red circle and a blue star")
     align_{split}.json       LLaVA format, one caption turn per image
     instruct_{split}.json    LLaVA format, multi-turn Q&A; "qa" holds each answer's type and exact answer
     zeroshot_labels.json     {"classes", "templates", "heldout_classes"}
@@ -267,6 +268,13 @@ def canonical_description(scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def objects_caption(scene: Scene) -> str:
+    """Only what each shape is: in a contrastive batch, position, size and background already tell most
+    images apart, so captions that name them let a tower skip learning shapes."""
+    parts = [f"{_article(label)} {label}" for label in scene.labels]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def varied_caption(rng: np.random.Generator, scene: Scene) -> str:
     """A caption with varied wording (synonyms, order, optional size and background)."""
     order = list(rng.permutation(len(scene.shapes)))
@@ -352,6 +360,7 @@ def make_example(world: World, split: str, index: int, out_dir: str | None) -> d
         "id": sample_id,
         "image": rel_path,
         "caption": varied_caption(rng, scene),
+        "objects": objects_caption(scene),
         "label": scene.labels[0] if single else None,
         "labels": scene.labels,
     }
