@@ -108,6 +108,7 @@ def training_arguments(recipe: ClipRecipe, checkpoint_dir: Path) -> TrainingArgu
         save_steps=train.save_steps or 500,
         report_to=train.report_to or "none",
         dataloader_num_workers=train.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
         dataloader_persistent_workers=train.num_workers > 0,
         dataloader_drop_last=True,  # every rank must gather equally sized feature blocks
         remove_unused_columns=False,

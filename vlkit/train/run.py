@@ -252,6 +252,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         bf16=train.bf16,
         gradient_checkpointing=train.gradient_checkpointing,
         dataloader_num_workers=train.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
         remove_unused_columns=False,
         report_to=train.report_to,
         save_only_model=False,
