@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -298,8 +299,14 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[fdspa
     """
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
-    process = subprocess.Popen(["setsid", "--ctty", *argv], stdin=slave, stdout=slave, stderr=slave,
-                               cwd=cwd, env=env, close_fds=True)
+    # Start it with SIGINT ignored, as a test runner launched in the background passes it on: the REPL
+    # must still stop a reply on Ctrl-C (it did not, in such a run).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = subprocess.Popen(["setsid", "--ctty", *argv], stdin=slave, stdout=slave, stderr=slave,
+                                   cwd=cwd, env=env, close_fds=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     os.close(slave)
     return fdspawn(master, encoding="utf-8", timeout=120), process
 

@@ -12,6 +12,7 @@ context fitting), `stream` (threaded generation that Ctrl-C stops), `commands` (
 
 from __future__ import annotations
 
+import signal
 import sys
 
 __all__ = ["run"]
@@ -53,5 +54,9 @@ def run(args) -> int:
     if one_shot_mode:
         return one_shot(driver, args.prompt)
     if is_interactive:
+        # Ctrl-C is how a reply is stopped. A process started in the background by a shell script,
+        # or by a tool that ignores SIGINT, inherits it ignored; at a terminal, take it back.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return interactive(driver, vlkit_home() / "chat_history")
     return lines(driver, sys.stdin)
