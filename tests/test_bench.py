@@ -56,3 +56,15 @@ def test_gpu_bench_at_toy_size(docs):
     for variant in ("vlkit", "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
     assert "instruct MFU (vlkit)" in out and "toy, torch.float32" in out
+
+
+def test_connector_bakeoff_at_toy_size(tiny_llm_dir, tiny_vision_dir, shapes_dir, tmp_path):
+    page = tmp_path / "connectors.md"
+    run_bench("connectors.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=page)
+    text = page.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| connector")}
+    # The tiny tower has 4x4 patches: one token per patch, 2x2 folded, and half as many queries/latents.
+    assert rows == {"linear": "16", "mlp": "16", "pixel_shuffle": "4", "qformer": "8", "resampler": "8"}
+    assert "Best mean accuracy:" in text and "Machine: " in text
+    assert page.with_suffix(".png").stat().st_size > 0
