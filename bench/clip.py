@@ -29,17 +29,15 @@ from pathlib import Path
 import torch
 import yaml
 from common import (
-    DOCS,
     REPO,
-    append_section,
-    command_line,
+    add_run_options,
     interleaved,
     markdown_table,
     median_ratio,
+    publish,
+    start,
     verdict,
 )
-
-from vlkit.cli import quiet_library_noise
 
 GOAL = 1.0
 # recipes/tiny/clip.yaml's model and loss, used when that file is absent.
@@ -153,12 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--toy", action="store_true", help="quick settings for tests")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
-    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
-    parser.add_argument("--no-append", action="store_true")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_library_noise()  # load reports and optional-kernel notices need no action here
+    start(args)
     if args.toy:
         args.rounds, args.batch_size, args.batches = 1, min(args.batch_size, 8), 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"- CLIP stage, with data: {verdict(ratios['with data'], GOAL)}",
              f"- model step alone (same tensors): {ratios['model only']:.2f}x"]
     body = f"{sides.sources}; {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)
-    print(body)
-    if not args.no_append:
-        append_section("CLIP stage: vlkit vs plain CLIPModel loop", body, command_line(), Path(args.out))
+    publish("CLIP stage: vlkit vs plain CLIPModel loop", body, args)
     return 0
 
 

@@ -146,5 +146,27 @@ def append_section(title: str, body: str, command: str, path: Path = DOCS) -> No
         file.write(text)
 
 
+def add_run_options(parser) -> None:
+    """The options every side-by-side benchmark shares: threads, where its section goes."""
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
+    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append a section")
+
+
+def start(args) -> None:
+    """Apply the shared options before any model loads."""
+    from vlkit.cli import quiet_library_noise
+
+    torch.set_num_threads(args.threads)
+    quiet_library_noise()  # load reports and optional-kernel notices need no action here
+
+
+def publish(title: str, body: str, args) -> None:
+    """Print the benchmark's table and goal lines; append them as a dated section unless --no-append."""
+    print(body)
+    if not args.no_append:
+        append_section(title, body, command_line(), Path(args.out))
+
+
 def command_line() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])

@@ -26,17 +26,15 @@ from pathlib import Path
 
 import torch
 from common import (
-    DOCS,
-    append_section,
-    command_line,
+    add_run_options,
     interleaved,
     markdown_table,
     median_ratio,
+    publish,
+    start,
     verdict,
 )
 from parts import default_vision
-
-from vlkit.cli import quiet_library_noise
 
 GOAL = 1.0
 QUESTIONS = ["Describe the image.", "What colours do you see?", "Is there a person?", "What is in the centre?"]
@@ -118,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--toy", action="store_true", help="quick settings for tests (2 rounds, 8 tokens)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
-    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
-    parser.add_argument("--no-append", action="store_true")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_library_noise()  # load reports and optional-kernel notices need no action here
+    start(args)
     if args.toy:
         args.rounds, args.new_tokens = 1, min(args.new_tokens, 8)
     n = args.new_tokens
@@ -170,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- greedy outputs identical (1 and 4 prompts, {n} tokens): {'yes' if same else 'NO'}",
     ]
     body = f"{sides.sources}; {n} new tokens, greedy, KV cache, {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)
-    print(body)
-    if not args.no_append:
-        append_section("Generation: vlkit vs stock Llava on the export", body, command_line(), Path(args.out))
+    publish("Generation: vlkit vs stock Llava on the export", body, args)
     return 0
 
 

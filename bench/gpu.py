@@ -24,22 +24,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 from common import (
-    DOCS,
-    append_section,
-    command_line,
+    add_run_options,
     interleaved,
     markdown_table,
     matmul_peak,
     median_ratio,
+    publish,
+    start,
     verdict,
 )
 from parts import llava_twin, lora_on_llava, train_step_flops
-
-from vlkit.cli import quiet_library_noise
 
 MFU_GOAL = 0.45
 IMAGE_TOKEN_ID = 32000
@@ -110,12 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", default="vlkit,llava-frozen,llava-plain")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
-    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
-    parser.add_argument("--no-append", action="store_true")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_library_noise()  # load reports and optional-kernel notices need no action here
+    start(args)
     from vlkit.config import TuneSection
     from vlkit.data import VlkitCollator
     from vlkit.train.stages import apply_adapters, set_trainable
@@ -194,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if reference:
         lines.append(f"- instruct MFU (vlkit): {verdict(100 * flops / statistics.median(reference) / peak, 100 * MFU_GOAL, '%')}")
     body = "\n".join([lines[0], "", table, "", *lines[1:]])
-    print(body)
-    if not args.no_append:
-        append_section(f"GPU instruct step ({size}): vlkit vs stock Llava", body, command_line(), Path(args.out))
+    publish(f"GPU instruct step ({size}): vlkit vs stock Llava", body, args)
     return 0
 
 

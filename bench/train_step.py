@@ -32,19 +32,17 @@ from pathlib import Path
 
 import torch
 from common import (
-    DOCS,
     REPO,
-    append_section,
-    command_line,
+    add_run_options,
     interleaved,
     markdown_table,
     matmul_peak,
     median_ratio,
+    publish,
+    start,
     verdict,
 )
 from parts import default_vision, first_samples, llava_twin, lora_on_llava, shapes_data, train_step_flops
-
-from vlkit.cli import quiet_library_noise
 
 GOALS = {"align": 2.0, "instruct": 1.3}
 MFU_GOAL = 0.50
@@ -182,12 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stages", default="align,instruct")
     parser.add_argument("--toy", action="store_true", help="quick settings for tests (1 round)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see bench/common.py)")
-    parser.add_argument("--out", default=str(DOCS), help="the markdown file a section is appended to")
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to docs/performance.md")
+    add_run_options(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    quiet_library_noise()  # load reports and optional-kernel notices need no action here
+    start(args)
     if args.toy:
         args.rounds = 1
     torch.manual_seed(0)
@@ -222,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{facts['supervised']} labelled; GFLOP/step: {parts}; matmul peak {peak / 1e9:.1f} GFLOP/s)")
     table = markdown_table(["stage", "variant", "s/step", "steps/s", "vlkit speed-up", "MFU", "peak RSS MiB"], rows)
     body = f"{bench.sources}, {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)
-    print(body)
-    if not args.no_append:
-        append_section("Training step: vlkit vs stock Llava", body, command_line(), Path(args.out))
+    publish("Training step: vlkit vs stock Llava", body, args)
     return 0
 
 
