@@ -165,20 +165,17 @@ def render(rows: list[dict], args, llm_label: str, vision: str, wall_s: float, p
     ])
 
 
-def vision_note(vision: str) -> str:
-    try:
-        config = json.loads((Path(vision) / "config.json").read_text())
-        config = config.get("vision_config", config)
-        side = config["image_size"] // config["patch_size"]
-        return f"{config['image_size']} px, {config['patch_size']} px patches: {side * side} patches"
-    except (OSError, KeyError, ValueError):
-        return "config unreadable"
-
-
-def patches_per_side(vision: str) -> int:
+def tower_grid(vision: str) -> tuple[int, int]:
+    """(image size, patch size) of a vision folder or CLIP folder."""
     config = json.loads((Path(vision) / "config.json").read_text())
     config = config.get("vision_config", config)
-    return config["image_size"] // config["patch_size"]
+    return config["image_size"], config["patch_size"]
+
+
+def vision_note(vision: str) -> str:
+    image_size, patch_size = tower_grid(vision)
+    side = image_size // patch_size
+    return f"{image_size} px, {patch_size} px patches: {side * side} patches"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         vision = args.vision or default_vision(workdir)
         data = shapes_data(workdir, 32, args.data)
         llm, llm_label = args.llm, f"`{args.llm}`"
-        configs = connector_configs(patches_per_side(vision), args.toy)
+        image_size, patch_size = tower_grid(vision)
+        configs = connector_configs(image_size // patch_size, args.toy)
         rows = []
         for name in args.connectors.split(","):
             print(f"\n=== {name}: align {args.align_steps} steps, instruct {args.instruct_steps} steps", flush=True)
