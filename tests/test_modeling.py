@@ -136,7 +136,7 @@ def test_logits_at_labels_only_matches_the_full_loss_and_gradients(tiny_vlm):
     ])
 
     def loss_and_grads(fast: bool, **kwargs):
-        model.config.logits_at_labels_only = fast
+        model.logits_at_labels_only = fast
         model.zero_grad()
         loss = model(**batch, **kwargs).loss
         loss.backward()
@@ -150,8 +150,64 @@ def test_logits_at_labels_only_matches_the_full_loss_and_gradients(tiny_vlm):
             for a, b in zip(full_grads, fast_grads):
                 assert torch.allclose(a, b, atol=1e-6)
     finally:
-        model.config.logits_at_labels_only = True
+        model.logits_at_labels_only = False
         model.zero_grad()
+
+
+def vlm_on(text_config) -> VlkitForConditionalGeneration:
+    """A random VLM around any causal LM config (tiny CLIP tower, mlp connector)."""
+    from conftest import tiny_clip_vision_config
+
+    from vlkit import VlkitConfig
+
+    torch.manual_seed(3)
+    config = VlkitConfig(vision_config=tiny_clip_vision_config(), text_config=text_config,
+                         image_token_id=text_config.vocab_size - 1, image_seq_length=16)
+    return VlkitForConditionalGeneration(config)
+
+
+TINY_LLM = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("llm, after_the_head, labels_only", [
+    ("llama", {}, True),
+    ("gemma2", {"final_logit_softcapping": 30.0}, False),  # soft-caps its logits
+    ("gemma2", {"final_logit_softcapping": None}, True),
+    ("cohere", {"logit_scale": 0.0625}, False),  # scales its logits
+    ("cohere", {"logit_scale": 1.0}, True),
+])
+def test_labels_only_logits_are_used_only_where_they_give_the_llms_own_loss(llm, after_the_head, labels_only):
+    from transformers import CONFIG_MAPPING
+
+    model = vlm_on(CONFIG_MAPPING[llm](**TINY_LLM, **after_the_head))
+    assert model.logits_at_labels_only is False  # off until training asks for it
+    assert model.use_loss_at_labels() is labels_only
+    assert model.logits_at_labels_only is labels_only
+    # Whatever the probe chose, the training loss is the LLM's own.
+    input_ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    own = model.language_model(input_ids=input_ids, labels=labels).loss
+    assert torch.allclose(model(input_ids=input_ids, labels=labels).loss, own, atol=1e-5)
+
+
+def test_the_labels_only_switch_stays_out_of_saved_configs(tiny_vlm, tmp_path):
+    import json
+
+    model, _ = tiny_vlm
+    assert model.use_loss_at_labels()
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.logits_at_labels_only = False
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "logits_at_labels_only" not in json.dumps(saved)
+    # Folders written by earlier vlkit versions carried it in config.json; they still load, without it.
+    saved["logits_at_labels_only"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert reloaded.logits_at_labels_only is False and not hasattr(reloaded.config, "logits_at_labels_only")
 
 
 def test_rebuilding_gives_identical_models(tiny_vision_dir, tiny_llm_dir):

@@ -18,6 +18,7 @@ from conftest import random_image
 from train_helpers import REPO, align_recipe, write_recipe
 
 from vlkit import build_vlm
+from vlkit.compat import set_attention_implementation
 from vlkit.config import TuneSection, load_recipe
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.packing import pack_rows, packing_supported
@@ -48,6 +49,7 @@ def vlm(tiny_vision_dir, tiny_llm_dir):
     torch.manual_seed(7)
     model, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2})
     set_trainable(model, TuneSection())
+    assert model.use_loss_at_labels()  # as training does
     return model, processor
 
 
@@ -214,7 +216,7 @@ def test_pack_rows_first_fit_decreasing():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, attn):
     model, processor = vlm
-    model.language_model.config._attn_implementation = attn
+    set_attention_implementation(model.language_model.config, attn)
     apply_adapters(model, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
     set_trainable(model, TuneSection(llm="lora"))
     with torch.no_grad():
@@ -238,7 +240,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, 
     assert_same(loss_and_grads(model, padded, num_items_in_batch=count),
                 loss_and_grads(model, packed, num_items_in_batch=count), atol=1e-5)
     # Every sample's logits are the same wherever it sits: alone, padded into a batch, or packed.
-    model.config.logits_at_labels_only = False
+    model.logits_at_labels_only = False
     try:
         assert_same(reference, loss_and_grads(model, packed), atol=1e-5)  # the full-logits path too
         with torch.no_grad():
@@ -252,7 +254,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, 
                 segments = [packed_logits[r, c : c + n] for r, c in starts]
                 assert any(s.shape == alone.shape and torch.allclose(alone, s, atol=1e-5) for s in segments)
     finally:
-        model.config.logits_at_labels_only = True
+        model.logits_at_labels_only = True
 
 
 def test_packing_support_is_checked(vlm):

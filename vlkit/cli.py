@@ -88,7 +88,7 @@ def quiet_library_noise() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from transformers.utils import logging as transformers_logging
+    from transformers import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; vlkit shows its own progress

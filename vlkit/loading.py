@@ -262,7 +262,7 @@ class LoadedModel:
             shown = ", ".join(f"{k} {v}" for k, v in options.items() if not isinstance(v, (dict, list)))
             connector_name = config.connector_config["type"] + (f" ({shown})" if shown else "")
         connector_line = f"{connector_name}: {self.image_seq_length} tokens per image, {millions(connector)} params"
-        llm_name = self.notes.get("llm") or getattr(self.text_config, "_name_or_path", "") or self.text_config.model_type
+        llm_name = self.notes.get("llm") or (self.text_config.name_or_path or "") or self.text_config.model_type
         llm_class = type(llm).__name__
         lora = " + LoRA" if any("lora_" in name for name, _ in llm.named_parameters()) else ""
         context = self.context_length

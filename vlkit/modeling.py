@@ -13,11 +13,13 @@ vision hidden states [I, P + N, Dv] (P prefix tokens, N patches); connector outp
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -26,12 +28,13 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.cache_utils import Cache
-from transformers.configuration_utils import SubConfigSpec
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from vlkit.compat import cache_argument, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
+
+logger = logging.getLogger(__name__)
 
 
 class VlkitConfig(PretrainedConfig):
@@ -42,15 +45,12 @@ class VlkitConfig(PretrainedConfig):
         "full" keeps them.
     vision_num_prefix_tokens: how many prefix tokens the tower emits (1 for CLIP, 0 for SigLIP).
     image_seq_length: placeholder tokens per image = connector.num_tokens(patches).
-    logits_at_labels_only: when training (labels given, no cache), apply the LM head only at
-        supervised positions; the loss is the same, the full [B, T, vocab] logits are never built.
     """
 
     model_type = "vlkit"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    # The plain mapping form every transformers 5 release reads; the sub-configs are built below.
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    default_sub_model_types = {"vision_config": "clip_vision_model", "text_config": "llama"}
 
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
@@ -61,10 +61,18 @@ class VlkitConfig(PretrainedConfig):
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     vision_num_prefix_tokens: int = 1
-    logits_at_labels_only: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        for key, default_type in self.default_sub_model_types.items():
+            sub_config = getattr(self, key)
+            if sub_config is None:
+                sub_config = {}
+            if isinstance(sub_config, dict):
+                sub_config = CONFIG_MAPPING[sub_config.get("model_type", default_type)](**sub_config)
+            setattr(self, key, sub_config)
+        # A training switch that older vlkit versions stored here; the model holds it now.
+        kwargs.pop("logits_at_labels_only", None)
         super().__post_init__(**kwargs)
         if self.connector_config is None:
             self.connector_config = {"type": "mlp", "depth": 2}
@@ -73,13 +81,10 @@ class VlkitConfig(PretrainedConfig):
 
 
 @dataclass
-class VlkitCausalLMOutputWithPast(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
+class VlkitCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """The LLM's own output fields (whatever transformers names them), plus the image tokens."""
+
+    image_hidden_states: torch.Tensor | None = None  # [I, M, Dt]: the connector's output
 
 
 class VlkitPreTrainedModel(PreTrainedModel):
@@ -88,7 +93,7 @@ class VlkitPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -120,8 +125,10 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         # Pretrained parts keep their weights: mark them initialised before post_init runs the init pass.
         for pretrained in (vision_tower, language_model):
             if pretrained is not None:
-                for module in pretrained.modules():
-                    module._is_hf_initialized = True
+                mark_pretrained(pretrained)
+        # Training-only: apply the LM head at supervised positions only. Off unless the training code
+        # turns it on with `use_loss_at_labels()`, which first checks that the loss stays the LLM's own.
+        self.logits_at_labels_only = False
         self.post_init()
 
     # --- embeddings: the LLM's ------------------------------------------------------------------
@@ -178,7 +185,6 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -188,7 +194,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
     ) -> VlkitCausalLMOutputWithPast:
         """`vision_features` [I, N, Dv]: the tower's output computed earlier (`get_vision_features`, the
         feature cache of `vlkit.features`, or a chat's earlier turn); given instead of pixel_values, only
-        the connector runs."""
+        the connector runs. The key/value cache travels in `kwargs` to the LLM untouched, under the name
+        the installed transformers gives it."""
+        cache = cache_argument(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -204,31 +212,23 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             else:
                 image_features = self.get_image_features(pixel_values)
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None and past_key_values is None and (input_ids == self.config.image_token_id).any():
+        elif input_ids is not None and cache is None and (input_ids == self.config.image_token_id).any():
             raise ImageTokenMismatchError(
                 "the inputs hold image placeholder tokens but no pixel_values; pass the images too"
             )
-        if labels is not None and past_key_values is None and self.config.logits_at_labels_only:
+        if labels is not None and cache is None and self.logits_at_labels_only:
             loss = self.loss_at_labels(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
             return VlkitCausalLMOutputWithPast(loss=loss, image_hidden_states=image_features)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        return VlkitCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
-        )
+        return VlkitCausalLMOutputWithPast(**outputs, image_hidden_states=image_features)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
@@ -241,11 +241,18 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
 
         Same value as the LLM's own loss: shifted labels, float32 logits, sum / num_items_in_batch when the
         Trainer counts tokens across devices and accumulation steps, else the mean over supervised tokens.
+        Only used once `use_loss_at_labels()` has checked that the LLM does nothing after its head.
         """
         hidden = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
             **kwargs,
         ).last_hidden_state
+        return self.head_loss(hidden, labels, num_items_in_batch)
+
+    def head_loss(
+        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The LM head and cross-entropy at supervised positions: hidden [B, T, Dt], labels [B, T]."""
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != -100
         logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
@@ -253,6 +260,55 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             return torch.nn.functional.cross_entropy(logits, targets[supervised])
         loss = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
         return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+
+    @torch.no_grad()
+    def use_loss_at_labels(self) -> bool:
+        """Turn labels-only logits on when they give this LLM's own loss; returns whether they are on.
+
+        Some LLMs change the logits after the head (Gemma 2 soft-caps them, Cohere scales them), and
+        `head_loss` would silently skip that. A one-time probe feeds the LLM's own forward large hidden
+        states in place of its decoder's output (a forward hook) and compares its loss with `head_loss`
+        on the same states; large, because soft-capping is invisible on a random model's small logits.
+        """
+        self.logits_at_labels_only = False
+        try:
+            same = self._head_loss_matches_the_llm()
+        except Exception as error:  # an LLM without the usual decoder/head split: keep the full forward
+            logger.warning("full logits in training: the labels-only loss probe failed (%s)", error)
+            return False
+        if not same:
+            logger.warning("full logits in training: this LLM changes its logits after the head")
+        self.logits_at_labels_only = same
+        return same
+
+    def _head_loss_matches_the_llm(self) -> bool:
+        language_model, head = self.language_model, self.get_output_embeddings()
+        generator = torch.Generator().manual_seed(0)
+        device, dtype = head.weight.device, self.get_input_embeddings().weight.dtype
+        vocab = self.get_input_embeddings().weight.shape[0]
+        input_ids = torch.randint(0, min(vocab, 1000), (1, 8), generator=generator).to(device)
+        labels = input_ids.clone()
+        labels[0, :3] = -100
+        hidden = torch.randn(1, 8, self.config.text_config.hidden_size, generator=generator).to(device, dtype)
+        hidden = hidden * (20.0 / head(hidden).float().std().clamp(min=1e-6))  # logits of std ~20
+
+        def replace_decoder_output(module, args, output):
+            if isinstance(output, tuple):
+                return (hidden, *output[1:])
+            output.last_hidden_state = hidden
+            return output
+
+        was_training = language_model.training
+        language_model.eval()  # no dropout in the comparison
+        handle = language_model.get_decoder().register_forward_hook(replace_decoder_output)
+        try:
+            own = language_model(input_ids=input_ids, labels=labels, use_cache=False).loss.float()
+        finally:
+            handle.remove()
+            language_model.train(was_training)
+        mine = self.head_loss(hidden, labels).float()
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        return bool((own - mine).abs() <= tolerance * own.abs().clamp(min=1.0))
 
 
 AutoConfig.register(VlkitConfig.model_type, VlkitConfig, exist_ok=True)

@@ -2,10 +2,11 @@
 
 Owns generating the remote-code files at export time from vlkit's own sources, so there is no
 second copy of the model code to keep in step: `vlkit/modeling.py`, `vlkit/processing.py`, the
-errors, the connector registry and the one connector the model uses are copied flat into the
-folder with their `vlkit.*` imports rewritten to relative ones, and vlkit's Auto-class
-registrations dropped (transformers registers remote classes itself). `auto_map` entries in
-config.json and processor_config.json point `trust_remote_code=True` loading at them.
+errors, the transformers compatibility layer, the connector registry and the one connector the
+model uses are copied flat into the folder with their `vlkit.*` imports rewritten to relative
+ones, and vlkit's Auto-class registrations dropped (transformers registers remote classes
+itself). `auto_map` entries in config.json and processor_config.json point
+`trust_remote_code=True` loading at them.
 
 transformers copies remote code by following `from .module import ...` lines within one flat
 folder, hence the flat file names below.
@@ -27,6 +28,8 @@ from vlkit.modeling import VlkitForConditionalGeneration
 # vlkit module -> file (without .py) in the exported folder
 SHIPPED_MODULES: dict[str, str] = {
     "vlkit.errors": "vlkit_errors",
+    "vlkit.feature_maps": "vlkit_feature_maps",
+    "vlkit.compat": "vlkit_compat",
     "vlkit.connectors.base": "vlkit_connector_base",
     "vlkit.connectors.registry": "vlkit_connector_registry",
     "vlkit.modeling": "modeling_vlkit",
@@ -125,7 +128,7 @@ def write_vlkit(
     """save_pretrained folder + the code it needs + auto_map, loadable with trust_remote_code=True."""
     model.generation_config = generation_config
     for part in (model.config, model.config.vision_config, model.config.text_config):
-        part._name_or_path = ""  # the base folders are not needed (nor wanted) to load the export
+        part.name_or_path = ""  # the base folders are not needed (nor wanted) to load the export
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
     processor.image_processor.save_pretrained(out)  # preprocessor_config.json, for loaders that read only it

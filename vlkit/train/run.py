@@ -273,6 +273,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         if args.process_index == 0:
             print(cached.summary(), flush=True)
     pack = data.packing and packing_supported(model)
+    model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
     trainer = VlkitTrainer(
         model=model,
         args=args,

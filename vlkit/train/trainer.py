@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vlkit.compat import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from vlkit.train.checkpoint import check_bases_unchanged, load_trained, read_manifest, save_trained
 from vlkit.train.stages import part_of
 

@@ -1,0 +1,56 @@
+"""One test per item of `vlkit.compat`: when transformers renames one, exactly one of these fails."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vlkit import compat
+
+
+def test_generation_hands_the_cache_under_a_known_name():
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(tiny_llama_config(64)).eval()
+    assert any(name in inspect.signature(llm.forward).parameters for name in compat.CACHE_ARGUMENT_NAMES)
+    seen = []
+    forward = llm.forward
+
+    def spy(*args, **kwargs):
+        seen.append(compat.cache_argument(kwargs))
+        return forward(*args, **kwargs)
+
+    llm.forward = spy
+    llm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert len(seen) == 3 and seen[1] is not None and seen[1] is seen[2]  # decoding steps reuse one cache
+
+
+def test_mark_pretrained_keeps_loaded_weights_through_post_init():
+    from conftest import tiny_clip_vision_config
+
+    from vlkit import VlkitConfig, VlkitForConditionalGeneration
+
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(tiny_llama_config(64))
+    before = {name: tensor.clone() for name, tensor in llm.state_dict().items()}
+    config = VlkitConfig(vision_config=tiny_clip_vision_config(), text_config=llm.config, image_token_id=63)
+    model = VlkitForConditionalGeneration(config, language_model=llm)  # post_init runs the init pass
+    after = model.language_model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_attention_implementation_reads_and_sets_a_configs_kernel():
+    config = LlamaConfig(**tiny_llama_config(64).to_dict(), attn_implementation="eager")
+    assert compat.attention_implementation(config) == "eager"
+    compat.set_attention_implementation(config, "sdpa")
+    assert compat.attention_implementation(config) == "sdpa"
+    assert LlamaForCausalLM(config).config._attn_implementation == "sdpa"
+
+
+def test_checkpoint_folders_rotate_by_step(tmp_path):
+    for step in (5, 10, 15):
+        (tmp_path / f"{compat.PREFIX_CHECKPOINT_DIR}-{step}").mkdir()
+    compat.rotate_checkpoints(output_dir=str(tmp_path), save_total_limit=2, use_mtime=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]

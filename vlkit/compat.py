@@ -1,0 +1,57 @@
+"""The one place vlkit touches transformers' internals or names that moved between releases.
+
+Everything else in vlkit uses transformers' public API. What is here has no public form (or had
+another name in a release `pyproject.toml` allows); `tests/test_compat.py` holds one small test
+per item, so the next upstream rename breaks one clearly named test instead of the whole suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# The key/value cache's keyword: `past_key_values` until transformers 5.23, `cache` from 5.24. vlkit
+# never names it in a call; it passes whatever generation hands it through untouched.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any | None:
+    """The cache a caller passed, under whichever name the installed transformers uses (None if none)."""
+    for name in CACHE_ARGUMENT_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def __getattr__(name: str) -> Any:
+    """`PREFIX_CHECKPOINT_DIR` and `rotate_checkpoints`, the Trainer's checkpoint-folder helpers.
+
+    Loaded on first use: `transformers.trainer_utils` imports peft and bitsandbytes, which the model
+    code (shipped inside exports too) does not need.
+    """
+    if name in ("PREFIX_CHECKPOINT_DIR", "rotate_checkpoints"):
+        from transformers import trainer_utils
+
+        return getattr(trainer_utils, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def mark_pretrained(module: torch.nn.Module) -> None:
+    """Tell `PreTrainedModel.post_init` that every submodule already holds loaded weights.
+
+    transformers skips its weight initialisation for modules flagged `_is_hf_initialized`; there is
+    no public switch for "these parts came from `from_pretrained`, keep them".
+    """
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+
+
+def attention_implementation(config) -> str | None:
+    """The attention implementation a (sub-)config was loaded with ("sdpa", "eager", ...)."""
+    return config._attn_implementation
+
+
+def set_attention_implementation(config, value: str) -> None:
+    """Set a config's attention implementation in place (a model built from it uses that kernel)."""
+    config._attn_implementation = value
