@@ -146,12 +146,16 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
     one = align_recipe(tmp_path / "one", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=4)
     assert run_cli("train", write_recipe(tmp_path / "one.yaml", one)).returncode == 0
     two = align_recipe(tmp_path / "two", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "vlkit", "train",
-                             write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    # The README's command, as a user types it: no environment variables of ours.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+                             "-m", "vlkit", "train", write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
+    assert summary["samples"] == 4 * 2 * 2  # 4 steps x batch 2 x 2 ranks: both ranks trained
     single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(single) == len(double) == 4
     for a, b in zip(single, double):

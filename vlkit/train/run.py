@@ -318,9 +318,21 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     return output
 
 
+def join_cpu_ranks_without_cuda() -> None:
+    """Make ranks started without CUDA (LOCAL_RANK set) form a CPU (gloo) process group.
+
+    `accelerate launch` starts several CPU processes only through its torchrun-style launcher (its
+    MULTI_CPU launcher needs mpirun), and that launcher leaves ACCELERATE_USE_CPU unset; without
+    it, each rank would train alone as rank 0 of 1.
+    """
+    if os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
 def run(args) -> int:
     """CLI entry: `vlkit train` (also under `accelerate launch -m vlkit train`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    join_cpu_ranks_without_cuda()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage == "clip":
         from vlkit.clip.train import train_clip
