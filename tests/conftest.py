@@ -41,6 +41,9 @@ CORPUS = [
 ] * 20
 
 IMAGE_SIZE = 32
+# Subprocess and terminal waits only guard against a hang: no test depends on how long its work takes,
+# so the guard is far above any run seen on a loaded 2-core machine.
+HANG_GUARD_S = 900
 PATCH_SIZE = 8  # 4x4 = 16 patches
 
 

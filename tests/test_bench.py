@@ -11,13 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_GUARD_S
 from train_helpers import REPO
 
 
 def run_bench(script: str, *args: str, out) -> str:
     result = subprocess.run(
         [sys.executable, f"bench/{script}", "--toy", "--out", str(out), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -24,6 +24,7 @@ import pytest
 import torch
 from chat_that_waits import WAIT_MARK, WAITING
 from conftest import (
+    HANG_GUARD_S,
     IMAGE_SIZE,
     PATCH_SIZE,
     make_tokenizer,
@@ -308,7 +309,7 @@ def spawn_in_pty(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[fdspa
     finally:
         signal.signal(signal.SIGINT, previous)
     os.close(slave)
-    return fdspawn(master, encoding="utf-8", timeout=120), process
+    return fdspawn(master, encoding="utf-8", timeout=HANG_GUARD_S), process
 
 
 def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
@@ -355,7 +356,7 @@ def test_repl_in_a_pseudo_terminal(vlm_dir, image_dir, tmp_path):
     do("Still alive?", "(0 images, 0 image tokens)")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
-    assert process.wait(timeout=60) == 0
+    assert process.wait(timeout=HANG_GUARD_S) == 0
     child.close()
 
     transcript = json.loads((tmp_path / "chat.json").read_text())

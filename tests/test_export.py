@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_image
+from conftest import HANG_GUARD_S, random_image
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
@@ -158,7 +158,7 @@ def run_isolated(jobs: list[tuple[Path, str]], image: str, work: Path) -> list[t
     # -I: no PYTHONPATH, no user site, no script dir on sys.path; -S: no site, so no .pth (editable vlkit) hooks.
     completed = subprocess.run(
         [sys.executable, "-I", "-S", str(script), sysconfig.get_paths()["purelib"], image, PROMPT, json.dumps(spec)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        cwd=work, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return [(load_file(f"{result}.safetensors"), json.loads(Path(f"{result}.json").read_text())) for *_, result in spec]
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import HANG_GUARD_S, random_image
 from train_helpers import REPO, align_recipe, write_recipe
 
 from vlkit import build_vlm
@@ -176,7 +176,7 @@ def test_precompute_features_command(vlm, image_dir, tmp_path, tiny_vision_dir):
     result = subprocess.run(
         [sys.executable, "-m", "data_tools.precompute_features", str(data), "--images", str(image_dir),
          "--vision", tiny_vision_dir],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     assert "2 computed, 0 reused" in result.stdout

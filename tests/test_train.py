@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 from train_helpers import REPO, align_recipe, run_cli, write_recipe
 
@@ -112,7 +113,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     process = subprocess.Popen([sys.executable, "-m", "vlkit", "train", killed], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json"
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
@@ -152,7 +153,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
                              "-m", "vlkit", "train", write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert summary["samples"] == 4 * 2 * 2  # 4 steps x batch 2 x 2 ranks: both ranks trained

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from conftest import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def align_recipe(output_dir, vision, llm, shapes, **train) -> dict:
     }
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
     """Run the vlkit CLI in a fresh process (as a user would)."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "vlkit", *args], capture_output=True, text=True, env=full_env,
