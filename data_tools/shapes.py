@@ -14,6 +14,10 @@ background with sensor noise. OUT_DIR is the image root of every file written:
     zeroshot_labels.json     {"classes", "templates", "heldout_classes"}
     world.json               colours, shapes, positions, held-out pairs, split sizes, seed
 
+Answers are balanced within each question type, so that a model answering without the image (even
+knowing the question's wording) cannot beat about 0.4-0.5: counts spread over 0-3, existence is half
+yes, positions and colours and shapes are uniform.
+
 Splits are train, val, test and test_heldout. A few colour x shape pairs (one per shape, chosen by
 the seed) never appear in train/val/test, not even in a question; every test_heldout image contains
 at least one of them, which measures compositional generalisation.
@@ -40,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 1
+VERSION = 2  # 2: balanced count answers
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -68,6 +72,9 @@ JITTER = 0.015
 TEXTURES = ["plain", "noise", "stripes", "checker", "gradient"]
 SPLITS = ["train", "val", "test", "test_heldout"]
 SHAPE_COUNT_WEIGHTS = [0.5, 0.25, 0.25]  # 1, 2, 3 shapes: about half the images are single-shape
+# Share of count questions that ask for the total, by number of shapes: inversely proportional to
+# SHAPE_COUNT_WEIGHTS, so "How many shapes are there?" answers 1, 2 and 3 equally often.
+TOTAL_COUNT_SHARE = {1: 0.4, 2: 0.8, 3: 0.8}
 
 ZEROSHOT_TEMPLATES = [
     "a photo of a {}.",
@@ -295,6 +302,22 @@ def varied_caption(rng: np.random.Generator, scene: Scene) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def count_question(rng: np.random.Generator, shapes: list[ShapeSpec]) -> tuple[str, str]:
+    """A count question whose answers are balanced, so guessing without the image stays near 0.4.
+
+    "How many shapes" is asked of a scene with n shapes with probability TOTAL_COUNT_SHARE[n]: half
+    the scenes are single-shape, so single-shape scenes are asked it half as often, which spreads
+    its answers evenly over 1, 2 and 3. Otherwise "How many <shape>s" asks about a present shape or
+    an absent one with equal odds, so its answers are 0 or 1 (2 when a shape repeats) about equally.
+    """
+    if rng.random() < TOTAL_COUNT_SHARE[len(shapes)]:
+        return "How many shapes are there?", str(len(shapes))
+    present = [spec.shape for spec in shapes]
+    absent = [shape for shape in SHAPES if shape not in present]
+    asked = _pick(rng, present) if rng.random() < 0.5 else _pick(rng, absent)
+    return f"How many {_plural(asked)} are there?", str(present.count(asked))
+
+
 def instruct_turns(rng: np.random.Generator, scene: Scene, world: World, split: str) -> list[dict[str, str]]:
     """2-4 questions of distinct types, each with its type and exact (short) answer."""
     shapes = scene.shapes
@@ -318,12 +341,7 @@ def instruct_turns(rng: np.random.Generator, scene: Scene, world: World, split: 
                 question = f"What shape is {POSITION_PHRASES[spec.position][0]}?"
             answer = spec.shape
         elif qtype == "count":
-            if rng.random() < 0.5:
-                question, answer = "How many shapes are there?", str(len(shapes))
-            else:
-                asked = _pick(rng, SHAPES)
-                question = f"How many {_plural(asked)} are there?"
-                answer = str(sum(s.shape == asked for s in shapes))
+            question, answer = count_question(rng, shapes)
         elif qtype == "position":
             question = f"Where is the {spec.label}?"
             answer = spec.position

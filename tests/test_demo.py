@@ -75,3 +75,15 @@ def test_the_report_names_every_missed_goal():
                                    "Not above the no-image baseline: count 0.500 <= 0.600."]
     figures["vqa"]["test"]["by_type"]["count"] = row(0.8, 0.6)
     assert shortfalls(figures) == []
+
+
+def test_the_world_is_generated_again_for_another_size_or_generator_version(tmp_path):
+    from data_tools.shapes import VERSION
+    from vlkit.demo import world_outdated
+
+    assert world_outdated(tmp_path, 32)  # none yet
+    (tmp_path / "world.json").write_text(json.dumps({"version": VERSION, "splits": {"train": 32}}))
+    assert not world_outdated(tmp_path, 32)
+    assert world_outdated(tmp_path, 64)
+    (tmp_path / "world.json").write_text(json.dumps({"version": VERSION - 1, "splits": {"train": 32}}))
+    assert world_outdated(tmp_path, 32)  # v1 answers were not balanced

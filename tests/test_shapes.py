@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -124,6 +125,39 @@ def test_instruct_answers_are_aligned_and_true(data_world):
             elif qa["type"] == "position":
                 assert qa["answer"] in shapes.POSITIONS
     assert types_seen >= {"colour", "shape", "count", "position", "existence", "description"}
+
+
+@pytest.mark.parametrize("split", ["train", "test_heldout"])
+def test_answers_are_balanced_within_each_question_type(split):
+    """Guessing without the image cannot beat ~0.55 on any type, even knowing the question's wording."""
+    world = shapes.make_world(0)
+    answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    count_by_question: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for index in range(3000):
+        rng = shapes.split_rng(0, split, index)
+        scene = shapes.sample_scene(rng, world, split)
+        for turn in shapes.instruct_turns(rng, scene, world, split):
+            answers[turn["type"]][turn["answer"]] += 1
+            if turn["type"] == "count":
+                count_by_question[turn["question"]][turn["answer"]] += 1
+
+    def share(counter: collections.Counter, answer: str) -> float:
+        return counter[answer] / sum(counter.values())
+
+    for qtype in ("colour", "shape", "count", "position", "existence"):
+        top_answer, _ = answers[qtype].most_common(1)[0]
+        assert share(answers[qtype], top_answer) <= 0.55, (qtype, answers[qtype])
+    assert set(answers["count"]) == {"0", "1", "2", "3"}
+    assert all(share(answers["count"], n) >= 0.15 for n in "0123"), answers["count"]
+    assert 0.45 <= share(answers["existence"], "yes") <= 0.55
+    assert set(answers["position"]) == set(shapes.POSITIONS)
+    assert all(share(answers["position"], p) >= 0.15 for p in shapes.POSITIONS)
+    assert set(answers["colour"]) <= set(shapes.COLOURS) and set(answers["shape"]) == set(shapes.SHAPES)
+    # Knowing the wording ("How many shapes" vs "How many stars") must not give the count away.
+    best_guess = sum(max(c.values()) for c in count_by_question.values()) / sum(answers["count"].values())
+    assert best_guess <= 0.5, dict(count_by_question)
+    total = count_by_question["How many shapes are there?"]
+    assert all(0.25 <= share(total, n) <= 0.42 for n in "123"), total
 
 
 def test_drawn_shape_has_its_colour_at_its_position():

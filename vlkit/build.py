@@ -16,12 +16,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vlkit.compat import attention_implementation
 from vlkit.connectors.registry import build_connector, log_connector_summary
 from vlkit.errors import ConfigError
+from vlkit.feature_maps import feature_width
 from vlkit.llm import load_llm
 from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
 from vlkit.processing import VlkitProcessor, system_prompt_template
-from vlkit.vision import load_vision_tower, num_patches, num_prefix_tokens
+from vlkit.vision import load_vision_tower, num_feature_tokens, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +101,12 @@ def build_vlm(
     vision_config = vision_tower.config
     text_config = language_model.config
     prefix = num_prefix_tokens(vision_config)
-    patch_tokens = num_patches(image_processor, vision_config)
+    patch_tokens = num_feature_tokens(vision_tower, image_processor, vision_feature_layer)
     if vision_feature_select_strategy == "full":
         patch_tokens += prefix
-    probe = build_connector(connector_config, vision_config.hidden_size, text_config.hidden_size)
-    image_seq_length = check_connector_fits(probe, patch_tokens, vision_config.hidden_size, text_config.hidden_size)
+    vision_width = feature_width(vision_config, vision_feature_layer)  # a CNN's stages differ in width
+    probe = build_connector(connector_config, vision_width, text_config.hidden_size)
+    image_seq_length = check_connector_fits(probe, patch_tokens, vision_width, text_config.hidden_size)
 
     config = VlkitConfig(
         vision_config=vision_config,
@@ -119,8 +122,8 @@ def build_vlm(
         vision_num_prefix_tokens=prefix,
         # Keep the attention implementation each part was loaded with (a plain value would reset both).
         attn_implementation={
-            "vision_config": vision_config._attn_implementation,
-            "text_config": text_config._attn_implementation,
+            "vision_config": attention_implementation(vision_config),
+            "text_config": attention_implementation(text_config),
         },
     )
     model = VlkitForConditionalGeneration(config, vision_tower=vision_tower, language_model=language_model)

@@ -85,6 +85,18 @@ def train_stage(recipe) -> Path:
     return train_vlm(recipe)
 
 
+def world_outdated(data_dir: Path, n_train: int) -> bool:
+    """No shapes world in data_dir, one of another size, or one of another generator version (v2
+    balanced the answers, so a v1 world would measure a v1 no-image baseline)."""
+    from data_tools.shapes import VERSION
+
+    world_file = data_dir / "world.json"
+    if not world_file.is_file():
+        return True
+    world = json.loads(world_file.read_text())
+    return world.get("version") != VERSION or world["splits"]["train"] != n_train
+
+
 def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     """Run every stage (reusing finished ones); return the figures for the report."""
     from data_tools.shapes import generate
@@ -93,8 +105,8 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
 
-    world_file = data_dir / "world.json"
-    if not world_file.is_file() or json.loads(world_file.read_text())["splits"]["train"] != size.n_train:
+    new_world = world_outdated(data_dir, size.n_train)
+    if new_world:
         log(f"data: generating the shapes world in {data_dir}")
         generate(data_dir, n_train=size.n_train, n_val=size.n_eval, n_test=size.n_eval, seed=0)
     figures["timings"]["data"] = round(time.time() - started, 1)
@@ -109,7 +121,7 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
                                  *size.align, *size.extra.get("align", [])]),
         ("instruct", "instruct.yaml", [*data, f"init_from={out / 'align'}", *batch, *val, "train.report_to=[]", *size.instruct, *size.extra.get("instruct", [])]),
     ]
-    upstream_trained = False  # a retrained stage invalidates the stages built on it
+    upstream_trained = new_world  # new data or a retrained stage invalidates the stages built on it
     for name, recipe_name, overrides in stages:
         stage_started = time.time()
         recipe = stage_recipe(recipe_name, out / name, overrides)

@@ -214,7 +214,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
 # --- CLI ------------------------------------------------------------------------------------------------
 def is_clip_folder(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") in ("clip", "siglip")
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in ("clip", "siglip",
+                                                                                     "vision-text-dual-encoder")
 
 
 def run(args) -> int:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from vlkit.data.images import load_image
 from vlkit.errors import ImageError
+from vlkit.feature_maps import as_tokens
 from vlkit.llm import vlkit_home
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def tower_features(
     """The tower's patch features [I, N, Dv], selected exactly as `VlkitForConditionalGeneration.get_vision_features`."""
     dtype = next(tower.parameters()).dtype
     hidden = tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states[feature_layer]
+    hidden = as_tokens(hidden)  # a CNN's feature map [I, C, h, w] -> h*w tokens
     return hidden[:, num_prefix_tokens:] if select_strategy == "default" else hidden
 
 

@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlkit.compat import cache_argument, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
+from vlkit.feature_maps import as_tokens, feature_width
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
         self.connector = build_connector(
-            config.connector_config, config.vision_config.hidden_size, config.text_config.hidden_size
+            config.connector_config,
+            feature_width(config.vision_config, config.vision_feature_layer),
+            config.text_config.hidden_size,
         )
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
@@ -152,7 +155,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         """Patch features the connector consumes: [I, 3, H, W] -> [I, N, Dv]."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         outputs = self.vision_tower(pixel_values=pixel_values.to(tower_dtype), output_hidden_states=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
+        features = as_tokens(outputs.hidden_states[self.config.vision_feature_layer])  # a CNN's map: h*w tokens
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, self.config.vision_num_prefix_tokens :]
         return features

@@ -1,9 +1,10 @@
 """Vision towers: load any Hugging Face vision model and describe the patch features it yields.
 
 Owns the mapping from a folder or hub id to (vision model, image processor), including the
-vision half of a two-tower `CLIPModel` / `SiglipModel` folder, and the facts the rest of vlkit
-needs about a tower: its hidden width, how many prefix (CLS / register) tokens precede the
-patches, and how many patches an image becomes.
+vision half of a two-tower `CLIPModel` / `SiglipModel` / `VisionTextDualEncoderModel` folder,
+and the facts the rest of vlkit needs about a tower: its hidden width, how many prefix (CLS /
+register) tokens precede the patches, and how many feature tokens an image becomes. Convolutional
+towers (ResNet, ConvNext) yield feature maps, read as h * w tokens (`vlkit.feature_maps`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     SiglipVisionModel,
+    VisionTextDualEncoderModel,
 )
 
 from vlkit.errors import ModelLoadError, first_line
+from vlkit.feature_maps import as_tokens, is_convolutional
 
 logger = logging.getLogger(__name__)
 
@@ -49,21 +52,30 @@ def vision_part(config: PretrainedConfig) -> PretrainedConfig:
 def num_prefix_tokens(vision_config: PretrainedConfig) -> int:
     """Tokens before the patch tokens in the tower's hidden states (CLS, registers)."""
     model_type = vision_config.model_type
-    if model_type.startswith("siglip"):
-        return 0  # SigLIP has no CLS token
+    if model_type.startswith("siglip") or is_convolutional(vision_config):
+        return 0  # SigLIP has no CLS token; a feature map has only positions
     if model_type == "dinov2_with_registers":
         return 1 + int(vision_config.num_register_tokens)
     return 1  # CLIP, DINOv2 and most ViTs prepend one CLS token
 
 
+def _height_width(size) -> tuple[int, int] | None:
+    """(height, width) of a processor's size: a dict, or the SizeDict loaded processors hold (not a dict)."""
+    if size is None:
+        return None
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    height, width = get("height"), get("width")
+    return (int(height), int(width)) if height and width else None
+
+
 def image_size_of(image_processor, vision_config: PretrainedConfig) -> tuple[int, int]:
     """(height, width) of the pixel_values the processor produces."""
-    crop_size = getattr(image_processor, "crop_size", None)
-    if getattr(image_processor, "do_center_crop", False) and isinstance(crop_size, dict):
-        return int(crop_size["height"]), int(crop_size["width"])
-    size = getattr(image_processor, "size", None)
-    if isinstance(size, dict) and "height" in size:
-        return int(size["height"]), int(size["width"])
+    crop = _height_width(getattr(image_processor, "crop_size", None))
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        return crop
+    size = _height_width(getattr(image_processor, "size", None))
+    if size:
+        return size
     image_size = getattr(vision_config, "image_size", 224)
     return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
@@ -75,9 +87,23 @@ def num_patches(image_processor, vision_config: PretrainedConfig) -> int:
     return (height // patch) * (width // patch)
 
 
+@torch.no_grad()
+def num_feature_tokens(tower: PreTrainedModel, image_processor, layer: int = -2) -> int:
+    """Feature tokens per image (prefix tokens excluded) at hidden_states[layer]."""
+    if not is_convolutional(tower.config):
+        return num_patches(image_processor, tower.config)
+    # A CNN's map size follows from each stage's stride, padding and rounding, which differ between
+    # architectures: one forward on a blank image of the processor's size measures it exactly.
+    height, width = image_size_of(image_processor, tower.config)
+    parameter = next(tower.parameters())
+    blank = torch.zeros(1, tower.config.num_channels, height, width, device=parameter.device, dtype=parameter.dtype)
+    return int(as_tokens(tower(pixel_values=blank, output_hidden_states=True).hidden_states[layer]).shape[1])
+
+
 def default_image_processor(vision_config: PretrainedConfig):
     """A CLIP-style processor sized to the tower, for folders that ship none (e.g. config-built towers)."""
-    size = vision_config.image_size if isinstance(vision_config.image_size, int) else vision_config.image_size[0]
+    image_size = getattr(vision_config, "image_size", 224)  # CNN configs need not name one
+    size = image_size if isinstance(image_size, int) else image_size[0]
     # Without torchvision, transformers falls back to the PIL backend anyway (with a warning); pick it directly.
     processor_class = CLIPImageProcessorPil
     if importlib.util.find_spec("torchvision"):
@@ -108,6 +134,8 @@ def load_vision_tower(name_or_path: str, dtype: torch.dtype | None = None):
     try:
         if tower_class is not None:
             tower = tower_class.from_pretrained(name_or_path, dtype=dtype)
+        elif config.model_type == "vision-text-dual-encoder":  # the CLIP stage's output with a CNN tower
+            tower = VisionTextDualEncoderModel.from_pretrained(name_or_path, dtype=dtype).vision_model
         elif getattr(config, "vision_config", None) is not None:
             raise ModelLoadError(
                 f"vision tower '{name_or_path}' is a '{config.model_type}' model whose vision half vlkit does not know how "

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel
 
 from vlkit.clip.data import captions_of, load_pairs
+from vlkit.clip.model import image_embeds, text_embeds
 from vlkit.data.images import load_image
 from vlkit.errors import DataError, ModelLoadError
 
@@ -35,21 +36,25 @@ logger = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
 
 
+# What the CLIP stage writes: a CLIPModel, or a VisionTextDualEncoderModel around a CNN tower.
+CLIP_MODEL_TYPES = ("clip", "vision-text-dual-encoder")
+
+
 def is_clip_folder(path: str | Path) -> bool:
-    """True if `path` holds a two-tower CLIP model (`config.json` with model_type "clip")."""
+    """True if `path` holds a two-tower model the CLIP stage writes (`config.json` model_type in CLIP_MODEL_TYPES)."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == "clip"
+        return json.loads(config.read_text()).get("model_type") in CLIP_MODEL_TYPES
     except (json.JSONDecodeError, OSError):
         return False
 
 
-def load_clip_folder(model_dir: str | Path) -> tuple[CLIPModel, Any, Any]:
-    """(model in eval mode, tokenizer, image processor) from a HF CLIP folder."""
+def load_clip_folder(model_dir: str | Path) -> tuple[PreTrainedModel, Any, Any]:
+    """(model in eval mode, tokenizer, image processor) from a HF CLIP (or dual encoder) folder."""
     try:
-        model = CLIPModel.from_pretrained(model_dir).eval()
+        model = AutoModel.from_pretrained(model_dir).eval()  # CLIPModel or VisionTextDualEncoderModel
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
     except (OSError, ValueError) as error:
@@ -58,29 +63,29 @@ def load_clip_folder(model_dir: str | Path) -> tuple[CLIPModel, Any, Any]:
 
 
 @torch.no_grad()
-def embed_texts(model: CLIPModel, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+def embed_texts(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Normalised text embeddings [len(texts), D]."""
     max_length = model.config.text_config.max_position_embeddings
     chunks = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        features = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        features = text_embeds(model, batch["input_ids"], batch["attention_mask"])
         chunks.append(torch.nn.functional.normalize(features, dim=-1))
     return torch.cat(chunks)
 
 
 @torch.no_grad()
-def embed_images(model: CLIPModel, image_processor, paths: list[str], image_root: str | Path, batch_size: int = 64) -> torch.Tensor:
+def embed_images(model: PreTrainedModel, image_processor, paths: list[str], image_root: str | Path, batch_size: int = 64) -> torch.Tensor:
     """Normalised image embeddings [len(paths), D]."""
     chunks = []
     for start in tqdm(range(0, len(paths), batch_size), desc="images", leave=False):
         images = [load_image(path, image_root) for path in paths[start : start + batch_size]]
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        chunks.append(torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1))
+        chunks.append(torch.nn.functional.normalize(image_embeds(model, pixels), dim=-1))
     return torch.cat(chunks)
 
 
-def class_embeddings(model: CLIPModel, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
+def class_embeddings(model: PreTrainedModel, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
     """Prompt-ensembled class embeddings [C, D]: mean of normalised template embeddings, renormalised."""
     texts = [template.format(name) for name in classes for template in templates]
     per_template = embed_texts(model, tokenizer, texts).view(len(classes), len(templates), -1)

@@ -5,13 +5,17 @@ Three ways to start, per tower: from a config dict (random init), from a pretrai
 gives the tower, with a fresh projection), and locked (LiT: the pretrained tower, and its
 projection if it came with one, are frozen and kept in eval mode).
 
-The trained artefact is a stock `CLIPModel`; `ContrastiveModel` only adds what training needs
-around it (the loss, and SigLIP's learnable bias, which is not saved: it shifts every logit
-equally, so ranking, zero-shot and retrieval do not depend on it).
+The trained artefact is a stock `CLIPModel`; with a convolutional image tower (`model.vision.config:
+{model_type: resnet, image_size: 64, ...}`, or a ResNet / ConvNext folder) it is a stock
+`VisionTextDualEncoderModel` (same tower, projection and logit-scale names; vlkit's VLM stages
+read its vision half). `ContrastiveModel` only adds what training needs around it (the loss, and
+SigLIP's learnable bias, which is not saved: it shifts every logit equally, so ranking,
+zero-shot and retrieval do not depend on it). `image_embeds` / `text_embeds` embed with either.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +23,21 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoTokenizer,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPVisionConfig,
     CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
 )
 from transformers.modeling_outputs import ModelOutput
 
@@ -36,6 +45,7 @@ from vlkit.clip.loss import build_loss
 from vlkit.clip.recipe import ClipRecipe, TowerSection
 from vlkit.clip.tokenizer import build_word_tokenizer
 from vlkit.errors import ConfigError, ModelLoadError
+from vlkit.feature_maps import CONVOLUTIONAL_TOWERS, is_convolutional
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +79,30 @@ def _load_tower(section: TowerSection, kind: str) -> LoadedTower:
         if kind == "vision":
             return LoadedTower(clip.vision_model, clip.visual_projection, path)
         return LoadedTower(clip.text_model, clip.text_projection, path)
+    if kind == "vision" and is_convolutional(config):
+        return LoadedTower(AutoModel.from_pretrained(path), None, path)
     tower_types = {"vision": ("clip_vision_model", CLIPVisionModel), "text": ("clip_text_model", CLIPTextModel)}
     model_type, tower_class = tower_types[kind]
     if config.model_type != model_type:
+        also = f", '{model_type}' or {' / '.join(CONVOLUTIONAL_TOWERS)}" if kind == "vision" else f" or '{model_type}'"
         raise ConfigError(
-            f"model.{kind}.pretrained '{path}' is a '{config.model_type}' model; a CLIP {kind} tower "
-            f"needs a 'clip' or '{model_type}' folder"
+            f"model.{kind}.pretrained '{path}' is a '{config.model_type}' model; a CLIP {kind} tower needs a 'clip'{also} folder"
         )
     return LoadedTower(tower_class.from_pretrained(path), None, path)
+
+
+def vision_config_from(settings: dict) -> PretrainedConfig:
+    """`model.vision.config` as a config: CLIPVisionConfig keywords, or `model_type: resnet` (etc.) and its keywords."""
+    settings = dict(settings)
+    model_type = settings.pop("model_type", "clip_vision_model")
+    if model_type != "clip_vision_model" and model_type not in CONVOLUTIONAL_TOWERS:
+        raise ConfigError(
+            f"model.vision.config.model_type '{model_type}' is not a CLIP-trainable image tower; "
+            f"use clip_vision_model or {', '.join(CONVOLUTIONAL_TOWERS)}"
+        )
+    if model_type != "clip_vision_model" and "image_size" not in settings:
+        raise ConfigError(f"model.vision.config needs image_size for a {model_type} tower (it sizes the image processor)")
+    return CONFIG_MAPPING[model_type](**settings)
 
 
 def build_tokenizer(recipe: ClipRecipe, captions: list[str], extra_texts: list[str] = ()) -> PreTrainedTokenizerBase:
@@ -94,18 +120,30 @@ def build_tokenizer(recipe: ClipRecipe, captions: list[str], extra_texts: list[s
     return build_word_tokenizer([*captions, *extra_texts], model_max_length=recipe.model.max_text_length)
 
 
-def build_image_processor(recipe: ClipRecipe, vision_config: CLIPVisionConfig):
+def build_image_processor(recipe: ClipRecipe, vision_config: PretrainedConfig):
     """The pretrained vision folder's image processor, or a CLIP one sized to the tower."""
     if recipe.model.vision.pretrained:
         try:
             return AutoImageProcessor.from_pretrained(recipe.model.vision.pretrained)
         except (OSError, ValueError):
             logger.warning("no image processor in %s; using a CLIP one", recipe.model.vision.pretrained)
-    return clip_image_processor(int(vision_config.image_size))
+    return clip_image_processor(int(getattr(vision_config, "image_size", 224)))  # CNN configs need not name one
 
 
-def build_clip_model(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> CLIPModel:
-    """A `CLIPModel` with towers from configs or pretrained folders, locked tower frozen."""
+def two_tower_model(recipe: ClipRecipe, vision_config: PretrainedConfig, text_config: PretrainedConfig) -> PreTrainedModel:
+    """A `CLIPModel`, or a `VisionTextDualEncoderModel` around a convolutional image tower."""
+    common = {"projection_dim": recipe.model.projection_dim, "logit_scale_init_value": recipe.logit_scale_init()}
+    if not is_convolutional(vision_config):
+        return CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **common))
+    vision_config = copy.deepcopy(vision_config)
+    # The dual encoder sizes its projection from vision_config.hidden_size: the pooled last stage's width.
+    vision_config.hidden_size = vision_config.hidden_sizes[-1]
+    config = VisionTextDualEncoderConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **common)
+    return VisionTextDualEncoderModel(config)
+
+
+def build_clip_model(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A `CLIPModel` (or dual encoder, see `two_tower_model`) with towers from configs or folders, locked tower frozen."""
     model_section = recipe.model
     loaded = {
         kind: _load_tower(section, kind)
@@ -115,7 +153,7 @@ def build_clip_model(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> 
     if "vision" in loaded:
         vision_config = loaded["vision"].tower.config
     else:
-        vision_config = CLIPVisionConfig(**model_section.vision.config)
+        vision_config = vision_config_from(model_section.vision.config)
     if "text" in loaded:
         text_config = loaded["text"].tower.config
     else:
@@ -132,13 +170,7 @@ def build_clip_model(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> 
             f"the tokenizer's eos id ({tokenizer.eos_token_id}) differs from the text tower's "
             f"eos_token_id ({text_config.eos_token_id}); CLIP pools at eos, so they must agree"
         )
-    config = CLIPConfig(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        projection_dim=model_section.projection_dim,
-        logit_scale_init_value=recipe.logit_scale_init(),
-    )
-    model = CLIPModel(config)
+    model = two_tower_model(recipe, vision_config, text_config)
 
     frozen: list[nn.Module] = []
     for kind, part in loaded.items():
@@ -163,15 +195,29 @@ def build_clip_model(recipe: ClipRecipe, tokenizer: PreTrainedTokenizerBase) -> 
     return model
 
 
+def image_embeds(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected, unnormalised image embeddings [B, D] (what `CLIPModel.get_image_features` gives).
+
+    A ResNet pools to [B, C, 1, 1]; flattened here, because the dual encoder's own
+    `get_image_features` would project it along the wrong axis.
+    """
+    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output.flatten(1))
+
+
+def text_embeds(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected, unnormalised text embeddings [B, D] (what `CLIPModel.get_text_features` gives)."""
+    return model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
+
+
 class ContrastiveModel(nn.Module):
-    """What the Trainer trains: a `CLIPModel` plus its loss (and SigLIP's bias).
+    """What the Trainer trains: a `CLIPModel` (or dual encoder) plus its loss (and SigLIP's bias).
 
     forward(pixel_values[B, 3, H, W], input_ids[B, T], attention_mask[B, T]) ->
     ModelOutput(loss, image_embeds[B, D], text_embeds[B, D]); embeddings are L2-normalised.
     Computing the loss inside forward keeps the gather inside DDP's forward/backward.
     """
 
-    def __init__(self, clip: CLIPModel, loss_type: str = "clip", gather_with_grad: bool = True, siglip_bias_init: float = -10.0):
+    def __init__(self, clip: PreTrainedModel, loss_type: str = "clip", gather_with_grad: bool = True, siglip_bias_init: float = -10.0):
         super().__init__()
         self.clip = clip
         self.loss_fn = build_loss(loss_type, gather_with_grad)
@@ -188,24 +234,19 @@ class ContrastiveModel(nn.Module):
                 module.eval()  # a locked (LiT) tower stays in eval mode
         return self
 
-    def _embed(self, locked: bool, fn, **inputs) -> torch.Tensor:
+    def _embed(self, locked: bool, fn, *inputs) -> torch.Tensor:
         if locked:
             with torch.no_grad():  # no activations kept for a frozen tower
-                return fn(**inputs).pooler_output
-        return fn(**inputs).pooler_output
+                return fn(self.clip, *inputs)
+        return fn(self.clip, *inputs)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
         clip = self.clip
         image = self._embed(
-            self._locked(clip.vision_model) and self._locked(clip.visual_projection),
-            clip.get_image_features,
-            pixel_values=pixel_values,
+            self._locked(clip.vision_model) and self._locked(clip.visual_projection), image_embeds, pixel_values
         )
         text = self._embed(
-            self._locked(clip.text_model) and self._locked(clip.text_projection),
-            clip.get_text_features,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            self._locked(clip.text_model) and self._locked(clip.text_projection), text_embeds, input_ids, attention_mask
         )
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
@@ -213,7 +254,7 @@ class ContrastiveModel(nn.Module):
         return ModelOutput(loss=loss, image_embeds=image, text_embeds=text)
 
 
-def save_clip_folder(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, image_processor, out_dir: str | Path) -> Path:
+def save_clip_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor, out_dir: str | Path) -> Path:
     """Write a standard HF CLIP folder: model (safetensors) + CLIPProcessor (image processor + tokenizer)."""
     from transformers import CLIPProcessor
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from vlkit.feature_maps import is_convolutional
 from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
 from vlkit.vision import image_size_of
 
@@ -76,6 +77,9 @@ def llava_config(config: VlkitConfig) -> LlavaConfig:
 def llava_blocker(model: VlkitForConditionalGeneration, processor) -> str | None:
     """Why this model cannot be written as a stock Llava model, or None when the mapping is exact."""
     config = model.config
+    if is_convolutional(config.vision_config):
+        return (f"the vision tower ({config.vision_config.model_type}) is convolutional and stock Llava reads "
+                "token-sequence towers only")
     reason = connector_blocker(config.connector_config)
     if reason:
         return reason
@@ -122,7 +126,7 @@ def to_llava(model: VlkitForConditionalGeneration) -> LlavaForConditionalGenerat
     dtype = next(model.parameters()).dtype
     for part in (config, config.vision_config, config.text_config):
         part.dtype = dtype
-        part._name_or_path = ""  # the base folders are not needed (nor wanted) to load the export
+        part.name_or_path = ""  # the base folders are not needed (nor wanted) to load the export
     return llava.eval()
 
 

@@ -1,0 +1,85 @@
+"""bench/probe.py: linear probes of colour, shape, position and count on a model's features."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO
+
+from vlkit.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def probe_module():
+    spec = importlib.util.spec_from_file_location("bench_probe", REPO / "bench" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_probe_separates_separable_classes_and_not_noise(probe_module):
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    centres = torch.randn(3, 20, generator=generator) * 3
+    features = centres[labels] + torch.randn(300, 20, generator=generator)
+    train, test = slice(0, 200), slice(200, 300)
+    _, separable = probe_module.linear_probe(features[train], labels[train], features[test], labels[test], 3)
+    noise = torch.randn(300, 20, generator=generator)
+    _, random = probe_module.linear_probe(noise[train], labels[train], noise[test], labels[test], 3)
+    assert separable >= 0.95
+    assert random <= 0.6
+
+
+def test_scene_facts_come_from_the_seed_and_match_the_captions(probe_module, shapes_dir):
+    facts = probe_module.scene_facts(Path(shapes_dir), "train")
+    rows = [json.loads(line) for line in (Path(shapes_dir) / "clip_train.jsonl").read_text().splitlines()]
+    assert len(facts) == len(rows) == 24
+    for fact, row in zip(facts, rows):
+        assert fact["count"] == str(len(row["labels"]))
+        if row["label"]:
+            assert f"{fact['colour']} {fact['shape']}" == row["label"] and fact["position"] in ("left", "right", "top",
+                                                                                               "bottom", "centre")
+        else:
+            assert fact["colour"] is None and fact["position"] is None
+
+
+def test_scene_facts_refuse_data_of_another_generator(probe_module, shapes_dir, tmp_path):
+    world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    (tmp_path / "world.json").write_text(json.dumps({**world, "seed": world["seed"] + 1}))
+    (tmp_path / "clip_train.jsonl").write_text((Path(shapes_dir) / "clip_train.jsonl").read_text())
+    with pytest.raises(DataError, match="not written by this generator"):
+        probe_module.scene_facts(tmp_path, "train")
+
+
+def test_probe_a_vlm_folder_end_to_end(probe_module, tiny_vlm, shapes_dir, tmp_path):
+    model, processor = tiny_vlm
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    out = tmp_path / "probe.json"
+    assert probe_module.main([str(tmp_path / "model"), "--data", shapes_dir, "--toy", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["tasks"]) == {"colour", "shape", "position", "count"}
+    tokens = processor.image_seq_length
+    assert report["feature_shapes"] == {"tower": 16 * 48, "connector": tokens * model.config.text_config.hidden_size}
+    assert report["tasks"]["count"]["n_train"] == 24  # every image has a count
+    assert report["tasks"]["colour"]["n_train"] == report["tasks"]["shape"]["n_train"] < 24  # single-shape only
+    for row in report["tasks"].values():
+        for source in ("tower", "connector"):
+            assert 0.0 <= row[source]["test"] <= 1.0 and 0.0 <= row[source]["train"] <= 1.0
+        assert 0.0 < row["chance"] <= 1.0
+
+
+def test_probe_a_clip_folder_has_only_the_tower(probe_module, tiny_clip_dir, shapes_dir, tmp_path, capsys):
+    assert probe_module.main([tiny_clip_dir, "--data", shapes_dir, "--toy", "--layer", "-1"]) == 0
+    table = capsys.readouterr().out
+    assert "tower (768 features)" in table and "connector" not in table and "| shape | " in table
+
+
+def test_probe_errors_are_one_line(probe_module, tmp_path, tiny_clip_dir, capsys):
+    assert probe_module.main([tiny_clip_dir, "--data", str(tmp_path), "--toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a shapes world" in err[0]
