@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -140,7 +140,7 @@ def verdict(measured: float, goal: float, unit: str = "x") -> str:
 def append_section(title: str, body: str, command: str, path: Path = DOCS) -> None:
     """Append a dated section with the machine and the command that produced it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = f"\n## {title} ({stamp})\n\nMachine: {machine()}\n\nCommand: `{command}`\n\n{body.rstrip()}\n"
     with open(path, "a", encoding="utf-8") as file:
         file.write(text)

@@ -30,12 +30,11 @@ class FakeProcessor:
         self.tokenizer = SimpleNamespace(pad_token_id=0)
         self.calls = 0
 
-    def encode_conversation(self, messages, images=None, max_length=None):
+    def encode_text(self, messages, num_images, max_length=None):
         self.calls += 1
-        images = list(images or [])
         markers = sum(m["content"].count("<image>") for m in messages)
-        if markers != len(images):
-            raise ImageTokenMismatchError(f"{len(images)} image(s) but {markers} <image> marker(s)")
+        if markers != num_images:
+            raise ImageTokenMismatchError(f"{num_images} image(s) but {markers} <image> marker(s)")
         input_ids, labels = [], []
         for message in messages:
             input_ids.append(self.role_token_id)
@@ -54,13 +53,19 @@ class FakeProcessor:
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("sample has no assistant tokens left to learn from")
-        pixel_values = None
-        if images:
-            # Mean colour of each image as a 1x1 "pixel", so tests can tell which image was loaded.
-            pixel_values = torch.stack(
-                [torch.from_numpy(np.asarray(image, dtype=np.float32).mean(axis=(0, 1))).view(3, 1, 1) for image in images]
-            )
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        return {"input_ids": input_ids, "labels": labels}
+
+    def encode_images(self, images):
+        if not images:
+            return None
+        # Mean colour of each image as a 1x1 "pixel", so tests can tell which image was loaded.
+        return torch.stack(
+            [torch.from_numpy(np.asarray(image, dtype=np.float32).mean(axis=(0, 1))).view(3, 1, 1) for image in images]
+        )
+
+    def encode_conversation(self, messages, images=None, max_length=None):
+        images = list(images or [])
+        return {**self.encode_text(messages, len(images), max_length), "pixel_values": self.encode_images(images)}
 
 
 def write_png(path: Path, colour=(200, 30, 30), size: int = 16) -> Path:

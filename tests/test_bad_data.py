@@ -121,8 +121,8 @@ def test_error_mode_names_the_sample_and_reason(data_root):
 
 def test_never_yields_a_sample_whose_labels_are_all_masked(data_root):
     class MasksEverything(FakeProcessor):
-        def encode_conversation(self, messages, images=None, max_length=None):
-            encoded = super().encode_conversation(messages, images, max_length)
+        def encode_text(self, messages, num_images, max_length=None):
+            encoded = super().encode_text(messages, num_images, max_length)
             if "mask me" in messages[0]["content"]:
                 encoded["labels"] = [-100] * len(encoded["labels"])
             return encoded
@@ -131,9 +131,9 @@ def test_never_yields_a_sample_whose_labels_are_all_masked(data_root):
     dataset = ConversationDataset(load_conversations(write_json(data_root.parent / "m.json", samples)),
                                   MasksEverything(), data_root)
     items = [dataset[i] for i in range(len(dataset))]
-    assert [item["id"] for item in items] == ["ok", "ok"]
+    assert [item["id"] for item in items] == ["ok"]  # dropped up front, with the text encoding
     assert all((item["labels"] != -100).any() for item in items)
-    assert dataset.skipped == {"unusable": 1}
+    assert dataset.skipped == {"unusable": 1} and dataset.skipped_ids == {"unusable": ["masked"]}
 
 
 def test_all_bad_is_an_error_not_an_empty_epoch(data_root):

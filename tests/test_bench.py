@@ -69,3 +69,9 @@ def test_connector_bakeoff_at_toy_size(tiny_llm_dir, tiny_vision_dir, shapes_dir
     assert rows == {"linear": "16", "mlp": "16", "pixel_shuffle": "4", "qformer": "8", "resampler": "8"}
     assert "Best mean accuracy:" in text and "Machine: " in text
     assert page.with_suffix(".png").stat().st_size > 0
+
+
+def test_data_bench(tiny_llm_dir, tiny_vision_dir, shapes_dir, docs):
+    out = run_bench("data.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=docs)
+    assert "| align    |" in out and "| instruct |" in out and "instruct data path per core:" in out
+    assert "## Data path: dataset + collator" in docs.read_text()

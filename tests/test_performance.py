@@ -21,6 +21,7 @@ from vlkit import build_vlm
 from vlkit.compat import set_attention_implementation
 from vlkit.config import TuneSection, load_recipe
 from vlkit.data import ConversationDataset, VlkitCollator
+from vlkit.data.images import load_image
 from vlkit.data.packing import pack_rows, packing_supported
 from vlkit.errors import ConfigError
 from vlkit.features import (
@@ -203,6 +204,37 @@ def test_recipe_switch_defaults_and_errors(tmp_path, shapes_dir, tiny_vision_dir
     tree["tune"]["vision"] = "lora"
     with pytest.raises(ConfigError, match="frozen vision tower"):
         plan_run(load_recipe(write_recipe(tmp_path / "d.yaml", tree)))
+
+
+# --- 2b. texts encoded once per data set -------------------------------------------------------------
+def test_cached_text_encoding_gives_what_encode_conversation_gives(vlm, image_dir):
+    model, processor = vlm
+    dataset = ConversationDataset(samples(), processor, image_dir, max_length=256)
+    for index, sample in enumerate(samples()):
+        images = [load_image(name, image_dir) for name in sample["images"]]
+        expected = processor.encode_conversation(sample["messages"], images, max_length=256)
+        item = dataset[index]
+        assert item["input_ids"].tolist() == expected["input_ids"] and item["labels"].tolist() == expected["labels"]
+        if images:
+            assert torch.equal(item["pixel_values"], expected["pixel_values"])
+        else:
+            assert item["pixel_values"] is None
+
+
+def test_a_second_dataset_on_the_same_file_reuses_the_encoded_texts(tmp_path, image_dir):
+    from data_helpers import FakeProcessor
+
+    from vlkit.data import load_conversations
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": s["id"], "image": s["images"][0], "conversations": [
+        {"from": "human", "value": "<image>\n" + s["messages"][0]["content"].replace("<image>", "").strip()},
+        {"from": "gpt", "value": s["messages"][1]["content"]}]} for s in samples() if len(s["images"]) == 1]))
+    first, second = FakeProcessor(), FakeProcessor()
+    ConversationDataset(load_conversations(str(path)), first, image_dir, max_length=64)
+    dataset = ConversationDataset(load_conversations(str(path)), second, image_dir, max_length=64)
+    assert first.calls > 0 and second.calls == 0  # datasets' cache: the map did not run again
+    assert len(dataset) == first.calls and dataset[0]["input_ids"].numel() > 0
 
 
 # --- 3. less padding -------------------------------------------------------------------------------------

@@ -153,16 +153,16 @@ class VlkitProcessor(ProcessorMixin):
                 spans.append((len(before), len(through)))
         return full, spans
 
-    def encode_conversation(
-        self, messages: list[dict[str, Any]], images: list | None = None, max_length: int | None = None
-    ) -> dict[str, Any]:
-        """Tokenize a conversation for training: input_ids, labels (assistant turns only), pixel_values."""
-        images = list(images or [])
+    def encode_text(
+        self, messages: list[dict[str, Any]], num_images: int, max_length: int | None = None
+    ) -> dict[str, list[int]]:
+        """The text half of a training sample: input_ids (image placeholders expanded) and labels
+        (assistant turns only). It needs no image, only how many, so datasets compute it once and cache it."""
         text, spans = self.assistant_spans(messages)
         markers = text.count(self.image_token)
-        if markers != len(images):
+        if markers != num_images:
             raise ImageTokenMismatchError(
-                f"{len(images)} image(s) but {markers} {self.image_token} marker(s) in the conversation"
+                f"{num_images} image(s) but {markers} {self.image_token} marker(s) in the conversation"
             )
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids: list[int] = []
@@ -187,8 +187,20 @@ class VlkitProcessor(ProcessorMixin):
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise DataError("sample has no assistant tokens left to learn from (empty answer or truncated away)")
-        pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+        return {"input_ids": input_ids, "labels": labels}
+
+    def encode_images(self, images: list) -> torch.Tensor | None:
+        """The image half of a training sample: pixel_values [I, 3, H, W], or None without images."""
+        return self.image_processor(list(images), return_tensors="pt")["pixel_values"] if images else None
+
+    def encode_conversation(
+        self, messages: list[dict[str, Any]], images: list | None = None, max_length: int | None = None
+    ) -> dict[str, Any]:
+        """Tokenize a conversation for training: input_ids, labels (assistant turns only), pixel_values."""
+        images = list(images or [])
+        encoded: dict[str, Any] = self.encode_text(messages, len(images), max_length)
+        encoded["pixel_values"] = self.encode_images(images)
+        return encoded
 
     def prompt_inputs(
         self, conversations: list[list[dict[str, Any]]], images: list[list] | None = None

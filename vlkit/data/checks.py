@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from PIL import Image
-
+from vlkit.data.collate import IGNORE_INDEX
 from vlkit.data.images import image_problem, load_image
 from vlkit.errors import DataError, ImageError, ImageTokenMismatchError
 
@@ -94,23 +93,31 @@ def decode_problem(path: str, image_root: str | os.PathLike | None, allow_outsid
     return None
 
 
-def length_problem(processor: Any, messages: list[dict[str, str]], n_images: int, max_length: int) -> Problem | None:
-    """Whether `processor.encode_conversation` accepts the sample at `max_length`.
-
-    Images only add a fixed number of tokens each, so blank stand-ins measure the length without
-    reading the real files.
-    """
-    blanks = [Image.new("RGB", (8, 8)) for _ in range(n_images)]
+def encode_text_or_problem(
+    processor: Any, messages: list[dict[str, str]], n_images: int, max_length: int | None
+) -> tuple[dict[str, list[int]] | None, Problem | None]:
+    """`processor.encode_text` of a sample at `max_length`, or why it is unusable (images add a fixed
+    number of tokens each, so the text alone decides)."""
     try:
-        processor.encode_conversation(messages, blanks, max_length=max_length)
+        encoded = processor.encode_text(messages, n_images, max_length=max_length)
     except ImageTokenMismatchError as error:
-        return "image_token_mismatch", str(error)
+        return None, ("image_token_mismatch", str(error))
     except DataError as error:
+        if max_length is None:
+            return None, ("unusable", str(error))
         try:
-            length = len(processor.encode_conversation(messages, blanks)["input_ids"])
+            length = len(processor.encode_text(messages, n_images)["input_ids"])
         except DataError:
-            return "unusable", str(error)
+            return None, ("unusable", str(error))
         if length > max_length:
-            return "too_long", f"{length} tokens > max_length {max_length}: {error}"
-        return "unusable", str(error)
-    return None
+            return None, ("too_long", f"{length} tokens > max_length {max_length}: {error}")
+        return None, ("unusable", str(error))
+    if all(label == IGNORE_INDEX for label in encoded["labels"]):
+        # Whatever the processor does, a sample with nothing to learn from never reaches the model.
+        return None, ("unusable", "every label is masked")
+    return encoded, None
+
+
+def length_problem(processor: Any, messages: list[dict[str, str]], n_images: int, max_length: int) -> Problem | None:
+    """Whether `processor.encode_text` accepts the sample at `max_length`."""
+    return encode_text_or_problem(processor, messages, n_images, max_length)[1]

@@ -31,12 +31,18 @@ from typing import Any
 
 import datasets
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from vlkit.data.checks import REASONS, Problem, check_caption, check_images, check_messages, length_problem
+from vlkit.data.checks import (
+    REASONS,
+    Problem,
+    check_caption,
+    check_images,
+    check_messages,
+    encode_text_or_problem,
+)
 from vlkit.data.images import image_problem, load_image
-from vlkit.errors import ConfigError, DataError, ImageError, ImageTokenMismatchError
+from vlkit.errors import ConfigError, DataError, ImageError
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +62,20 @@ def _as_dataset(dataset_or_samples: datasets.Dataset | Iterable[dict[str, Any]])
     return datasets.Dataset.from_list(samples)
 
 
-def _text_problems(
+def _encode_texts(
     messages: list[list[dict[str, str]]], images: list[list[str]], processor: Any, max_length: int | None
-) -> dict[str, list[str]]:
-    """Batched `datasets.map` function: the text-level problem of each sample ("" when fine)."""
-    reasons, details = [], []
+) -> dict[str, list]:
+    """Batched `datasets.map` function: each sample's text encoding, or its problem ("" when fine)."""
+    columns: dict[str, list] = {"reason": [], "detail": [], "input_ids": [], "labels": []}
     for sample_messages, sample_images in zip(messages, images):
-        problem = check_messages(sample_messages, len(sample_images))
-        if problem is None and max_length is not None and processor is not None:
-            problem = length_problem(processor, sample_messages, len(sample_images), max_length)
-        reasons.append(problem[0] if problem else "")
-        details.append(problem[1] if problem else "")
-    return {"reason": reasons, "detail": details}
+        encoded, problem = None, check_messages(sample_messages, len(sample_images))
+        if problem is None:
+            encoded, problem = encode_text_or_problem(processor, sample_messages, len(sample_images), max_length)
+        columns["reason"].append(problem[0] if problem else "")
+        columns["detail"].append(problem[1] if problem else "")
+        columns["input_ids"].append(encoded["input_ids"] if encoded else [])
+        columns["labels"].append(encoded["labels"] if encoded else [])
+    return columns
 
 
 class SkippingDataset(torch.utils.data.Dataset):
@@ -236,7 +244,7 @@ class ConversationDataset(SkippingDataset):
             raise DataError(
                 f"samples lack {sorted(missing)}; load the file with vlkit.data.load_conversations first"
             )
-        self.samples = self._drop_bad(samples, self._check(samples, num_proc))
+        self.samples = self._drop_bad(*self._encode_and_check(samples, num_proc))
 
     @classmethod
     def from_file(
@@ -247,18 +255,22 @@ class ConversationDataset(SkippingDataset):
 
         return cls(load_conversations(path, format=format), processor, image_root, **kwargs)
 
-    def _check(self, samples: datasets.Dataset, num_proc: int | None) -> list[Problem | None]:
-        """Text checks as a cached map, then file checks (never cached)."""
-        measure = self.max_length is not None
+    def _encode_and_check(self, samples: datasets.Dataset, num_proc: int | None) -> tuple[datasets.Dataset, list]:
+        """The samples with their text encoding (`input_ids`, `labels`) and each one's problem.
+
+        Templating, tokenizing and label masking run once per data set, as a `datasets.map` that
+        `datasets` caches on disk (fingerprinted by the data, the processor and max_length), so later
+        runs on the same file reuse it. The file checks are never cached.
+        """
         text = samples.map(
-            _text_problems,
+            _encode_texts,
             batched=True,
             batch_size=256,
             input_columns=["messages", "images"],
             remove_columns=samples.column_names,
-            fn_kwargs={"processor": self.processor if measure else None, "max_length": self.max_length},
+            fn_kwargs={"processor": self.processor, "max_length": self.max_length},
             num_proc=num_proc,
-            desc="checking samples" + (f" (max_length {self.max_length})" if measure else ""),
+            desc="encoding texts" + (f" (max_length {self.max_length})" if self.max_length else ""),
         )
         problems: list[Problem | None] = [
             (reason, detail) if reason else None for reason, detail in zip(text["reason"], text["detail"])
@@ -272,7 +284,9 @@ class ConversationDataset(SkippingDataset):
                         problems[position] = check_images(paths, self.image_root, self.allow_images_outside_root)
                     position += 1
                 bar.update(len(batch["images"]))
-        return problems
+        encoded = samples.remove_columns([c for c in ("input_ids", "labels") if c in samples.column_names])
+        encoded = datasets.concatenate_datasets([encoded, text.select_columns(["input_ids", "labels"])], axis=1)
+        return encoded, problems
 
     # A `vlkit.features.CachedFeatures` (set by `vlkit train` when `data.cache_vision_features`): items then
     # carry the frozen tower's stored `vision_features` instead of `pixel_values`.
@@ -291,27 +305,21 @@ class ConversationDataset(SkippingDataset):
             raise _Skip("image_outside_root", str(error)) from None
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
-        features = None
+        # The text was encoded up front (`_encode_and_check`); only the images are read here.
+        features = pixel_values = None
         if self.vision_features is not None and sample["images"]:
             features = self._stored_features(sample["images"])
-            # Blank stand-ins: the processor only counts them; the stored features replace their pixels.
-            images = [Image.new("RGB", (8, 8)) for _ in sample["images"]]
-        else:
+        elif sample["images"]:
             images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
-        try:
-            encoded = self.processor.encode_conversation(sample["messages"], images, max_length=self.max_length)
-        except ImageTokenMismatchError as error:
-            raise _Skip("image_token_mismatch", str(error)) from None
-        except DataError as error:
-            raise _Skip("unusable", str(error)) from None
-        if all(label == IGNORE_INDEX for label in encoded["labels"]):
-            # Whatever the processor does, a sample with nothing to learn from never reaches the model.
-            raise _Skip("unusable", "every label is masked")
+            try:
+                pixel_values = self.processor.encode_images(images)
+            except (DataError, ValueError) as error:
+                raise _Skip("corrupt_image", str(error)) from None
         return {
             "id": sample["id"],
-            "input_ids": torch.as_tensor(encoded["input_ids"], dtype=torch.long),
-            "labels": torch.as_tensor(encoded["labels"], dtype=torch.long),
-            "pixel_values": encoded["pixel_values"] if features is None else None,
+            "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.long),
+            "labels": torch.as_tensor(sample["labels"], dtype=torch.long),
+            "pixel_values": pixel_values,
             **({"vision_features": features} if features is not None else {}),
         }
 

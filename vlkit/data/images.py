@@ -8,6 +8,7 @@ animated) come out as 8-bit RGB of the first frame.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,12 +18,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vlkit.errors import ImageError
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: str) -> Path:
+    """A data set's image root, resolved once (resolving costs a system call per path component)."""
+    return Path(root).resolve()
+
+
 def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None, allow_outside_root: bool = False) -> Path:
     """Resolve `path` against `root`, refusing paths that escape the root unless allowed."""
     candidate = Path(path)
     if root is None:
         return candidate
-    root_path = Path(root).resolve()
+    root_path = _resolved_root(str(root))
     resolved = (root_path / candidate).resolve() if not candidate.is_absolute() else candidate.resolve()
     if not allow_outside_root and not resolved.is_relative_to(root_path):
         raise ImageError(
