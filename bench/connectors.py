@@ -76,7 +76,7 @@ def run_connector(name: str, connector: dict, args, llm: str, vision: str, data:
                  for stage in ("align", "instruct")}
     model, processor = load_run(instruct_dir)
     scored = evaluate_vlm(model, processor, data / "instruct_test.json", data, workdir / name / "eval",
-                          max_samples=args.eval_images, model_name=name)
+                          max_samples=args.eval_images, model_name=name, scorer="data_tools.shapes_scoring:scorer_for")
     trainable = {stage: sum(p.numel() for n, p in model.named_parameters() if part(n) in stage_parts)
                  for stage, stage_parts in (("align", {"connector"}), ("instruct", {"connector", "lora"}))}
     return {

@@ -6,12 +6,29 @@ import json
 
 from train_helpers import run_cli
 
-from vlkit.evaluate import evaluate_vlm, named_pairs, normalize_answer, score
+from data_tools.shapes_scoring import named_pairs, normalize_answer, score
+from vlkit.evaluate import evaluate_vlm
+from vlkit.scoring import exact_match, multiple_choice, resolve_scorer, yes_no, yes_no_metrics
+from vlkit.scoring import normalize_answer as vqa_normalize
 
 VOCABULARY = {"colours": ["red", "blue", "green"], "shapes": ["circle", "square", "cross"]}
+SHAPES_SCORER = "data_tools.shapes_scoring:scorer_for"
 
 
-def test_scoring_rules():
+def test_generic_scorers():
+    assert vqa_normalize("The Two  dogs!") == "2 dogs" and vqa_normalize("It isnt, 1,000") == "it isn't 1000"
+    assert exact_match("A cat.", "cat") and not exact_match("a black cat", "cat")
+    assert yes_no("Yes, there is.", "yes") and not yes_no("No.", "yes") and not yes_no("Maybe", "no")
+    assert multiple_choice("(B) a dog", "B") and multiple_choice("The answer is C.", "C")
+    assert not multiple_choice("A dog", "B")
+    auto = resolve_scorer(None, "any.json")
+    assert auto("yes it is", "Yes", "") and auto("B.", "B", "") and auto("two", "2", "") and not auto("3", "2", "")
+    pope = yes_no_metrics(["yes", "yes", "no", "yes"], ["yes", "no", "no", "yes"])
+    assert pope["precision"] == 2 / 3 and pope["recall"] == 1.0 and pope["accuracy"] == 0.75
+    assert pope["yes_ratio"] == 0.75 and abs(pope["f1"] - 0.8) < 1e-9
+
+
+def test_shapes_world_scoring_rules():
     assert normalize_answer(" Red. ") == "red" and normalize_answer("Two") == "2" and normalize_answer("No.") == "no"
     assert score("There are two.", "2", "count", VOCABULARY) is False  # exact match, not containment
     assert score("2", "2", "count", VOCABULARY)
@@ -25,7 +42,7 @@ def test_scoring_rules():
 def test_evaluate_writes_json_markdown_png_and_baseline(tiny_vlm, shapes_dir, tmp_path):
     model, processor = tiny_vlm
     report = evaluate_vlm(model, processor, f"{shapes_dir}/instruct_test.json", shapes_dir, tmp_path,
-                          batch_size=8, max_samples=3, no_image_baseline=True)
+                          batch_size=8, max_samples=3, no_image_baseline=True, scorer=SHAPES_SCORER)
     assert report["images"] == 3 and report["questions"] >= 6
     for row in report["by_type"].values():
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["no_image_accuracy"] <= 1
@@ -53,3 +70,25 @@ def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path):
     assert unloadable.returncode == 2
     assert unloadable.stderr.strip().splitlines()[-1].startswith("error:")
     assert len([line for line in unloadable.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_free_form_llava_file_needs_no_world(tiny_vlm, shapes_dir, tmp_path):
+    model, processor = tiny_vlm
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    samples = json.loads(open(f"{shapes_dir}/instruct_test.json").read())[:3]
+    for sample in samples:
+        sample.pop("qa", None)  # a plain LLaVA file: questions and free-form answers only
+    plain = tmp_path / "data" / "llava.json"
+    plain.parent.mkdir()
+    plain.write_text(json.dumps(samples))
+    assert not (plain.parent / "world.json").exists()
+    result = run_cli("eval", str(tmp_path / "model"), "--data", str(plain), "--images", shapes_dir,
+                     "--out", str(tmp_path / "out"), "--batch-size", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    turns = sum(1 for s in samples for m in s["conversations"] if m["from"] == "gpt")
+    assert report["questions"] == turns and set(report["by_type"]) <= {"yes/no", "multiple choice", "open"}
+    if "yes/no" in report["by_type"]:
+        assert set(report["yes_no"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+        assert "Yes/no questions: accuracy" in result.stdout

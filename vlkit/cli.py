@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out")
     evaluate.add_argument("--labels", help="zero-shot class names + templates (CLIP models)")
     evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--scorer", default="auto",
+                          help="auto | exact_match | yes_no | multiple_choice | module:factory "
+                               "(the shapes world: data_tools.shapes_scoring:scorer_for)")
     evaluate.add_argument("--max-samples", type=int)
     evaluate.add_argument("--no-image-baseline", action="store_true", help="also answer without the image")
 

@@ -170,7 +170,8 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
     for split in ("test", "test_heldout"):
         results[split] = evaluate_vlm(model, processor, data_dir / f"instruct_{split}.json", data_dir,
                                       out / "eval" / f"vqa_{split}", batch_size=16, max_samples=size.eval_images,
-                                      no_image_baseline=True, model_name=str(out / "instruct"))
+                                      no_image_baseline=True, model_name=str(out / "instruct"),
+                                      scorer="data_tools.shapes_scoring:scorer_for")
     return results
 
 

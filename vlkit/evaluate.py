@@ -1,22 +1,22 @@
 """`vlkit eval MODEL --data FILE --images DIR [--out DIR]`: score a model, write JSON + markdown + PNG.
 
 A CLIP folder gets zero-shot classification and retrieval (`vlkit.clip.evaluate`). A VLM (run dir,
-saved or exported folder) answers every question of an instruct-format file whose samples carry
-`qa` records (`{"type", "answer"}` per assistant turn, as the shapes world writes them):
-- short answers (colour, shape, count, position, existence) are scored by exact match after
-  normalisation (case, punctuation, number words);
-- descriptions are scored by the colour+shape pairs they name: correct when the set of pairs
-  equals the truth's;
+saved or exported folder) answers every question of a conversation file (any format
+`vlkit.data.load_conversations` reads): each user turn is asked on its own, with the sample's
+images, in batched, left-padded, greedy passes, and scored against the assistant turn that follows
+it. Samples that carry `qa` records (`{"type", "answer"}` per assistant turn) are grouped and
+scored by those; the others by the form of the answer (yes/no, multiple choice, open).
+- scoring is pluggable (`vlkit.scoring`): `--scorer auto|exact_match|yes_no|multiple_choice` or
+  `module:factory` (the shapes world's: `data_tools.shapes_scoring:scorer_for`);
+- yes/no questions also get POPE's precision, recall and F1 of "yes";
 - with `--no-image-baseline` the same questions are asked without the image: the honest chance
   level of an LLM that guesses from the question alone.
-Each question is asked on its own, with the image, in one batched, left-padded, greedy pass.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,73 +26,41 @@ import torch
 from tqdm import tqdm
 
 from vlkit.errors import DataError
+from vlkit.scoring import Scorer, answer_kind, resolve_scorer, yes_no_metrics
 
 logger = logging.getLogger(__name__)
 
-NUMBER_WORDS = {"zero": "0", "none": "0", "no": "no", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
-MAX_NEW_TOKENS = {"description": 48}
+MAX_NEW_TOKENS = {"description": 48, "open": 32}
 DEFAULT_MAX_NEW_TOKENS = 8
-
-
-# --- scoring --------------------------------------------------------------------------------------------
-def normalize_answer(text: str) -> str:
-    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-    return " ".join(NUMBER_WORDS.get(word, word) if word != "no" else word for word in words)
-
-
-def named_pairs(text: str, colours: list[str], shapes: list[str]) -> set[tuple[str, str]]:
-    """The (colour, shape) pairs a sentence names: a colour followed by a shape within two words."""
-    words = re.sub(r"[^a-z ]", " ", text.lower()).split()
-    singular = {shape + "s": shape for shape in shapes} | {shape + "es": shape for shape in shapes}
-    words = [singular.get(word, word) for word in words]
-    pairs = set()
-    for index, word in enumerate(words):
-        if word in colours:
-            for follower in words[index + 1 : index + 4]:
-                if follower in shapes:
-                    pairs.add((word, follower))
-                    break
-    return pairs
-
-
-def score(prediction: str, answer: str, question_type: str, vocabulary: dict[str, list[str]]) -> bool:
-    if question_type == "description":
-        colours, shapes = vocabulary["colours"], vocabulary["shapes"]
-        return named_pairs(prediction, colours, shapes) == named_pairs(answer, colours, shapes)
-    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 # --- data -----------------------------------------------------------------------------------------------
 def question_items(samples, limit: int | None = None) -> list[dict[str, Any]]:
-    """One item per scored question: id, image path, question text, type, answer."""
+    """One item per scored question: id, images, question text, type, answer."""
     items = []
     for sample in samples:
-        qa = sample.get("qa") or []
-        if not qa:
-            continue
         questions = [m["content"] for m in sample["messages"] if m["role"] == "user"]
-        if len(questions) < len(qa):
-            raise DataError(f"sample {sample['id']}: {len(qa)} qa records but {len(questions)} user turns")
-        for question, record in zip(questions, qa):
-            if "answer" not in record or "type" not in record:
-                raise DataError(f"sample {sample['id']}: a qa record lacks 'type' or 'answer' ({record})")
-            text = question.replace("<image>", "").strip()
-            items.append({"id": sample["id"], "images": list(sample["images"]), "question": text,
-                          "type": record["type"], "answer": str(record["answer"])})
+        qa = sample.get("qa") or []
+        if qa:
+            if len(questions) < len(qa):
+                raise DataError(f"sample {sample['id']}: {len(qa)} qa records but {len(questions)} user turns")
+            for record in qa:
+                if "answer" not in record or "type" not in record:
+                    raise DataError(f"sample {sample['id']}: a qa record lacks 'type' or 'answer' ({record})")
+            pairs = [(question, record["type"], str(record["answer"])) for question, record in zip(questions, qa)]
+        else:  # free-form: each user turn against the assistant turn after it
+            messages = sample["messages"]
+            pairs = [(message["content"], answer_kind(reply["content"]), reply["content"])
+                     for message, reply in zip(messages, messages[1:])
+                     if message["role"] == "user" and reply["role"] == "assistant"]
+        for question, question_type, answer in pairs:
+            items.append({"id": sample["id"], "images": list(sample["images"]),
+                          "question": question.replace("<image>", "").strip(), "type": question_type, "answer": answer})
         if limit and len({item["id"] for item in items}) >= limit:
             break
     if not items:
-        raise DataError("no scorable questions: the samples need 'qa' records with 'type' and 'answer' per assistant turn")
+        raise DataError("no scorable questions: the samples need user turns answered by assistant turns")
     return items
-
-
-def load_vocabulary(data_file: Path) -> dict[str, list[str]]:
-    """Colours and shapes of the world (world.json next to the data), for description scoring."""
-    world_file = data_file.parent / "world.json"
-    if world_file.is_file():
-        world = json.loads(world_file.read_text())
-        return {"colours": list(world["colours"]), "shapes": list(world["shapes"])}
-    return {"colours": [], "shapes": []}
 
 
 # --- answering ------------------------------------------------------------------------------------------
@@ -129,13 +97,16 @@ def answer_all(model, processor, items: list[dict[str, Any]], image_root: Path, 
 
 def evaluate_vlm(model, processor, data_file: str | Path, image_root: str | Path, out_dir: str | Path | None = None,
                  batch_size: int = 16, max_samples: int | None = None, no_image_baseline: bool = False,
-                 model_name: str = "") -> dict[str, Any]:
-    """Score a VLM on an instruct-format file; write eval.json, eval.md, eval.png, predictions.jsonl."""
+                 model_name: str = "", scorer: str | Scorer | None = None) -> dict[str, Any]:
+    """Score a VLM on a conversation file; write eval.json, eval.md, eval.png, predictions.jsonl.
+
+    scorer: a `vlkit.scoring` name, a `module:factory` or a callable (default "auto").
+    """
     from vlkit.data.formats import load_conversations
 
     data_file, image_root = Path(data_file), Path(image_root)
     items = question_items(load_conversations(data_file), limit=max_samples)
-    vocabulary = load_vocabulary(data_file)
+    score = resolve_scorer(scorer, data_file)
     started = time.time()
     model.eval()
     predictions = answer_all(model, processor, items, image_root, True, batch_size, "answering")
@@ -146,14 +117,17 @@ def evaluate_vlm(model, processor, data_file: str | Path, image_root: str | Path
                               "images": len({item["id"] for item in items}), "by_type": {}}
     for question_type in sorted({item["type"] for item in items}):
         indices = [i for i, item in enumerate(items) if item["type"] == question_type]
-        correct = [score(predictions[i], items[i]["answer"], question_type, vocabulary) for i in indices]
+        correct = [score(predictions[i], items[i]["answer"], question_type) for i in indices]
         row = {"n": len(indices), "accuracy": sum(correct) / len(indices)}
         if baseline is not None:
             row["no_image_accuracy"] = sum(
-                score(baseline[i], items[i]["answer"], question_type, vocabulary) for i in indices) / len(indices)
+                score(baseline[i], items[i]["answer"], question_type) for i in indices) / len(indices)
         report["by_type"][question_type] = row
-    all_correct = [score(p, item["answer"], item["type"], vocabulary) for p, item in zip(predictions, items)]
+    all_correct = [score(p, item["answer"], item["type"]) for p, item in zip(predictions, items)]
     report["overall_accuracy"] = sum(all_correct) / len(items)
+    yes_no_items = [i for i, item in enumerate(items) if answer_kind(item["answer"]) == "yes/no"]
+    if yes_no_items:  # POPE's figures: a model that always says "yes" shows here, not in accuracy
+        report["yes_no"] = yes_no_metrics([predictions[i] for i in yes_no_items], [items[i]["answer"] for i in yes_no_items])
     report["wall_time_s"] = round(time.time() - started, 1)
     if out_dir is not None:
         write_report(report, items, predictions, baseline, Path(out_dir))
@@ -184,6 +158,9 @@ def markdown_table(report: dict[str, Any]) -> str:
             line += f" {row['no_image_accuracy']:.3f} |"
         lines.append(line)
     lines.append(f"| **all** | {report['questions']} | {report['overall_accuracy']:.3f} |" + (" |" if has_baseline else ""))
+    if "yes_no" in report:
+        pope = report["yes_no"]
+        lines += ["", "Yes/no questions: " + ", ".join(f"{name.replace('_', ' ')} {value:.3f}" for name, value in pope.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +211,7 @@ def run(args) -> int:
         model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name)
     report = evaluate_vlm(loaded.model, loaded.processor, args.data, args.images, out, batch_size=args.batch_size,
                           max_samples=args.max_samples, no_image_baseline=args.no_image_baseline,
-                          model_name=args.model)
+                          model_name=args.model, scorer=args.scorer)
     print(markdown_table(report))
     print(f"wrote {out}/eval.json, eval.md, eval.png, predictions.jsonl")
     return 0
