@@ -54,3 +54,14 @@ def test_checkpoint_folders_rotate_by_step(tmp_path):
         (tmp_path / f"{compat.PREFIX_CHECKPOINT_DIR}-{step}").mkdir()
     compat.rotate_checkpoints(output_dir=str(tmp_path), save_total_limit=2, use_mtime=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-15"]
+    assert compat.SCHEDULER_NAME == "scheduler.pt"  # what the Trainer's resume reads back
+
+
+def test_accelerate_keeps_the_distributed_type_in_its_shared_state():
+    # treat_cpu_group_as_accelerator_group relabels this entry; a single process has no group to relabel.
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    assert PartialState._shared_state["distributed_type"] is state.distributed_type
+    compat.treat_cpu_group_as_accelerator_group()
+    assert PartialState().distributed_type is state.distributed_type  # NO stays NO

@@ -1,4 +1,4 @@
-"""The one place vlkit touches transformers' internals or names that moved between releases.
+"""The one place vlkit touches transformers' and accelerate's internals, or names that moved between releases.
 
 Everything else in vlkit uses transformers' public API. What is here has no public form (or had
 another name in a release `pyproject.toml` allows); `tests/test_compat.py` holds one small test
@@ -25,7 +25,7 @@ def cache_argument(kwargs: dict[str, Any]) -> Any | None:
 
 
 def __getattr__(name: str) -> Any:
-    """`PREFIX_CHECKPOINT_DIR` and `rotate_checkpoints`, the Trainer's checkpoint-folder helpers.
+    """`PREFIX_CHECKPOINT_DIR`, `rotate_checkpoints` and `SCHEDULER_NAME`: the Trainer's checkpoint folders.
 
     Loaded on first use: `transformers.trainer_utils` imports peft and bitsandbytes, which the model
     code (shipped inside exports too) does not need.
@@ -34,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from transformers import trainer_utils
 
         return getattr(trainer_utils, name)
+    if name == "SCHEDULER_NAME":  # the file name of the scheduler state in a Trainer checkpoint
+        from transformers import trainer
+
+        return trainer.SCHEDULER_NAME
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -55,3 +59,19 @@ def attention_implementation(config) -> str | None:
 def set_attention_implementation(config, value: str) -> None:
     """Set a config's attention implementation in place (a model built from it uses that kernel)."""
     config._attn_implementation = value
+
+
+def treat_cpu_group_as_accelerator_group() -> None:
+    """Make accelerate shard with FSDP on a CPU (gloo) process group.
+
+    accelerate turns only accelerator process groups (MULTI_GPU, MULTI_XPU, ...) into FSDP and would
+    train a CPU group plain data parallel, without a word. No public switch exists, so the shared
+    state's type is relabelled MULTI_GPU (the device stays the CPU); the Trainer must then keep that
+    state (`accelerator_config={"use_configured_state": True}`).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)  # the gloo group
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU

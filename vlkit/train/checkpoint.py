@@ -13,6 +13,7 @@ written to a temporary name and renamed, so a crash mid-save never leaves a torn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -154,12 +155,43 @@ def saved_state(model: torch.nn.Module, manifest: dict[str, Any]) -> dict[str, t
     return state
 
 
-def save_trained(model: torch.nn.Module, folder: str | Path, manifest: dict[str, Any]) -> None:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a parameter that FSDP2 sharded into a DTensor (other tensors as they are).
+
+    Gathering a DTensor is a collective: every rank must call this for the same tensors in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gather_trained(model: torch.nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """`saved_state` with every tensor full and unsharded; under FSDP or ZeRO-3 every rank must call it."""
+    state = saved_state(model, manifest)
+    with zero3_gathered(list(state.values())):
+        return {name: full_tensor(parameter.detach()).clone() for name, parameter in state.items()}
+
+
+def zero3_gathered(parameters: list[torch.Tensor]):
+    """A context in which DeepSpeed ZeRO-3's partitioned parameters hold their whole tensors (a collective)."""
+    if not any(hasattr(parameter, "ds_id") for parameter in parameters):  # ZeRO-3 tags what it partitions
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def write_trained(state: dict[str, torch.Tensor], folder: str | Path, manifest: dict[str, Any]) -> None:
     """Write trainable.safetensors, then manifest.json (the manifest marks a complete save)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(saved_state(model, manifest), folder / TRAINABLE, metadata={"format": RUN_FORMAT})
+    atomic_save_tensors(state, folder / TRAINABLE, metadata={"format": RUN_FORMAT})
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def save_trained(model: torch.nn.Module, folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Write a model's trained weights and the manifest (one process; see gather_trained for several)."""
+    write_trained(gather_trained(model, manifest), folder, manifest)
 
 
 def load_trained(model: torch.nn.Module, folder: str | Path) -> None:
@@ -176,7 +208,17 @@ def load_trained(model: torch.nn.Module, folder: str | Path) -> None:
         )
     with torch.no_grad():
         for name, tensor in state.items():
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+            parameters[name].copy_(like(parameters[name], tensor.to(parameters[name].dtype)))
+
+
+def like(parameter: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` laid out as `parameter`: this rank's shard when FSDP2 sharded it into a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(parameter, DTensor):
+        return tensor
+    # Every rank read the same file, so each cuts out its own shard: no communication (src_data_rank=None).
+    return distribute_tensor(tensor.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None)
 
 
 def load_run(folder: str | Path, device: str | None = None):

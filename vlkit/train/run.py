@@ -176,6 +176,8 @@ def build_model(plan: Plan):
 
 def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
     output = Path(recipe.output_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return output  # under a launcher only rank 0 prepares it; train_vlm's ranks meet before any other write
     if recipe.overwrite and not resume_from and output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     from vlkit.data.dataset import ConversationDataset
     from vlkit.data.packing import packing_supported
     from vlkit.features import cache_features_for, caches_vision_features
-    from vlkit.train.checkpoint import build_manifest, save_trained
+    from vlkit.train.checkpoint import build_manifest
     from vlkit.train.plots import plot_loss
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
     from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
@@ -229,6 +231,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     manifest = build_manifest(recipe, model, bases, history, system_prompt=model_spec(plan).get("system_prompt"))
     train = recipe.train
     has_eval = val_set is not None and train.eval_steps is not None
+    sharded_on_cpu = shard_cpu_ranks()
+    name_fsdp_blocks(model)
     args = TrainingArguments(
         output_dir=str(output / "checkpoints"),
         per_device_train_batch_size=train.batch_size,
@@ -257,7 +261,11 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         report_to=train.report_to,
         save_only_model=False,
         disable_tqdm=False,
+        accelerator_config={"use_configured_state": True} if sharded_on_cpu else None,
     )
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     learning_rates = {
         "connector": train.learning_rate,
@@ -265,8 +273,6 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         "vision_tower": train.vision_learning_rate or train.learning_rate,
     }
     if caches_vision_features(recipe):
-        from accelerate import PartialState
-
         cached = cache_features_for(model, processor.image_processor, [d for d in (train_set, val_set) if d is not None],
                                     device=args.device, shard=(args.process_index, args.world_size))
         PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
@@ -289,9 +295,9 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))
 
+    trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
     if trainer.is_world_process_zero():
         processor.save_pretrained(output / "processor")
-        save_trained(trainer.accelerator.unwrap_model(trainer.model), output, manifest)
         history_log = trainer.state.log_history
         plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
         summary = {
@@ -306,6 +312,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
             "skipped_ids": train_set.skipped_ids,
             "wall_time_s": round(time.time() - started, 1),
             "resumed_from": plan.resume_from,
+            "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": args.world_size},
             "final_metrics": metrics,
             "log_history": history_log,
         }
@@ -325,8 +332,56 @@ def join_cpu_ranks_without_cuda() -> None:
     MULTI_CPU launcher needs mpirun), and that launcher leaves ACCELERATE_USE_CPU unset; without
     it, each rank would train alone as rank 0 of 1.
     """
-    if os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available():
+    if os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available() and not launched_with("DEEPSPEED"):
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
+def launched_with(kind: str) -> bool:
+    """Whether `accelerate launch` asked for FSDP or DEEPSPEED (it says so in the environment)."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+
+
+def name_fsdp_blocks(model) -> None:
+    """Under an FSDP launch, name the block classes its transformer-based wrap shards one by one.
+
+    Unnamed, accelerate takes every class in `model._no_split_modules` and stops at one the model
+    lacks; a composite model inherits its parts' lists, and a CLIP vision tower's names
+    CLIPTextEmbeddings. Only classes present are named; a launch config that names its own
+    (`fsdp_transformer_layer_cls_to_wrap`) wins.
+    """
+    if not launched_with("FSDP"):
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    blocks = sorted(name for name in (model._no_split_modules or []) if name in present)
+    if blocks:
+        os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(blocks))
+
+
+def shard_cpu_ranks() -> bool:
+    """Under an FSDP or DeepSpeed launch on CPU ranks, keep the sharding the config asked for; True if so.
+
+    accelerate 1.15 drops both on CPU ranks without a word, and they would train plain data parallel:
+    AcceleratorState turns only accelerator process groups (MULTI_GPU/NPU/XPU/...) into FSDP, and takes
+    DeepSpeed only when not told to use the CPU. torch's FSDP2 and DeepSpeed's CPU accelerator both run
+    on a gloo group. accelerate has no public switch for this, so the gloo group is made here; for FSDP
+    it is labelled MULTI_GPU so the Accelerator the Trainer creates takes its FSDP branch (the device
+    stays the CPU), and for DeepSpeed ACCELERATE_USE_CPU stays unset (join_cpu_ranks_without_cuda). The
+    caller must tell the Trainer to keep this state (`accelerator_config={"use_configured_state": True}`).
+    tests/test_distributed_launch.py checks each run was sharded (`distributed` in run_summary.json).
+    """
+    if os.environ.get("LOCAL_RANK") is None or torch.cuda.is_available():
+        return False
+    if not (launched_with("FSDP") or launched_with("DEEPSPEED")):
+        return False
+    from accelerate import PartialState
+
+    from vlkit.compat import treat_cpu_group_as_accelerator_group
+
+    if launched_with("FSDP"):
+        treat_cpu_group_as_accelerator_group()
+    else:  # DeepSpeed: AcceleratorState takes its DeepSpeed branch as long as ACCELERATE_USE_CPU is unset
+        PartialState(cpu=True)  # the gloo group
+    return True
 
 
 def run(args) -> int:

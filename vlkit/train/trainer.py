@@ -1,9 +1,11 @@
 """`VlkitTrainer`: transformers' Trainer, saving only what was trained, atomically.
 
 The loop, mixed precision, gradient accumulation, schedulers, logging and checkpoint rotation
-are the Trainer's. This subclass changes four things:
+are the Trainer's. This subclass changes these things:
 - the optimizer holds only trainable parameters, in one group per part with its own learning rate;
-- checkpoints hold `trainable.safetensors` + `manifest.json` instead of the whole model;
+- checkpoints hold `trainable.safetensors` + `manifest.json` instead of the whole model, full and
+  unsharded under FSDP and ZeRO-3 too (every rank joins the gather, the main one writes); under
+  FSDP the Trainer's whole-model file is skipped, only the optimizer shards are added;
 - each checkpoint is written into a staging folder and renamed into place, so a crash during a
   save leaves the previous checkpoint intact;
 - resuming checks that the frozen bases are the ones the checkpoint was trained on.
@@ -19,10 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import save_fsdp_optimizer
 from transformers import Trainer, TrainerCallback
 
-from vlkit.compat import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from vlkit.train.checkpoint import check_bases_unchanged, load_trained, read_manifest, save_trained
+from vlkit.compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, rotate_checkpoints
+from vlkit.train.checkpoint import (
+    check_bases_unchanged,
+    gather_trained,
+    load_trained,
+    read_manifest,
+    write_trained,
+)
 from vlkit.train.stages import part_of
 
 logger = logging.getLogger(__name__)
@@ -57,9 +66,21 @@ class VlkitTrainer(Trainer):
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank joins the gather (under FSDP each holds a shard of the trained weights); one writes.
         output_dir = output_dir or self.args.output_dir
-        save_trained(self.accelerator.unwrap_model(self.model), output_dir, self.manifest)
+        state = gather_trained(self.accelerator.unwrap_model(self.model), self.manifest)
+        if self.args.should_save:
+            write_trained(state, output_dir, self.manifest)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP the Trainer would also write the whole model, frozen bases included (gigabytes for a
+        # 7B LLM); the trained weights are in trainable.safetensors already, so only the optimizer is saved.
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         check_bases_unchanged(read_manifest(resume_from_checkpoint), f"checkpoint {resume_from_checkpoint}")
