@@ -65,3 +65,21 @@ def test_accelerate_keeps_the_distributed_type_in_its_shared_state():
     assert PartialState._shared_state["distributed_type"] is state.distributed_type
     compat.treat_cpu_group_as_accelerator_group()
     assert PartialState().distributed_type is state.distributed_type  # NO stays NO
+
+
+def test_no_split_module_names_lists_a_models_blocks():
+    llm = LlamaForCausalLM(tiny_llama_config(64))
+    assert "LlamaDecoderLayer" in compat.no_split_module_names(llm)
+
+
+def test_the_trainer_still_has_the_hooks_vlkit_overrides():
+    from transformers import Trainer
+
+    from vlkit.train.trainer import VlkitTrainer
+
+    for name, parameters in compat.TRAINER_HOOKS.items():
+        assert hasattr(Trainer, name), f"transformers.Trainer no longer has {name}"
+        assert tuple(inspect.signature(getattr(Trainer, name)).parameters)[1:] == parameters, name
+        assert name in VlkitTrainer.__dict__  # and vlkit overrides exactly these
+    overridden = {name for name in VlkitTrainer.__dict__ if name.startswith("_") and not name.startswith("__")}
+    assert overridden <= set(compat.TRAINER_HOOKS)

@@ -75,3 +75,19 @@ def treat_cpu_group_as_accelerator_group() -> None:
     state = PartialState(cpu=True)  # the gloo group
     if state.distributed_type == DistributedType.MULTI_CPU:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def no_split_module_names(model: torch.nn.Module) -> list[str]:
+    """Class names of the blocks a model must not be split inside (what FSDP wraps one by one)."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
+# The Trainer's private hooks `vlkit.train.trainer.VlkitTrainer` overrides, for what the Trainer has no
+# public hook: writing only the trained weights (`_save_checkpoint`, into a staging folder renamed into
+# place), checking the frozen bases when resuming (`_load_from_checkpoint`), and under FSDP skipping the
+# whole-model file (`_save_optimizer_and_scheduler`). Name -> the parameters the overrides rely on.
+TRAINER_HOOKS = {
+    "_save_checkpoint": ("model", "trial"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_save_optimizer_and_scheduler": ("output_dir",),
+}

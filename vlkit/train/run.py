@@ -344,15 +344,17 @@ def launched_with(kind: str) -> bool:
 def name_fsdp_blocks(model) -> None:
     """Under an FSDP launch, name the block classes its transformer-based wrap shards one by one.
 
-    Unnamed, accelerate takes every class in `model._no_split_modules` and stops at one the model
+    Unnamed, accelerate takes every class in the model's no-split list and stops at one the model
     lacks; a composite model inherits its parts' lists, and a CLIP vision tower's names
     CLIPTextEmbeddings. Only classes present are named; a launch config that names its own
     (`fsdp_transformer_layer_cls_to_wrap`) wins.
     """
     if not launched_with("FSDP"):
         return
+    from vlkit.compat import no_split_module_names
+
     present = {type(module).__name__ for module in model.modules()}
-    blocks = sorted(name for name in (model._no_split_modules or []) if name in present)
+    blocks = sorted(name for name in no_split_module_names(model) if name in present)
     if blocks:
         os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", ",".join(blocks))
 

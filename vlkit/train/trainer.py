@@ -40,6 +40,7 @@ STAGING = ".staging"
 
 
 class VlkitTrainer(Trainer):
+    # The private Trainer hooks overridden here are listed, and pinned by a test, in vlkit.compat.TRAINER_HOOKS.
     def __init__(self, *args, manifest: dict[str, Any], part_learning_rates: dict[str, float], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.manifest = manifest
