@@ -217,8 +217,28 @@ def test_retrieval_and_zero_shot_metrics_on_known_embeddings():
     assert int(result["confusion"][2, 1]) == 0 and int(result["confusion"][3, 2]) == 1
 
 
+def test_zero_shot_prompts_per_class_replace_the_templates(trained):
+    from transformers import AutoTokenizer
+
+    from vlkit.clip.evaluate import class_embeddings, class_prompts, embed_texts
+
+    spec = {"classes": ["red circle", "orange star"], "templates": ["a photo of a {}.", "a {}."],
+            "prompts": {"orange star": ["an orange star"]}}
+    assert class_prompts(spec) == [["a photo of a red circle.", "a red circle."], ["an orange star"]]
+    assert class_prompts({"classes": ["red circle"]}) == [["red circle"]]
+    model, tokenizer = CLIPModel.from_pretrained(trained).eval(), AutoTokenizer.from_pretrained(trained)
+    ensembled = class_embeddings(model, tokenizer, spec["classes"], prompts=class_prompts(spec))
+    texts = embed_texts(model, tokenizer, ["a photo of a red circle.", "a red circle.", "an orange star"])
+    assert torch.allclose(ensembled[0], torch.nn.functional.normalize(texts[:2].mean(0), dim=0), atol=1e-5)
+    assert torch.allclose(ensembled[1], texts[2], atol=1e-5)
+    # Without prompts, the templates fill every class (the former behaviour).
+    assert torch.allclose(class_embeddings(model, tokenizer, spec["classes"][:1], spec["templates"]), ensembled[:1], atol=1e-5)
+
+
 def test_shipped_tiny_recipe_is_valid_and_keeps_augmentation_off():
     recipe = load_clip_recipe(Path(__file__).parents[1] / "recipes" / "tiny" / "clip.yaml")
     assert recipe.stage == "clip" and recipe.loss.type == "clip" and recipe.loss.gather_with_grad
     assert not Augment(recipe.augment).enabled  # colour is the label in the shapes world
     assert recipe.model.vision.config["image_size"] == 64  # the shapes world's image size
+    # A convolutional tower and colour + shape captions: the two levers that taught the tower shape.
+    assert recipe.model.vision.config["model_type"] == "resnet" and recipe.data.caption_column == "objects"

@@ -9,9 +9,9 @@ import pytest
 
 from vlkit.demo import DemoSize, run_pipeline, write_report
 
-TINY_CLIP = [
-    "model.vision.config={image_size: 32, patch_size: 8, hidden_size: 32, intermediate_size: 64, "
-    "num_hidden_layers: 2, num_attention_heads: 2}",
+TINY_CLIP = [  # a convolutional tower, like the shipped recipe's, at toy size (its last stage: 4 x 4 at 32 px)
+    "model.vision.config={model_type: resnet, image_size: 32, embedding_size: 8, hidden_sizes: [8, 16], "
+    "depths: [1, 1], layer_type: basic}",
     "model.text.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}",
     "model.projection_dim=16", "train.batch_size=16", "data.val_file=null",
 ]
@@ -40,8 +40,12 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
         assert "top1" in figures["clip_eval"][split]["zero_shot"]
     assert (out / "eval" / "clip_test" / "confusion_matrix.png").is_file()
     assert len(figures["export"]["heldout_answers"]) == 3
-    assert figures["export"]["format"] in ("llava", "vlkit")
+    assert figures["export"]["format"] == "vlkit"  # stock Llava reads token-sequence towers only
     assert "| colour |" in text or "| shape |" in text
+    # The linear probes of the tower and the connector are in the report and in eval/probe.json.
+    assert set(figures["probe"]["tasks"]) == {"colour", "shape", "position", "count"}
+    assert "## Linear probes" in text and "| count |" in text and "connector (" in text
+    assert json.loads((out / "eval" / "probe.json").read_text())["tasks"]["count"]["n_train"] == 32
     saved = json.loads((out / "figures.json").read_text())
     assert saved["timings"]["all stages"] > 0
     assert Path(figures["export"]["dir"]).is_dir()
@@ -71,10 +75,12 @@ def test_the_report_names_every_missed_goal():
         "test": {"by_type": {"colour": row(0.95, 0.1), "count": row(0.5, 0.6), "existence": row(0.9, 0.5)}},
         "test_heldout": {"by_type": {}},
     }}
-    assert shortfalls(figures) == ["Targets missed on test: count 0.500 < 0.75.",
-                                   "Not above the no-image baseline: count 0.500 <= 0.600."]
-    figures["vqa"]["test"]["by_type"]["count"] = row(0.8, 0.6)
+    assert shortfalls(figures) == ["Targets missed on test: count 0.500 < 0.85.",
+                                   "Less than 0.3 above the no-image baseline: count 0.500 vs 0.600."]
+    figures["vqa"]["test"]["by_type"]["count"] = row(0.9, 0.6)
     assert shortfalls(figures) == []
+    figures["vqa"]["test"]["by_type"]["count"] = row(0.9, 0.7)  # met, but only 0.2 above guessing
+    assert shortfalls(figures) == ["Less than 0.3 above the no-image baseline: count 0.900 vs 0.700."]
 
 
 def test_the_world_is_generated_again_for_another_size_or_generator_version(tmp_path):

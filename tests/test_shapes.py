@@ -62,6 +62,14 @@ def test_writes_every_file_with_the_documented_rows(data_world):
     assert "red circle" in labels["classes"]
     assert set(labels["heldout_classes"]) < set(labels["classes"])
     assert all("{}" in template for template in labels["templates"])
+    # Zero-shot prompts are worded exactly like a one-shape image's `objects` caption.
+    assert set(labels["prompts"]) == set(labels["classes"])
+    assert labels["prompts"]["red circle"] == ["a red circle"] and labels["prompts"]["orange star"] == ["an orange star"]
+    for split in sizes:
+        for line in (data_world / f"clip_{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["label"]:
+                assert labels["prompts"][row["label"]] == [row["objects"]]
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):

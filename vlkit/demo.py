@@ -1,11 +1,13 @@
 """`make demo`: the whole mission on a 2-core CPU, offline, in minutes.
 
 1. generate the shapes world (train / val / test / test_heldout);
-2. stage 0: CLIP-pretrain a small ViT (recipes/tiny/clip.yaml);
+2. stage 0: CLIP-pretrain a small vision tower, a tiny ResNet (recipes/tiny/clip.yaml);
 3. stages 1-2: align, then instruction-tune, with the embedded SmolLM2-135M-Instruct
    (recipes/tiny/align.yaml, recipes/tiny/instruct.yaml);
 4. evaluate on test and test_heldout: VQA accuracy by question type, descriptions, and the same
-   questions without the image (the chance baseline);
+   questions without the image (the chance baseline); linear probes of colour, shape, position and
+   count on the tower's features and the connector's output (bench/probe.py), which say where
+   information is lost;
 5. export to Hugging Face format, reload the export, answer held-out questions and describe
    skimage's astronaut photo;
 6. write runs/demo/report.md with the figures and plots.
@@ -42,6 +44,7 @@ class DemoSize:
     llm: str = "smollm2-135m-instruct"
     batch_size: int | None = None  # None: the recipes' own
     val_samples: int = 32  # per LLM stage: its end-of-run val loss (the demo scores VQA separately)
+    probe_train: int = 3000  # train images the linear probes are fitted on (0: no probe)
     budget_minutes: float | None = None  # the wall-time goal this size is meant to fit
     extra: dict[str, list[str]] = field(default_factory=dict)
 
@@ -50,7 +53,7 @@ SIZES = {
     # On 2 idle cores SmolLM2 trains ~3 captions or ~1.7 conversations per second: the LLM stages see ~500-900 samples each.
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=80, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
-    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5,
+    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000,
                      clip=["train.max_steps=150"], align=["train.max_steps=10"], instruct=["train.max_steps=12"]),
 }
 
@@ -139,6 +142,8 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     stage_started = time.time()
     figures["clip_eval"] = evaluate_clip_stage(out, data_dir)
     figures["vqa"] = evaluate_vlm_stage(out, data_dir, size)
+    if size.probe_train:
+        figures["probe"] = probe_stage(out, data_dir, size)
     figures["timings"]["eval"] = round(time.time() - stage_started, 1)
     stage_started = time.time()
     figures["export"] = export_stage(out, data_dir)
@@ -151,12 +156,16 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
 
 def evaluate_clip_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     from vlkit.clip.evaluate import evaluate_clip
+    from vlkit.config import read_yaml
 
     log("eval: CLIP zero-shot + retrieval on test and test_heldout")
+    # Retrieval scores the captions the stage trained on (recipes/tiny/clip.yaml: the `objects` column).
+    caption_column = read_yaml(out / "clip" / "recipe.yaml")["data"].get("caption_column", "caption")
     results = {}
     for split in ("test", "test_heldout"):
         results[split] = evaluate_clip(out / "clip", data_dir / f"clip_{split}.jsonl", data_dir,
-                                       out / "eval" / f"clip_{split}", labels_file=data_dir / "zeroshot_labels.json")
+                                       out / "eval" / f"clip_{split}", labels_file=data_dir / "zeroshot_labels.json",
+                                       caption_column=caption_column)
     return results
 
 
@@ -173,6 +182,23 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
                                       no_image_baseline=True, model_name=str(out / "instruct"),
                                       scorer="data_tools.shapes_scoring:scorer_for")
     return results
+
+
+def probe_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
+    """bench/probe.py on the instruct run: linear probes on the tower's features and the connector's output."""
+    import importlib.util
+
+    log(f"probe: python bench/probe.py {out / 'instruct'} --data {data_dir} --n-train {size.probe_train}")
+    # bench/ is not an installed package; the demo runs from the checkout, as it reads recipes/ from it.
+    spec = importlib.util.spec_from_file_location("vlkit_bench_probe", REPO / "bench" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    started = time.time()
+    report = module.probe(str(out / "instruct"), data_dir, n_train=size.probe_train)
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "eval" / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
+    report["markdown"] = module.markdown(report)
+    return report
 
 
 def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:

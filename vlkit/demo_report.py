@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-TARGETS = {"colour": 0.90, "shape": 0.90, "count": 0.75, "position": 0.75}
+# Issue 18's goals for the full demo on test: accuracy per type, and a margin over the no-image baseline.
+TARGETS = {"colour": 0.95, "shape": 0.90, "position": 0.85, "count": 0.85, "existence": 0.90}
+BASELINE_MARGIN = 0.30
 
 
 def _fmt(value: float | None) -> str:
@@ -33,26 +35,31 @@ def summary_table(figures: dict[str, Any]) -> str:
     clip_test = figures["clip_eval"]["test"].get("zero_shot", {})
     clip_heldout = figures["clip_eval"]["test_heldout"].get("zero_shot", {})
     lines.append(f"CLIP zero-shot top-1: test {_fmt(clip_test.get('top1'))}, test_heldout {_fmt(clip_heldout.get('top1'))}")
+    if figures.get("probe"):
+        tasks = figures["probe"]["tasks"]
+        lines.append("linear probe, test (tower / connector): " + ", ".join(
+            f"{task} {_fmt(row.get('tower', {}).get('test'))} / {_fmt(row.get('connector', {}).get('test'))}"
+            for task, row in tasks.items()))
     lines.append(f"export format: {figures['export']['format']}; all stages {time_verdict(figures)}")
     lines += shortfalls(figures)
     return "\n".join(lines)
 
 
 def shortfalls(figures: dict[str, Any]) -> list[str]:
-    """One line per goal the run missed: targets on test, and the no-image baseline on every type."""
+    """One line per goal the run missed: targets on test, and BASELINE_MARGIN over the no-image baseline on every type."""
     missed_targets, not_above_baseline = [], []
     for qtype, test, _ in vqa_rows(figures):
         accuracy, baseline = test.get("accuracy"), test.get("no_image_accuracy")
         target = TARGETS.get(qtype)
         if target is not None and (accuracy or 0) < target:
             missed_targets.append(f"{qtype} {_fmt(accuracy)} < {target:g}")
-        if accuracy is not None and baseline is not None and accuracy <= baseline:
-            not_above_baseline.append(f"{qtype} {_fmt(accuracy)} <= {_fmt(baseline)}")
+        if accuracy is not None and baseline is not None and accuracy < baseline + BASELINE_MARGIN:
+            not_above_baseline.append(f"{qtype} {_fmt(accuracy)} vs {_fmt(baseline)}")
     lines = []
     if missed_targets:
         lines.append("Targets missed on test: " + "; ".join(missed_targets) + ".")
     if not_above_baseline:
-        lines.append("Not above the no-image baseline: " + "; ".join(not_above_baseline) + ".")
+        lines.append(f"Less than {BASELINE_MARGIN:g} above the no-image baseline: " + "; ".join(not_above_baseline) + ".")
     return lines
 
 
@@ -74,7 +81,8 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
     parts = [
         f"# vlkit demo report ({size_name})",
         "",
-        "Stage 0 CLIP-pretrains a small ViT on the generated shapes world; stages 1-2 align and instruction-tune "
+        "Stage 0 CLIP-pretrains a small vision tower (recipes/tiny/clip.yaml: a tiny ResNet) on the generated shapes "
+        "world; stages 1-2 align and instruction-tune "
         "a connector (+ LoRA) to the embedded SmolLM2-135M-Instruct. All figures below were measured by this run.",
         "",
         "## Timings (s)",
@@ -96,7 +104,7 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
         parts.append(f"| {qtype} | {_fmt(test.get('accuracy'))} | {_fmt(test.get('no_image_accuracy'))} | "
                      f"{_fmt(heldout.get('accuracy'))} | {_fmt(target) if target else '-'} | {met} |")
     missed = shortfalls(figures)
-    parts += ["", *(missed or ["Every target is met and every type is above the no-image baseline."])]
+    parts += ["", *(missed or [f"Every target is met and every type is at least {BASELINE_MARGIN:g} above the no-image baseline."])]
     parts += ["", f"![accuracy by type, test]({_rel(out / 'eval/vqa_test/eval.png', out)})",
               f"![accuracy by type, test_heldout]({_rel(out / 'eval/vqa_test_heldout/eval.png', out)})", ""]
 
@@ -107,6 +115,14 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
         parts.append(f"| {split} | {_fmt(zero_shot.get('top1'))} | {_fmt(zero_shot.get('top5'))} | "
                      f"{_fmt(retrieval['i2t_R@1'])} | {_fmt(retrieval['t2i_R@1'])} | {retrieval['i2t_mean_rank']:.2f} |")
     parts += ["", f"![zero-shot confusion matrix, test]({_rel(out / 'eval/clip_test/confusion_matrix.png', out)})", ""]
+
+    if figures.get("probe"):
+        probe = figures["probe"]
+        parts += ["## Linear probes (bench/probe.py): where is information lost?", "",
+                  "A linear classifier on the flattened features of single-shape images (colour, shape, position) and "
+                  "all images (count), fitted on train images and scored on val + test. A task the tower solves and the "
+                  "connector's output does not is lost in the connector; one the tower does not solve was never learned.",
+                  "", probe["markdown"], ""]
 
     parts += ["## Loss curves", ""]
     for stage in ("clip", "align", "instruct"):

@@ -2,9 +2,11 @@
 
 Zero-shot: rows with a non-null `label`; class names x prompt templates from a labels file
 (`{"classes": [...], "templates": ["a photo of a {}.", ...]}`, default `zeroshot_labels.json`
-next to the data file); each class embedding is the mean of its normalised template embeddings,
-renormalised (CLIP's prompt ensembling). Reports top-1/top-5, per-class accuracy and a
-confusion-matrix PNG.
+next to the data file), or per class the prompts of its optional `"prompts": {class: [text, ...]}`
+(a text tower trained from scratch knows only its captions' wording: a template word it never saw
+in training moves every class embedding, so the prompts should read like the captions); each class
+embedding is the mean of its normalised prompt embeddings, renormalised (CLIP's prompt
+ensembling). Reports top-1/top-5, per-class accuracy and a confusion-matrix PNG.
 
 Retrieval: all rows. Identical caption strings count as one text, and an image's positives are
 all its captions; a caption's positives are all images carrying it (datasets like the shapes world
@@ -85,11 +87,23 @@ def embed_images(model: PreTrainedModel, image_processor, paths: list[str], imag
     return torch.cat(chunks)
 
 
-def class_embeddings(model: PreTrainedModel, tokenizer, classes: list[str], templates: list[str]) -> torch.Tensor:
-    """Prompt-ensembled class embeddings [C, D]: mean of normalised template embeddings, renormalised."""
-    texts = [template.format(name) for name in classes for template in templates]
-    per_template = embed_texts(model, tokenizer, texts).view(len(classes), len(templates), -1)
-    return torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
+def class_prompts(spec: dict[str, Any]) -> list[list[str]]:
+    """Each class's prompt texts: `spec["prompts"][class]` where given, else its filled `templates`."""
+    templates = list(spec.get("templates") or ["{}"])
+    given = spec.get("prompts") or {}
+    return [list(given.get(name) or [template.format(name) for template in templates]) for name in spec["classes"]]
+
+
+def class_embeddings(model: PreTrainedModel, tokenizer, classes: list[str], templates: list[str] | None = None,
+                     prompts: list[list[str]] | None = None) -> torch.Tensor:
+    """Prompt-ensembled class embeddings [C, D]: mean of normalised prompt embeddings, renormalised.
+
+    `prompts` (one list per class, any lengths) replaces `templates` (the same ones for every class)."""
+    if prompts is None:
+        prompts = [[template.format(name) for template in templates or ["{}"]] for name in classes]
+    embeds = embed_texts(model, tokenizer, [text for texts in prompts for text in texts])  # [sum of lengths, D]
+    per_class = torch.split(embeds, [len(texts) for texts in prompts])
+    return torch.nn.functional.normalize(torch.stack([chunk.mean(dim=0) for chunk in per_class]), dim=-1)
 
 
 def zero_shot(image_embeds: torch.Tensor, class_embeds: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
@@ -192,14 +206,14 @@ def evaluate_clip(
         if not labels_path.is_file():
             raise DataError(f"zero-shot labels file not found: {labels_path}")
         spec = json.loads(labels_path.read_text())
-        classes, templates = list(spec["classes"]), list(spec.get("templates") or ["{}"])
+        classes, prompts = list(spec["classes"]), class_prompts(spec)
         index = {name: i for i, name in enumerate(classes)}
         labelled = [(i, row["label"]) for i, row in enumerate(rows) if row.get("label") is not None]
         known = [(i, index[label]) for i, label in labelled if label in index]
         if known:
             rows_idx = torch.tensor([i for i, _ in known])
             targets = torch.tensor([c for _, c in known])
-            result = zero_shot(image_embeds[rows_idx], class_embeddings(model, tokenizer, classes, templates), targets)
+            result = zero_shot(image_embeds[rows_idx], class_embeddings(model, tokenizer, classes, prompts=prompts), targets)
             seen = sorted(set(targets.tolist()))
             per_class = {
                 classes[c]: float(result["confusion"][c, c] / result["confusion"][c].sum()) for c in seen
@@ -210,7 +224,7 @@ def evaluate_clip(
                 "num_images": len(known),
                 "num_unknown_labels": len(labelled) - len(known),
                 "num_classes": len(classes),
-                "num_templates": len(templates),
+                "num_prompts": sum(len(texts) for texts in prompts),
                 "per_class_top1": per_class,
             }
             heldout = set(spec.get("heldout_classes") or [])

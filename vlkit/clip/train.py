@@ -73,12 +73,13 @@ def _labels_file(recipe: ClipRecipe) -> Path | None:
 
 
 def _zero_shot_texts(labels_file: Path | None) -> list[str]:
-    """Class names and filled templates: words the word-level tokenizer should know."""
+    """Class names, filled templates and per-class prompts: words the word-level tokenizer should know."""
     if labels_file is None or not labels_file.is_file():
         return []
     spec = json.loads(labels_file.read_text())
     classes, templates = spec.get("classes", []), spec.get("templates", [])
-    return [*classes, *(template.format(name) for name in classes[:1] for template in templates)]
+    prompts = [text for texts in (spec.get("prompts") or {}).values() for text in texts]
+    return [*classes, *(template.format(name) for name in classes[:1] for template in templates), *prompts]
 
 
 def training_arguments(recipe: ClipRecipe, checkpoint_dir: Path) -> TrainingArguments:
