@@ -39,6 +39,8 @@ from common import (
     verdict,
 )
 
+from vlkit.feature_maps import CONVOLUTIONAL_TOWERS
+
 GOAL = 1.0
 # recipes/tiny/clip.yaml's model and loss, used when that file is absent.
 TINY_CLIP = {
@@ -56,6 +58,10 @@ def clip_recipe(data_dir: Path):
 
     path = REPO / "recipes/tiny/clip.yaml"
     tree = yaml.safe_load(path.read_text()) if path.is_file() else {"stage": "clip", "output_dir": "unused", **TINY_CLIP}
+    if tree["model"]["vision"].get("config", {}).get("model_type") in CONVOLUTIONAL_TOWERS:
+        # The reference is stock transformers' forward, which cannot project a CNN's pooled map
+        # [B, C, 1, 1]; vlkit's side would run alone. Both sides run the former tiny ViT instead.
+        tree["model"] = TINY_CLIP["model"]
     tree["data"] = {"dir": str(data_dir), "train_file": "clip_train.jsonl"}
     tree.setdefault("augment", {}).update(random_resized_crop=False, color_jitter=False, horizontal_flip=False)
     return parse_clip_recipe(tree)

@@ -33,7 +33,9 @@ def default_vision(workdir: Path) -> str:
     config = dict(TINY_CLIP_VISION)
     recipe = REPO / "recipes/tiny/clip.yaml"
     if recipe.is_file():
-        config.update(yaml.safe_load(recipe.read_text())["model"]["vision"]["config"])
+        recipe_tower = yaml.safe_load(recipe.read_text())["model"]["vision"]["config"]
+        if recipe_tower.get("model_type", "clip_vision_model") == "clip_vision_model":  # else keep the ViT above
+            config.update(recipe_tower)
     folder = workdir / "random-tiny-clip-vision"
     torch.manual_seed(0)
     tower_config = CLIPVisionConfig(**config)
