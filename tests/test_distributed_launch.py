@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
-from train_helpers import REPO, align_recipe, write_recipe
+from train_helpers import REPO, align_recipe, free_port, write_recipe
 
 from vlkit.config import load_recipe
 from vlkit.train.checkpoint import load_run
@@ -39,8 +40,10 @@ def launch(config: str, *args: str, kill_at_step: int | None = None) -> subproce
         env["KILL_AT_STEP"] = str(kill_at_step)
         program = [str(REPO / "tests" / "train_killed_at_step.py")]
     accelerate = Path(sys.executable).with_name("accelerate")
-    return subprocess.run([str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}", *program,
-                           "train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    # A port of its own per launch: the previous launch (a killed one included) may still hold 29500.
+    return subprocess.run([str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}",
+                           "--main_process_port", str(free_port()), *program, "train", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def stage_recipe(stage: str, output_dir: Path, batch_size: int, fixtures: dict, init_from: Path | None) -> dict:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
-from train_helpers import REPO, align_recipe, run_cli, write_recipe
+from train_helpers import REPO, align_recipe, free_port, run_cli, write_recipe
 
 from vlkit.config import load_recipe
 from vlkit.errors import ConfigError
@@ -152,7 +152,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
     env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
-                             "-m", "vlkit", "train", write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
+                             "--main_process_port", str(free_port()), "-m", "vlkit", "train", write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())

@@ -34,3 +34,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = HANG_GUARD_S) ->
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "vlkit", *args], capture_output=True, text=True, env=full_env,
                           cwd=REPO, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
