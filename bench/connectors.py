@@ -56,8 +56,8 @@ def last_logged_loss(summary: dict[str, Any]) -> float | None:
 
 def run_connector(name: str, connector: dict, args, llm: str, vision: str, data: Path, workdir: Path) -> dict:
     """Train align then instruct with this connector, score VQA on test; return the table's figures."""
-    from vlkit.config import load_recipe
     from vlkit.evaluate import evaluate_vlm
+    from vlkit.recipe import load_recipe
     from vlkit.train.checkpoint import load_run
     from vlkit.train.run import train_vlm
 

@@ -6,8 +6,10 @@
 What one training sample costs before the model sees it: reading the row, decoding the image, the
 image processor, and the collator (padding or packing). The chat template, tokenizing and label
 masking run once per data set (`ConversationDataset`'s cached `datasets.map`), so they are timed
-apart, as "encode texts". The reference in the same process is what every sample cost before that
-cache: `processor.encode_conversation` (template, tokenizer, labels and images) per sample.
+apart, as "encode texts". The data path measured runs the image processor once per batch, in the
+collator (`defer_images=True`); the references in the same process run it once per sample, in the
+dataset, and, as before the text cache, `processor.encode_conversation` (template, tokenizer, labels
+and images) per sample. The image processor alone is timed per image, called singly and on a batch.
 Goal (issue 17): >= 1,000 instruct samples/s per core.
 """
 
@@ -52,18 +54,34 @@ def measure(stage: str, processor, data: Path, n: int, batch_size: int, rounds: 
     samples = first_samples(data, stage, n)
     n = len(samples)
     started = time.perf_counter()
-    dataset = ConversationDataset(samples, processor, data, max_length=512)
+    dataset = ConversationDataset(samples, processor, data, max_length=512, defer_images=True)
     prepare = time.perf_counter() - started
-    collator = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)
+    per_sample = ConversationDataset(samples, processor, data, max_length=512)  # reuses the cached texts
+    collator = VlkitCollator(processor.tokenizer.pad_token_id, pack=True, processor=processor)
+    plain = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)
     times = interleaved({
         "cached texts": lambda: iterate(dataset, collator, n, batch_size),
-        "encode per sample": lambda: encode_every_sample(dataset, processor, collator, n, batch_size),
+        "images per sample": lambda: iterate(per_sample, plain, n, batch_size),
+        "encode per sample": lambda: encode_every_sample(dataset, processor, plain, n, batch_size),
     }, rounds=rounds)
     rates = {name: n / min(seconds) for name, seconds in times.items()}
-    speedup = median_ratio(times["encode per sample"], times["cached texts"])
-    row = [stage, n, f"{prepare:.2f}", f"{rates['cached texts']:.0f}", f"{rates['encode per sample']:.0f}",
-           f"{speedup:.2f}x"]
+    row = [stage, n, f"{prepare:.2f}", f"{rates['cached texts']:.0f}", f"{rates['images per sample']:.0f}",
+           f"{median_ratio(times['images per sample'], times['cached texts']):.2f}x",
+           f"{rates['encode per sample']:.0f}", f"{median_ratio(times['encode per sample'], times['cached texts']):.2f}x"]
     return row, rates
+
+
+def image_processor_cost(processor, data: Path, n: int, batch_size: int, rounds: int) -> dict[str, float]:
+    """Milliseconds per image of the image processor alone, called per image and on `batch_size` images."""
+    from vlkit.data.images import load_image
+
+    paths = [path for group in first_samples(data, "instruct", n)["images"] for path in group][:n]
+    images = [load_image(path, data) for path in paths]
+    times = interleaved({
+        "single": lambda: [processor.encode_images([image]) for image in images],
+        "batched": lambda: [processor.encode_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)],
+    }, rounds=rounds)
+    return {name: 1000 * min(seconds) / len(images) for name, seconds in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage in FILES:
             row, rates[stage] = measure(stage, processor, data, args.n, args.batch_size, args.rounds)
             rows.append(row)
-    headers = ["stage", "samples", "encode texts (s, once)", "samples/s", "samples/s, encode per sample", "speed-up"]
+        cost = image_processor_cost(processor, data, args.n, args.batch_size, args.rounds)
+    headers = ["stage", "samples", "encode texts (s, once)", "samples/s", "samples/s, images per sample", "speed-up",
+               "samples/s, encode per sample", "speed-up"]
     instruct = rates["instruct"]["cached texts"]
     body = "\n".join([
         f"{torch.get_num_threads()} torch thread(s), batch {args.batch_size}, packing on, max_length 512, "
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         markdown_table(headers, rows),
         "",
+        f"- image processor per image: {cost['single']:.3f} ms called per image, {cost['batched']:.3f} ms called on "
+        f"{args.batch_size} images ({cost['single'] / cost['batched']:.2f}x)",
         f"- instruct data path per core: {instruct:.0f} samples/s, {verdict(instruct, GOAL_INSTRUCT_PER_CORE, ' samples/s')}",
     ])
     publish("Data path: dataset + collator", body, args)

@@ -49,7 +49,7 @@ MFU_GOAL = 0.50
 
 def recipe_lora() -> dict[str, float]:
     """The LoRA settings of recipes/tiny/instruct.yaml, so the benchmark times what the recipe trains."""
-    from vlkit.config import load_recipe
+    from vlkit.recipe import load_recipe
 
     tune = load_recipe(REPO / "recipes/tiny/instruct.yaml").tune
     return {"r": tune.lora_r, "alpha": tune.lora_alpha, "dropout": tune.lora_dropout}

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from vlkit.errors import DataError, ImageTokenMismatchError
-
-IGNORE_INDEX = -100
+from vlkit.modeling import IGNORE_INDEX
 
 
 class FakeProcessor:

@@ -15,7 +15,8 @@ from data_helpers import (
 )
 from PIL import Image
 
-from vlkit.data import ConversationDataset, ImageCaptionDataset, VlkitCollator, load_conversations, load_image
+from vlkit.clip.data import ClipPairDataset
+from vlkit.data import ConversationDataset, VlkitCollator, load_conversations, load_image
 from vlkit.errors import DataError, ImageError
 
 
@@ -201,7 +202,9 @@ def test_caption_pairs_skip_the_same_way(data_root):
     write_truncated_png(data_root / "t.png")
     pairs = [{"id": "a", "image": "good0.png", "caption": "red"}, {"id": "b", "image": "t.png", "caption": "x"},
              {"id": "c", "image": "good1.png", "caption": ""}, {"id": "d", "image": "../../etc/passwd", "caption": "y"}]
-    dataset = ImageCaptionDataset(pairs, data_root)
+    from transformers import CLIPImageProcessorPil
+
+    dataset = ClipPairDataset(pairs, data_root, CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, image_mean=[0, 0, 0], image_std=[1, 1, 1]))
     assert dataset.samples["id"] == ["a", "b"]
     assert [dataset[i]["id"] for i in range(2)] == ["a", "a"]
     assert dataset.skipped == {"corrupt_image": 1, "image_outside_root": 1, "empty_caption": 1}

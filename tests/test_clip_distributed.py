@@ -99,7 +99,7 @@ def test_gather_without_grad_does_not_give_full_gradients(two_process_results):
 TRAIN_SCRIPT = """
 import sys
 from vlkit.clip.recipe import parse_clip_recipe
-from vlkit.clip.train import train_clip
+from vlkit.train.clip import train_clip
 import json
 train_clip(parse_clip_recipe(json.loads(sys.argv[1])))
 """

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.models.clip import modeling_clip
 
 from vlkit.clip.loss import LOGIT_SCALE_INIT, ClipLoss, SigLipLoss, build_loss, clamp_logit_scale
-from vlkit.clip.train import ClipTrainer, LogitScaleClamp
+from vlkit.train.clip import ClipTrainer, LogitScaleClamp
 
 # transformers 5 renamed `clip_loss` to `image_text_contrastive_loss`; same function.
 hf_clip_loss = getattr(modeling_clip, "clip_loss", None) or modeling_clip.image_text_contrastive_loss

@@ -17,8 +17,8 @@ from transformers import AutoProcessor, CLIPModel
 from vlkit.clip.augment import Augment, color_jitter, random_resized_crop
 from vlkit.clip.evaluate import evaluate_clip, is_clip_folder, retrieval, zero_shot
 from vlkit.clip.recipe import AugmentSection, load_clip_recipe, parse_clip_recipe
-from vlkit.clip.train import train_clip
 from vlkit.errors import ConfigError
+from vlkit.train.clip import train_clip
 
 COLOURS = {"red": (220, 35, 35), "green": (40, 165, 60), "blue": (40, 85, 225), "yellow": (240, 220, 30)}
 SHAPES = ["circle", "square"]

@@ -21,11 +21,11 @@ from transformers import (
 from vlkit import build_vlm
 from vlkit.clip.evaluate import is_clip_folder
 from vlkit.clip.recipe import parse_clip_recipe
-from vlkit.clip.train import train_clip
 from vlkit.errors import ConfigError
 from vlkit.export import export_run
 from vlkit.feature_maps import as_tokens, feature_width
 from vlkit.features import tower_features
+from vlkit.train.clip import train_clip
 from vlkit.vision import load_vision_tower, num_feature_tokens
 
 TINY_RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16, 24], "depths": [1, 1, 1], "layer_type": "basic"}

@@ -8,7 +8,8 @@ import pytest
 from data_helpers import FakeProcessor, write_json, write_png
 
 from data_tools import convert
-from vlkit.data import ConversationDataset, ImageCaptionDataset, load_clip_pairs, load_conversations
+from vlkit.clip.data import ClipPairDataset
+from vlkit.data import ConversationDataset, load_clip_pairs, load_conversations
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +43,10 @@ def test_coco_to_clip_jsonl(data_coco, tmp_path):
     assert pairs["id"] == ["101", "102", "201"]
     assert pairs["caption"] == ["A red square.", "Something red.", "A blue square."]
     assert pairs["image"][0] == "train2017/000000000009.jpg" and pairs["image_id"] == ["9", "9", "25"]
-    dataset = ImageCaptionDataset(pairs, image_root=tmp_path)
-    red, _, blue = dataset[2]["image"].getpixel((0, 0))  # a JPEG: close to pure blue
+    from transformers import CLIPImageProcessorPil
+
+    dataset = ClipPairDataset(pairs, tmp_path, CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, image_mean=[0, 0, 0], image_std=[1, 1, 1]))
+    red, _, blue = (dataset[2]["pixel_values"][:, 0, 0] * 255).tolist()  # a JPEG: close to pure blue
     assert dataset.skipped == {} and red < 10 and blue > 240
 
 

@@ -8,7 +8,6 @@ from data_helpers import FakeProcessor, llava_sample, write_json, write_png
 
 from vlkit.data import (
     ConversationDataset,
-    ImageCaptionDataset,
     VlkitCollator,
     detect_format,
     load_clip_pairs,
@@ -103,8 +102,12 @@ def test_clip_pairs_with_several_captions_per_image(tmp_path):
     assert pairs["caption"] == [["a red circle", "a round red shape"], []]
     write_png(tmp_path / "a.png")
     write_png(tmp_path / "b.png")
-    dataset = ImageCaptionDataset(pairs, image_root=tmp_path)
-    assert dataset.skipped == {"empty_caption": 1} and dataset[0]["caption"] == ["a red circle", "a round red shape"]
+    from transformers import CLIPImageProcessorPil
+
+    from vlkit.clip.data import ClipPairDataset
+
+    dataset = ClipPairDataset(pairs, tmp_path, CLIPImageProcessorPil(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}, image_mean=[0, 0, 0], image_std=[1, 1, 1]))
+    assert dataset.skipped == {"empty_caption": 1} and dataset[0]["caption"] in ("a red circle", "a round red shape")
 
 
 def test_unreadable_files_raise_data_error(tmp_path):
@@ -157,3 +160,46 @@ def test_dataset_and_collator_on_a_real_file(tmp_path):
     assert batch["pixel_values"].shape == (3, 3, 1, 1)
     assert batch["pixel_values"][:, :, 0, 0].tolist() == [[255, 0, 0], [255, 0, 0], [0, 0, 255]]
     assert int((batch["input_ids"] == FakeProcessor.image_token_id).sum()) == 3 * FakeProcessor.image_seq_length
+
+
+def test_images_processed_per_batch_equal_the_per_image_path(tmp_path, tiny_vlm, monkeypatch):
+    """defer_images + one processor call in the collator == pixel_values per sample, packed or padded."""
+    import pickle
+
+    from conftest import random_image
+
+    _, processor = tiny_vlm
+    for seed, size in enumerate((20, 40, 57, 33)):  # sizes that resize and crop differently
+        random_image(seed, size).save(tmp_path / f"{seed}.png")
+
+    def sample(sample_id: str, images: list[int], answer: str) -> dict:
+        return {"id": sample_id, "images": [f"{i}.png" for i in images],
+                "messages": [{"role": "user", "content": "<image>\n" * len(images) + "What is shown?"},
+                             {"role": "assistant", "content": answer}]}
+
+    samples = [sample("one", [0], "red"), sample("text", [], "a long answer with many words " * 3),
+               sample("two", [1, 2], "blue and green"), sample("short", [], "hi"),
+               sample("three", [3, 0, 2], "many shapes here")]
+    per_image = ConversationDataset(samples, processor, tmp_path)
+    deferred = ConversationDataset(samples, processor, tmp_path, defer_images=True)
+    items = [deferred[i] for i in range(len(deferred))]
+    assert items[0]["pixel_values"] is None and len(items[0]["images"]) == 1 and "images" not in items[1]
+    assert pickle.loads(pickle.dumps(items[4]))["images"][2].tobytes() == items[4]["images"][2].tobytes()  # workers
+    with pytest.raises(ValueError, match="processor"):
+        VlkitCollator(0)(items)
+
+    calls = []
+    encode_images = processor.encode_images
+    monkeypatch.setattr(processor, "encode_images", lambda images: calls.append(len(images)) or encode_images(images))
+    pad = processor.tokenizer.pad_token_id
+    batches = {}
+    for pack in (False, True):
+        expected = VlkitCollator(pad, pack=pack)([per_image[i] for i in range(len(per_image))])
+        calls.clear()
+        batches[pack] = batch = VlkitCollator(pad, pack=pack, processor=processor)(items)
+        assert calls == [6]  # every image of the batch in one call
+        assert batch.keys() == expected.keys() and batch["pixel_values"].shape[0] == 6
+        assert torch.allclose(batch["pixel_values"], expected["pixel_values"], atol=1e-6)
+        for key in batch.keys() - {"pixel_values", "use_cache"}:
+            assert torch.equal(batch[key], expected[key]), key
+    assert not torch.allclose(batches[True]["pixel_values"], batches[False]["pixel_values"])  # packing reordered

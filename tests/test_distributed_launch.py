@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 from train_helpers import REPO, align_recipe, free_port, write_recipe
+from train_killed_at_step import KILL_MARKER
 
-from vlkit.config import load_recipe
+from vlkit.recipe import load_recipe
 from vlkit.train.checkpoint import load_run
 from vlkit.train.run import train_vlm
 
@@ -36,8 +36,9 @@ KILLED_AT = 3
 TOLERANCE = 1e-6  # seen: ~4e-8 (FSDP), ~2e-7 (ZeRO-3): float sums in another order
 
 
-def launch(config: str, *args: str, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file recipes/accelerate/CONFIG -m vlkit train ARGS`, as a user types it."""
+def launch(config: str, *args: str, log_dir: Path, kill_at_step: int | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file recipes/accelerate/CONFIG -m vlkit train ARGS`, as a user types it, with
+    each rank's whole stdout and stderr also written under log_dir (a failure message quotes them all)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     program = ["-m", "vlkit"]
@@ -47,7 +48,8 @@ def launch(config: str, *args: str, kill_at_step: int | None = None) -> subproce
     accelerate = Path(sys.executable).with_name("accelerate")
     # A port of its own per launch: the previous launch (a killed one included) may still hold 29500.
     return subprocess.run([str(accelerate), "launch", "--config_file", f"recipes/accelerate/{config}",
-                           "--main_process_port", str(free_port()), *program, "train", *args],
+                           "--main_process_port", str(free_port()), "--log_dir", str(log_dir), "--tee", "3",
+                           *program, "train", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -63,6 +65,14 @@ def stage_recipe(stage: str, output_dir: Path, batch_size: int, fixtures: dict, 
         "train": {"batch_size": batch_size, "max_steps": STEPS, "save_steps": 2, "logging_steps": 1,
                   "report_to": [], "llm_learning_rate": 5e-4, "warmup_ratio": 0.0},
     }
+
+
+def rank_logs(log_dir: Path, result: subprocess.CompletedProcess) -> str:
+    """The launcher's own stderr tail, then every rank's stderr and stdout in full: what a failure shows."""
+    parts = [f"launcher exit {result.returncode}; its stderr ends:\n{result.stderr[-2000:]}"]
+    for path in sorted(log_dir.rglob("*.log")):
+        parts.append(f"--- {path.relative_to(log_dir)}\n{path.read_text(errors='replace')[-6000:]}")
+    return "\n".join(parts)
 
 
 def summary(run_dir: Path) -> dict:
@@ -97,9 +107,10 @@ def check_sharded_run(config: str, stage: str, tmp_path: Path, fixtures: dict, k
     assert reference and (stage == "align" or any("lora_" in name for name in reference))
 
     straight = tmp_path / "straight"
+    logs = tmp_path / "logs"
     result = launch(config, write_recipe(tmp_path / "straight.yaml", stage_recipe(stage, straight, 2, fixtures,
-                                                                                  init_from)))
-    assert result.returncode == 0, result.stderr[-3000:]
+                                                                                  init_from)), log_dir=logs / "straight")
+    assert result.returncode == 0, rank_logs(logs / "straight", result)
     assert summary(straight)["distributed"] == {"type": kind, "processes": 2}  # sharded, not plain DDP
     assert summary(straight)["samples"] == STEPS * 2 * 2
     assert_close(one, straight)
@@ -113,12 +124,13 @@ def check_sharded_run(config: str, stage: str, tmp_path: Path, fixtures: dict, k
 
     killed = tmp_path / "killed"
     recipe = write_recipe(tmp_path / "killed.yaml", stage_recipe(stage, killed, 2, fixtures, init_from))
-    died = launch(config, recipe, kill_at_step=KILLED_AT)
-    assert died.returncode != 0 and f"Signal {signal.SIGKILL.value}" in died.stderr + died.stdout, died.stderr[-3000:]
+    died = launch(config, recipe, log_dir=logs / "killed", kill_at_step=KILLED_AT)
+    # The kill, not another error: a rank reached it (its peer may have died of the lost connection first).
+    assert died.returncode != 0 and KILL_MARKER in rank_logs(logs / "killed", died), rank_logs(logs / "killed", died)
     assert not (killed / "run_summary.json").exists()
     assert not (killed / "checkpoints" / "checkpoint-4").exists()
-    resumed = launch(config, recipe, "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = launch(config, recipe, "resume=true", log_dir=logs / "resumed")
+    assert resumed.returncode == 0, rank_logs(logs / "resumed", resumed)
     assert summary(killed)["resumed_from"].endswith("checkpoint-2") and summary(killed)["steps"] == STEPS
     assert_close(straight, killed)
 

@@ -19,7 +19,7 @@ from train_helpers import REPO, align_recipe, write_recipe
 
 from vlkit import build_vlm
 from vlkit.compat import set_attention_implementation
-from vlkit.config import TuneSection, load_recipe
+from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.images import load_image
 from vlkit.data.packing import pack_rows, packing_supported
@@ -33,6 +33,7 @@ from vlkit.features import (
     tower_features,
     tower_key,
 )
+from vlkit.recipe import load_recipe
 from vlkit.train.stages import apply_adapters, set_trainable
 
 CONVERSATIONS = [

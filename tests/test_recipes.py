@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from train_helpers import REPO, align_recipe, run_cli, write_recipe
 
-from vlkit.config import load_recipe
 from vlkit.errors import ConfigError
+from vlkit.recipe import load_recipe
 from vlkit.train.run import plan_run
 
 

@@ -12,7 +12,8 @@ import pytest
 from data_helpers import FakeProcessor, make_shapes_world
 
 from data_tools import shapes
-from vlkit.data import ConversationDataset, ImageCaptionDataset, load_clip_pairs, load_conversations
+from vlkit.clip.data import ClipPairDataset
+from vlkit.data import ConversationDataset, load_clip_pairs, load_conversations
 
 
 @pytest.fixture(autouse=True)
@@ -190,5 +191,7 @@ def test_outputs_load_through_the_training_ingestion(data_world):
     instruct = load_conversations(data_world / "instruct_val.json")
     assert len(instruct[0]["qa"]) == sum(m["role"] == "assistant" for m in instruct[0]["messages"])
     pairs = load_clip_pairs(data_world / "clip_test_heldout.jsonl")
-    dataset = ImageCaptionDataset(pairs, image_root=data_world)
-    assert len(dataset) == 8 and dataset[0]["image"].size == (32, 32) and dataset[0]["image"].mode == "RGB"
+    from transformers import CLIPImageProcessorPil
+
+    dataset = ClipPairDataset(pairs, data_world, CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0, 0, 0], image_std=[1, 1, 1]))
+    assert len(dataset) == 8 and dataset[0]["pixel_values"].shape == (3, 32, 32) and dataset.skipped == {}

@@ -16,8 +16,8 @@ from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 from train_helpers import REPO, align_recipe, free_port, run_cli, write_recipe
 
-from vlkit.config import load_recipe
 from vlkit.errors import ConfigError
+from vlkit.recipe import load_recipe
 from vlkit.train.checkpoint import load_run
 from vlkit.train.run import train_vlm
 

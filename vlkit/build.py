@@ -20,14 +20,13 @@ from vlkit.compat import attention_implementation
 from vlkit.connectors.registry import build_connector, log_connector_summary
 from vlkit.errors import ConfigError
 from vlkit.feature_maps import feature_width
-from vlkit.llm import load_llm
-from vlkit.modeling import VlkitConfig, VlkitForConditionalGeneration
+from vlkit.llm import DEFAULT_LLM, load_llm
+from vlkit.modeling import IMAGE_TOKEN, VlkitConfig, VlkitForConditionalGeneration
 from vlkit.processing import VlkitProcessor, system_prompt_template
 from vlkit.vision import load_vision_tower, num_feature_tokens, num_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel) -> int:
@@ -69,7 +68,7 @@ def check_connector_fits(connector: torch.nn.Module, num_patch_tokens: int, visi
 
 def build_vlm(
     vision: str,
-    llm: str = "smollm2-135m-instruct",
+    llm: str = DEFAULT_LLM,
     connector: dict[str, Any] | str = "mlp",
     vision_feature_layer: int = -2,
     vision_feature_select_strategy: str = "default",

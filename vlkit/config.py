@@ -1,10 +1,11 @@
-"""Recipes: the YAML schema of the align / instruct stages, loading, overrides, and errors.
+"""Recipes: the machinery every stage shares, the sections they share, and the align / instruct schema.
 
 A recipe is YAML read with `safe_load`, changed by `a.b=value` overrides from the command line,
 and validated by pydantic models that forbid unknown keys. Every problem a user can cause is one
 `ConfigError` line: an unknown key with a did-you-mean, a wrong type with its key path, a
-missing data file. `stage: clip` recipes have their own schema in `vlkit.clip.recipe`;
-`load_recipe` picks the schema by the `stage` key.
+missing data file. The keys every stage has (`BaseDataSection`, `BaseTrainSection`) are declared
+once here, so a name means the same thing in every stage; `vlkit.clip.recipe` builds the
+`stage: clip` schema on them; `vlkit.recipe.load_recipe` picks the schema by the `stage` key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlkit.errors import ConfigError
 
@@ -95,6 +96,65 @@ def validate_tree(tree: dict, schema: type[BaseModel]) -> Any:
         raise ConfigError(describe_validation_error(error, schema)) from None
 
 
+# --- sections every stage shares (one name, one meaning; a stage may change a default) ---------------
+class BaseDataSection(StrictSection):
+    """Where a stage's data is, and what a bad sample gets."""
+
+    dir: str = "."  # base of the relative paths below
+    train_file: str
+    val_file: str | None = None
+    image_root: str | None = None  # default: `dir`
+    on_bad_sample: Literal["skip", "error"] = "skip"  # skip and count (run_summary.json), or stop
+    allow_images_outside_root: bool = False
+    max_train_samples: int | None = Field(default=None, ge=1)  # the first N usable samples of train_file
+
+    def path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.dir) / path
+
+    def image_root_path(self) -> Path:
+        return self.path(self.image_root) if self.image_root else Path(self.dir)
+
+
+class BaseTrainSection(StrictSection):
+    """The optimisation keys every stage has; `vlkit.train.arguments` turns them into `TrainingArguments`."""
+
+    epochs: float = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
+    batch_size: int = Field(default=8, ge=1)  # per process
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)  # linear warmup over this fraction of all steps
+    warmup_steps: int | None = Field(default=None, ge=0)  # or over this many optimizer steps (wins when set)
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int | None = Field(default=None, ge=1)  # None: only the final model
+    num_workers: int = Field(default=0, ge=0)
+    bf16: bool = False
+    report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
+
+    @field_validator("warmup_steps", mode="before")
+    @classmethod
+    def _whole_steps(cls, value: Any) -> Any:
+        # transformers reads a warmup_steps < 1 as a fraction; here that is warmup_ratio's job.
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("counts optimizer steps; for a fraction of all steps use train.warmup_ratio")
+        return value
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> BaseTrainSection:
+        if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set and self.warmup_ratio > 0:
+            raise ValueError("warmup_steps and warmup_ratio are both set; keep one (warmup_ratio=0 turns it off)")
+        return self
+
+    def warmup(self) -> float:
+        """Warmup as `TrainingArguments.warmup_steps` takes it: steps if >= 1, else a fraction of all steps."""
+        return self.warmup_steps if self.warmup_steps is not None else self.warmup_ratio
+
+
 # --- the align / instruct schema -------------------------------------------------------------------
 class ModelSection(StrictSection):
     vision: str | None = None  # HF vision folder / hub id, or a CLIP run's output folder
@@ -126,48 +186,21 @@ class TuneSection(StrictSection):
     vision_lora_target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-class DataSection(StrictSection):
-    dir: str = "."  # base of the relative paths below
-    train_file: str
-    val_file: str | None = None
-    image_root: str | None = None  # default: `dir`
+class DataSection(BaseDataSection):
     format: Literal["auto", "llava", "sharegpt"] = "auto"
     max_length: int | None = Field(default=1024, ge=8)
-    on_bad_sample: Literal["skip", "error"] = "skip"
-    allow_images_outside_root: bool = False
-    max_train_samples: int | None = Field(default=None, ge=1)
     max_val_samples: int | None = Field(default=None, ge=1)  # the first N of val_file (the end-of-run loss)
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
     packing: bool = True  # several samples per row instead of padding, no cross-sample attention
 
-    def path(self, name: str) -> Path:
-        path = Path(name)
-        return path if path.is_absolute() else Path(self.dir) / path
 
-    def image_root_path(self) -> Path:
-        return self.path(self.image_root) if self.image_root else Path(self.dir)
-
-
-class TrainSection(StrictSection):
-    epochs: float = Field(default=1, gt=0)
-    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
-    batch_size: int = Field(default=8, ge=1)  # per process
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)  # the connector's
-    llm_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate
+class TrainSection(BaseTrainSection):
+    llm_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate (the connector's)
     vision_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    logging_steps: int = Field(default=10, ge=1)
-    save_steps: int | None = Field(default=None, ge=1)  # None: only the final model
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     save_total_limit: int | None = Field(default=2, ge=1)
     eval_steps: int | None = Field(default=None, ge=1)
-    num_workers: int = Field(default=0, ge=0)
-    bf16: bool = False
     gradient_checkpointing: bool = False
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
 
@@ -182,21 +215,6 @@ class VlmRecipe(StrictSection):
     tune: TuneSection = Field(default_factory=TuneSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None):
-    """Read, override and validate a recipe of any stage (`VlmRecipe` or `ClipRecipe`)."""
-    tree = apply_overrides(read_yaml(path), overrides)
-    stage = tree.get("stage")
-    if stage == "clip":
-        from vlkit.clip.recipe import ClipRecipe
-
-        return validate_tree(tree, ClipRecipe)
-    if stage not in ("align", "instruct"):
-        close = difflib.get_close_matches(str(stage), ["clip", "align", "instruct"], n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"recipe key 'stage' must be clip, align or instruct, got {stage!r}{hint}")
-    return validate_tree(tree, VlmRecipe)
 
 
 def dump_recipe(recipe: BaseModel) -> str:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlkit.llm import DEFAULT_LLM
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "tiny"
 
@@ -41,7 +43,7 @@ class DemoSize:
     clip: list[str]
     align: list[str]
     instruct: list[str]
-    llm: str = "smollm2-135m-instruct"
+    llm: str = DEFAULT_LLM
     batch_size: int | None = None  # None: the recipes' own
     val_samples: int = 32  # per LLM stage: its end-of-run val loss (the demo scores VQA separately)
     probe_train: int = 3000  # train images the linear probes are fitted on (0: no probe)
@@ -64,7 +66,7 @@ def log(message: str) -> None:
 
 def stage_recipe(recipe_name: str, out: Path, overrides: list[str]):
     """The shipped recipe with the demo's overrides, resolved and validated."""
-    from vlkit.config import load_recipe
+    from vlkit.recipe import load_recipe
 
     replace = [] if recipe_name == "clip.yaml" else ["overwrite=true"]  # an unfinished stage starts over
     return load_recipe(RECIPES / recipe_name, [f"output_dir={out}", *replace, *overrides])
@@ -80,7 +82,7 @@ def reusable(run_dir: Path, recipe) -> bool:
 
 def train_stage(recipe) -> Path:
     if recipe.stage == "clip":
-        from vlkit.clip.train import train_clip
+        from vlkit.train.clip import train_clip
 
         return Path(train_clip(recipe))
     from vlkit.train.run import train_vlm

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from vlkit.errors import DataError
+from vlkit.modeling import IMAGE_TOKEN
 from vlkit.scoring import Scorer, answer_kind, resolve_scorer, yes_no_metrics
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def question_items(samples, limit: int | None = None) -> list[dict[str, Any]]:
                      if message["role"] == "user" and reply["role"] == "assistant"]
         for question, question_type, answer in pairs:
             items.append({"id": sample["id"], "images": list(sample["images"]),
-                          "question": question.replace("<image>", "").strip(), "type": question_type, "answer": answer})
+                          "question": question.replace(IMAGE_TOKEN, "").strip(), "type": question_type, "answer": answer})
         if limit and len({item["id"] for item in items}) >= limit:
             break
     if not items:

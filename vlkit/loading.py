@@ -7,7 +7,7 @@
 
 Owns telling the kinds apart and loading each:
 
-    run dir / checkpoint   has manifest.json          -> vlkit.train.checkpoint.load_run
+    run dir / checkpoint   has manifest.json          -> vlkit.run_folder.rebuild (as it was trained)
     vlkit folder           config.json model_type vlkit (save_pretrained, or `export --format vlkit`)
                                                       -> vlkit's own classes, no remote code needed
     llava folder           config.json model_type llava (`export --format llava`, llava-hf models)
@@ -79,10 +79,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def four_bit_config(dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
+    """--load-4bit for a whole VLM folder: the one 4-bit config (vlkit.run_folder), the vision side kept out."""
+    from vlkit.run_folder import quantization_config
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
-                              llm_int8_skip_modules=SKIP_4BIT)
+    return quantization_config(dtype, skip_modules=SKIP_4BIT)
 
 
 # --- the Llava side of the conversation interface ---------------------------------------------------
@@ -298,21 +298,20 @@ def model_type_of(config_file: Path) -> str | None:
 
 
 def load_run_dir(folder: Path, device: torch.device, dtype: torch.dtype | None, load_4bit: bool) -> tuple[Any, Any, dict]:
-    from vlkit.train.checkpoint import load_run, read_manifest
+    from vlkit.run_folder import RunManifest, rebuild
 
-    manifest = read_manifest(folder)
-    if load_4bit:
-        # load_run builds the LLM as the run was trained (4-bit for qlora runs); it takes no override.
-        if manifest["tune"].get("llm") != "qlora":
-            raise ModelLoadError(
-                f"a run dir loads as it was trained, and {folder} is not a qlora run; to chat in 4-bit, export it "
-                f"(vlkit export {folder} OUT) and run vlkit chat OUT --load-4bit"
-            )
-    model, processor = load_run(folder)
-    if dtype is not None and not load_4bit and manifest["tune"].get("llm") != "qlora":
+    manifest = RunManifest.read(folder)
+    if load_4bit and not manifest.quantized:
+        # A run dir loads as it was trained (4-bit for qlora runs): the same base its adapters were trained on.
+        raise ModelLoadError(
+            f"a run dir loads as it was trained, and {folder} is not a qlora run; to chat in 4-bit, export it "
+            f"(vlkit export {folder} OUT) and run vlkit chat OUT --load-4bit"
+        )
+    model, processor = rebuild(manifest)
+    if dtype is not None and not manifest.quantized:
         model.to(dtype)
     model.to(device)
-    return model, processor, {"llm": manifest["bases"]["llm"]["source"]}
+    return model, processor, {"llm": manifest.bases["llm"].source}
 
 
 def load_vlkit_folder(source: str, device: torch.device, dtype: torch.dtype | None, load_4bit: bool):
@@ -359,7 +358,7 @@ def local_kind(folder: Path) -> str:
             f"{folder} holds a '{model_type}' model, not a vision-language model vlkit can chat with "
             "(it reads vlkit runs, vlkit folders and llava folders)"
         )
-    from vlkit.train.trainer import latest_checkpoint
+    from vlkit.run_folder import latest_checkpoint
 
     newest = latest_checkpoint(folder / "checkpoints")
     if newest is not None:

@@ -37,6 +37,11 @@ from vlkit.feature_maps import as_tokens, feature_width
 
 logger = logging.getLogger(__name__)
 
+# The text-format constants every layer shares: the image placeholder and the label of positions that
+# are not trained on (the value transformers' losses ignore).
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100
+
 
 class VlkitConfig(PretrainedConfig):
     """Composite config: `vision_config` + `connector_config` + `text_config` and how they join.
@@ -56,7 +61,7 @@ class VlkitConfig(PretrainedConfig):
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
     connector_config: dict | None = None
-    image_token: str = "<image>"
+    image_token: str = IMAGE_TOKEN
     image_token_id: int = -1
     image_seq_length: int = 0
     vision_feature_layer: int = -2
@@ -257,7 +262,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """The LM head and cross-entropy at supervised positions: hidden [B, T, Dt], labels [B, T]."""
         targets = labels[:, 1:].to(hidden.device)
-        supervised = targets != -100
+        supervised = targets != IGNORE_INDEX
         logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
         if num_items_in_batch is None:
             return torch.nn.functional.cross_entropy(logits, targets[supervised])
@@ -291,7 +296,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         vocab = self.get_input_embeddings().weight.shape[0]
         input_ids = torch.randint(0, min(vocab, 1000), (1, 8), generator=generator).to(device)
         labels = input_ids.clone()
-        labels[0, :3] = -100
+        labels[0, :3] = IGNORE_INDEX
         hidden = torch.randn(1, 8, self.config.text_config.hidden_size, generator=generator).to(device, dtype)
         hidden = hidden * (20.0 / head(hidden).float().std().clamp(min=1e-6))  # logits of std ~20
 

@@ -17,9 +17,7 @@ import torch
 from transformers import AutoProcessor, ProcessorMixin
 
 from vlkit.errors import ChatTemplateError, DataError, ImageTokenMismatchError
-from vlkit.modeling import VlkitConfig
-
-IGNORE_INDEX = -100
+from vlkit.modeling import IGNORE_INDEX, IMAGE_TOKEN, VlkitConfig
 
 # Prepended to the LLM's template so that HF-style content lists
 # ([{"type": "image"}, {"type": "text", "text": ...}]) render as text with "<image>\n" markers,
@@ -43,7 +41,7 @@ MULTIMODAL_TEMPLATE_PREFIX = (
 )
 
 
-def multimodal_chat_template(text_template: str, image_token: str = "<image>") -> str:
+def multimodal_chat_template(text_template: str, image_token: str = IMAGE_TOKEN) -> str:
     """Wrap an LLM chat template so it also accepts HF-style multimodal content lists."""
     if text_template.startswith(MULTIMODAL_TEMPLATE_PREFIX[:40]):
         return text_template
@@ -65,7 +63,7 @@ def system_prompt_template(text_template: str, system_prompt: str) -> str:
     return prefix + text_template
 
 
-def content_to_text(content: str | list[dict[str, Any]], image_token: str = "<image>") -> str:
+def content_to_text(content: str | list[dict[str, Any]], image_token: str = IMAGE_TOKEN) -> str:
     """Message content as text: content lists become text with `<image>\\n` markers."""
     if isinstance(content, str):
         return content
@@ -90,7 +88,7 @@ class VlkitProcessor(ProcessorMixin):
         image_processor=None,
         tokenizer=None,
         image_seq_length: int = 1,
-        image_token: str = "<image>",
+        image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
         **kwargs,
     ) -> None:

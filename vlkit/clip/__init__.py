@@ -1,21 +1,17 @@
-"""Stage 0: CLIP contrastive pretraining of the vision tower (with a text tower).
+"""Stage 0's parts: CLIP contrastive pretraining of the vision tower (with a text tower).
 
-`train_clip(recipe)` trains a `transformers.CLIPModel` from a `stage: clip` recipe and writes a
-standard HF CLIP folder; `evaluate_clip(...)` measures zero-shot accuracy and retrieval on it.
-Submodules: recipe (schema), tokenizer, model, loss, augment, data, train, evaluate.
+Submodules: recipe (schema), tokenizer, model, loss, augment, data, evaluate. Training itself is a
+stage like the others and lives in `vlkit.train.clip` (`train_clip(recipe)` writes a standard HF
+CLIP folder); `evaluate_clip(...)` measures zero-shot accuracy and retrieval on one.
 """
 
 from vlkit.clip.recipe import ClipRecipe, load_clip_recipe
 
-__all__ = ["ClipRecipe", "load_clip_recipe", "train_clip", "evaluate_clip"]
+__all__ = ["ClipRecipe", "load_clip_recipe", "evaluate_clip"]
 
 
 def __getattr__(name: str):
-    # Lazy: importing the recipe schema must not pull in transformers' Trainer.
-    if name == "train_clip":
-        from vlkit.clip.train import train_clip
-
-        return train_clip
+    # Lazy: importing the recipe schema must not pull in the evaluation's plotting.
     if name == "evaluate_clip":
         from vlkit.clip.evaluate import evaluate_clip
 

@@ -1,113 +1,127 @@
 """CLIP training data: image-caption pairs -> (augmented, normalised) pixels + tokenized captions.
 
-Rows come from `vlkit.data.formats.load_clip_pairs` (JSONL or CSV; one `image` path relative to
-the image root and one `caption`, or a list of captions of which one is drawn per step). Images
-go through `load_image` (root confinement, RGB), the model's image processor (resize + centre
-crop, without normalisation), the recipe's augmentation, then the processor's mean/std. With
-`cache_images` the resized uint8 image is kept in memory, so later epochs skip decoding.
+Pairs come from `vlkit.data.formats.load_clip_pairs` (JSONL or CSV; one `image` path relative to
+the image root and one `caption`, or a list of captions of which one is drawn per step). Bad pairs
+get what bad samples get in every stage (`vlkit.data.dataset.SkippingDataset`, reasons from
+`vlkit.data.checks`): an empty caption or an image that is missing, empty or outside the root is
+dropped up front, an image that does not decode is skipped when it is loaded and replaced by the
+next good pair, and each is counted by reason (or, with `on_bad_sample="error"`, stops the run).
+Images go through `load_image` (root confinement, RGB), the model's image processor (resize +
+centre crop, without normalisation), the recipe's augmentation, then the processor's mean/std.
+With `cache_images` the resized uint8 image is kept in memory, so later epochs skip decoding.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from torch.utils.data import Dataset
 
 from vlkit.clip.augment import Augment
-from vlkit.data.images import load_image
+from vlkit.data.checks import Problem, check_caption, check_images
+
+# SkippingDataset's contract: `load` raises `_Skip` for a bad sample; `_load_images` does so for images.
+from vlkit.data.dataset import SkippingDataset, _load_images, _Skip
+from vlkit.data.formats import load_clip_pairs
 from vlkit.errors import DataError
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    # Fallback reader, used only while vlkit.data.formats has no `load_clip_pairs`.
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-    return rows
-
-
-def load_pairs(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[dict[str, Any]]:
-    """CLIP pairs as a list of row dicts with at least `image_column` and `caption_column`."""
+def read_pairs(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> datasets.Dataset:
+    """CLIP pairs as a Dataset with the standard `id`, `image` and `caption` columns (and the file's own)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"CLIP pairs file not found: {path}")
-    try:
-        from vlkit.data.formats import load_clip_pairs
-    except ImportError:
-        rows = _read_rows(path)
-    else:
-        rows = list(load_clip_pairs(str(path), image_column=image_column, caption_column=caption_column))
-    if not rows:
+    pairs = load_clip_pairs(str(path), image_column=image_column, caption_column=caption_column)
+    if len(pairs) == 0:
         raise DataError(f"{path} holds no CLIP pairs")
-    for column in (image_column, caption_column):
-        if column not in rows[0]:
-            raise DataError(f"{path} has no '{column}' column (columns: {', '.join(rows[0])}); set data.{column.split('_')[0]}_column")
-    return rows
+    return pairs
 
 
-def captions_of(row: dict[str, Any], caption_column: str) -> list[str]:
+def load_pairs(path: str | Path, image_column: str = "image", caption_column: str = "caption") -> list[dict[str, Any]]:
+    """CLIP pairs as a list of row dicts (see `read_pairs`), for code that indexes and slices rows."""
+    return list(read_pairs(path, image_column, caption_column))
+
+
+def captions_of(row: dict[str, Any], caption_column: str = "caption") -> list[str]:
     """A row's caption(s) as a list."""
     value = row[caption_column]
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-class ClipPairDataset(Dataset):
-    """One item = {"pixel_values": float[3, H, W] normalised, "caption": str}."""
+def check_pairs(
+    pairs: datasets.Dataset, image_root: str | Path | None, allow_images_outside_root: bool = False
+) -> list[Problem | None]:
+    """Each pair's up-front problem (empty caption; image missing, empty or outside the root), or None."""
+    root = None if image_root is None else str(image_root)
+    problems: list[Problem | None] = []
+    for batch in pairs.select_columns(["image", "caption"]).iter(batch_size=1024):
+        for path, caption in zip(batch["image"], batch["caption"]):
+            problems.append(check_caption(caption) or check_images([path], root, allow_images_outside_root))
+    return problems
+
+
+class ClipPairDataset(SkippingDataset):
+    """One item = {"id", "pixel_values": float[3, H, W] normalised, "caption": str}; bad pairs skipped and counted.
+
+    pairs: a Dataset from `read_pairs` / `load_clip_pairs`, or rows with `id`, `image` and `caption`.
+    problems: `check_pairs(pairs, ...)` when the caller already ran it (it is not run twice).
+    """
 
     def __init__(
         self,
-        rows: list[dict[str, Any]],
+        pairs: datasets.Dataset | Iterable[dict[str, Any]],
         image_root: str | Path,
         image_processor,
         augment: Augment | None = None,
-        image_column: str = "image",
-        caption_column: str = "caption",
+        *,
         cache_images: bool = True,
-        allow_outside_root: bool = False,
+        on_bad_sample: str = "skip",
+        allow_images_outside_root: bool = False,
+        problems: list[Problem | None] | None = None,
     ) -> None:
-        self.rows = rows
-        self.image_root = Path(image_root)
+        self._init_skipping(on_bad_sample)
+        self.image_root = str(image_root)
         self.image_processor = image_processor
         self.augment = augment if augment is not None and augment.enabled else None
-        self.image_column = image_column
-        self.caption_column = caption_column
-        self.allow_outside_root = allow_outside_root
-        self.cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+        self.allow_images_outside_root = allow_images_outside_root
+        self.cache: dict[str, torch.Tensor] | None = {} if cache_images else None  # image path -> uint8 pixels
         self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
+        if not isinstance(pairs, datasets.Dataset):
+            rows = list(pairs)
+            if not rows:
+                raise DataError("there are no CLIP pairs; check the data file")
+            pairs = datasets.Dataset.from_list(rows)
+        missing = {"id", "image", "caption"} - set(pairs.column_names)
+        if missing:
+            raise DataError(f"pairs lack {sorted(missing)}; load the file with vlkit.clip.data.read_pairs first")
+        if problems is None:
+            problems = check_pairs(pairs, self.image_root, allow_images_outside_root)
+        self.samples = self._drop_bad(pairs, problems)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _image_uint8(self, index: int) -> torch.Tensor:
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        image = load_image(self.rows[index][self.image_column], self.image_root, self.allow_outside_root)
-        pixels = self.image_processor(images=image, do_normalize=False, do_rescale=False, return_tensors="pt")["pixel_values"][0]
-        pixels = pixels.round().clamp(0, 255).to(torch.uint8)  # [3, H, W]
+    def _image_uint8(self, path: str) -> torch.Tensor:
+        if self.cache is not None and path in self.cache:
+            return self.cache[path]
+        (image,) = _load_images([path], self.image_root, self.allow_images_outside_root)
+        try:
+            processed = self.image_processor(images=image, do_normalize=False, do_rescale=False, return_tensors="pt")
+        except (DataError, ValueError) as error:
+            raise _Skip("corrupt_image", str(error)) from None
+        pixels = processed["pixel_values"][0].round().clamp(0, 255).to(torch.uint8)  # [3, H, W]
         if self.cache is not None:
-            self.cache[index] = pixels
+            self.cache[path] = pixels
         return pixels
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self._image_uint8(index).float() / 255.0
+    def load(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image = self._image_uint8(sample["image"]).float() / 255.0
         if self.augment is not None:
             image = self.augment(image)
-        captions = captions_of(self.rows[index], self.caption_column)
+        captions = captions_of(sample)
         caption = captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
-        return {"pixel_values": (image - self.mean) / self.std, "caption": caption}
+        return {"id": sample["id"], "pixel_values": (image - self.mean) / self.std, "caption": caption}
 
 
 class ClipCollator:

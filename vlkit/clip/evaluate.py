@@ -170,6 +170,55 @@ def _default_labels_file(data_file: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def retrieval_metrics(model, tokenizer, rows: list[dict[str, Any]], image_embeds: torch.Tensor, caption_column: str) -> dict[str, Any]:
+    """Retrieval over all rows; identical captions merge into one text."""
+    texts: dict[str, int] = {}
+    row_texts = [[texts.setdefault(caption, len(texts)) for caption in captions_of(row, caption_column)] for row in rows]
+    positives = torch.zeros(len(rows), len(texts), dtype=torch.bool)
+    for row_index, text_indices in enumerate(row_texts):
+        positives[row_index, text_indices] = True
+    text_embeds = embed_texts(model, tokenizer, list(texts))
+    return {"num_texts": len(texts), **retrieval(image_embeds, text_embeds, positives)}
+
+
+def zero_shot_metrics(
+    model, tokenizer, rows: list[dict[str, Any]], image_embeds: torch.Tensor, labels_path: Path, confusion_png: Path, title: str
+) -> dict[str, Any] | None:
+    """Zero-shot over rows with a label of the labels file's classes (+ held-out classes, confusion PNG); None if none."""
+    if not labels_path.is_file():
+        raise DataError(f"zero-shot labels file not found: {labels_path}")
+    spec = json.loads(labels_path.read_text())
+    classes, prompts = list(spec["classes"]), class_prompts(spec)
+    index = {name: i for i, name in enumerate(classes)}
+    labelled = [(i, row["label"]) for i, row in enumerate(rows) if row.get("label") is not None]
+    known = [(i, index[label]) for i, label in labelled if label in index]
+    if not known:
+        return None
+    rows_idx = torch.tensor([i for i, _ in known])
+    targets = torch.tensor([c for _, c in known])
+    result = zero_shot(image_embeds[rows_idx], class_embeddings(model, tokenizer, classes, prompts=prompts), targets)
+    seen = sorted(set(targets.tolist()))
+    metrics: dict[str, Any] = {
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "num_images": len(known),
+        "num_unknown_labels": len(labelled) - len(known),
+        "num_classes": len(classes),
+        "num_prompts": sum(len(texts) for texts in prompts),
+        "per_class_top1": {classes[c]: float(result["confusion"][c, c] / result["confusion"][c].sum()) for c in seen},
+    }
+    heldout = set(spec.get("heldout_classes") or [])
+    if heldout:
+        mask = torch.tensor([classes[c] in heldout for c in targets.tolist()])
+        if mask.any():
+            predictions = result["predictions"][mask]
+            metrics["heldout_classes_top1"] = float((predictions == targets[mask]).float().mean())
+            metrics["heldout_classes_num_images"] = int(mask.sum())
+    plot_confusion(result["confusion"], classes, confusion_png, f"{title}: top-1 {result['top1']:.3f}")
+    metrics["confusion_matrix_png"] = str(confusion_png)
+    return metrics
+
+
 def evaluate_clip(
     model_dir: str | Path,
     data_file: str | Path,
@@ -190,53 +239,13 @@ def evaluate_clip(
     image_embeds = embed_images(model, image_processor, [row[image_column] for row in rows], image_root, batch_size)
 
     metrics: dict[str, Any] = {"model": str(model_dir), "data": str(data_file), "num_images": len(rows)}
-
-    # Retrieval over all rows; identical captions merge into one text.
-    texts: dict[str, int] = {}
-    row_texts = [[texts.setdefault(caption, len(texts)) for caption in captions_of(row, caption_column)] for row in rows]
-    positives = torch.zeros(len(rows), len(texts), dtype=torch.bool)
-    for row_index, text_indices in enumerate(row_texts):
-        positives[row_index, text_indices] = True
-    text_embeds = embed_texts(model, tokenizer, list(texts))
-    metrics["retrieval"] = {"num_texts": len(texts), **retrieval(image_embeds, text_embeds, positives)}
-
-    # Zero-shot over rows with a label.
+    metrics["retrieval"] = retrieval_metrics(model, tokenizer, rows, image_embeds, caption_column)
     labels_path = Path(labels_file) if labels_file else _default_labels_file(data_file)
     if labels_path is not None:
-        if not labels_path.is_file():
-            raise DataError(f"zero-shot labels file not found: {labels_path}")
-        spec = json.loads(labels_path.read_text())
-        classes, prompts = list(spec["classes"]), class_prompts(spec)
-        index = {name: i for i, name in enumerate(classes)}
-        labelled = [(i, row["label"]) for i, row in enumerate(rows) if row.get("label") is not None]
-        known = [(i, index[label]) for i, label in labelled if label in index]
-        if known:
-            rows_idx = torch.tensor([i for i, _ in known])
-            targets = torch.tensor([c for _, c in known])
-            result = zero_shot(image_embeds[rows_idx], class_embeddings(model, tokenizer, classes, prompts=prompts), targets)
-            seen = sorted(set(targets.tolist()))
-            per_class = {
-                classes[c]: float(result["confusion"][c, c] / result["confusion"][c].sum()) for c in seen
-            }
-            metrics["zero_shot"] = {
-                "top1": result["top1"],
-                "top5": result["top5"],
-                "num_images": len(known),
-                "num_unknown_labels": len(labelled) - len(known),
-                "num_classes": len(classes),
-                "num_prompts": sum(len(texts) for texts in prompts),
-                "per_class_top1": per_class,
-            }
-            heldout = set(spec.get("heldout_classes") or [])
-            if heldout:
-                mask = torch.tensor([classes[c] in heldout for c in targets.tolist()])
-                if mask.any():
-                    predictions = result["predictions"][mask]
-                    metrics["zero_shot"]["heldout_classes_top1"] = float((predictions == targets[mask]).float().mean())
-                    metrics["zero_shot"]["heldout_classes_num_images"] = int(mask.sum())
-            confusion_png = out_dir / "confusion_matrix.png"
-            plot_confusion(result["confusion"], classes, confusion_png, f"zero-shot on {data_file.name}: top-1 {result['top1']:.3f}")
-            metrics["zero_shot"]["confusion_matrix_png"] = str(confusion_png)
+        zero_shot_result = zero_shot_metrics(model, tokenizer, rows, image_embeds, labels_path,
+                                             out_dir / "confusion_matrix.png", f"zero-shot on {data_file.name}")
+        if zero_shot_result is not None:
+            metrics["zero_shot"] = zero_shot_result
     metrics["wall_time_s"] = round(time.time() - started, 2)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics

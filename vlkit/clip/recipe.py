@@ -1,9 +1,10 @@
-"""The `stage: clip` recipe: its schema (pydantic v2), YAML loading and `a.b=value` overrides.
+"""The `stage: clip` recipe schema (pydantic v2), built on the sections every stage shares.
 
-Self-contained so the general recipe loader can embed `ClipRecipe` as one stage's schema. Unknown
-keys are errors (with a did-you-mean), and every problem a user can cause becomes a one-line
-`ConfigError`. Relative data paths resolve against `data.dir`; `data.dir` and `output_dir`
-resolve against the working directory (the repo root for `make demo`).
+The machinery (YAML, `a.b=value` overrides, one-line `ConfigError`s with a did-you-mean) and the
+shared `data` / `train` keys come from `vlkit.config`; this module adds only what is the clip
+stage's own (towers, loss, augmentation, optimizer settings). Relative data paths resolve against
+`data.dir`; `data.dir` and `output_dir` resolve against the working directory (the repo root for
+`make demo`).
 """
 
 from __future__ import annotations
@@ -12,37 +13,29 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from vlkit.clip.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
-from vlkit.config import apply_overrides, read_yaml, validate_tree
+from vlkit.config import (
+    BaseDataSection,
+    BaseTrainSection,
+    StrictSection,
+    apply_overrides,
+    read_yaml,
+    validate_tree,
+)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DataSection(BaseDataSection):
+    """`train_file`: CLIP pairs, JSONL or CSV; with `val_file`, zero-shot + retrieval eval runs on it at the end."""
 
-
-class DataSection(_Strict):
-    dir: str = "."  # base of the relative paths below
-    train_file: str  # CLIP pairs, JSONL or CSV
-    val_file: str | None = None  # if set, zero-shot + retrieval eval runs on it at the end
-    image_root: str | None = None  # default: `dir`
     labels_file: str | None = None  # zero-shot classes + templates; default: zeroshot_labels.json next to val_file
     image_column: str = "image"
     caption_column: str = "caption"
-    max_train_samples: int | None = Field(default=None, ge=1)
     cache_images: bool = True  # keep decoded, resized images in memory after the first epoch
-    allow_images_outside_root: bool = False
-
-    def path(self, name: str) -> Path:
-        path = Path(name)
-        return path if path.is_absolute() else Path(self.dir) / path
-
-    def image_root_path(self) -> Path:
-        return self.path(self.image_root) if self.image_root else Path(self.dir)
 
 
-class TowerSection(_Strict):
+class TowerSection(StrictSection):
     """One tower: built from a config dict (random init) or loaded from a pretrained folder."""
 
     config: dict[str, Any] | None = None  # CLIPVisionConfig / CLIPTextConfig keyword arguments
@@ -55,7 +48,7 @@ class TowerSection(_Strict):
         return self
 
 
-class ModelSection(_Strict):
+class ModelSection(StrictSection):
     vision: TowerSection
     text: TowerSection
     projection_dim: int = Field(default=512, ge=1)
@@ -71,14 +64,14 @@ class ModelSection(_Strict):
         return self
 
 
-class LossSection(_Strict):
+class LossSection(StrictSection):
     type: Literal["clip", "siglip"] = "clip"
     gather_with_grad: bool = True  # exact multi-process gradients (open_clip's local loss)
     logit_scale_max: float = Field(default=LOGIT_SCALE_MAX, gt=1)
     siglip_bias_init: float = -10.0
 
 
-class AugmentSection(_Strict):
+class AugmentSection(StrictSection):
     """Training-time augmentation. All off by default: in the shapes world colour is the label
     and position is in the captions, so colour jitter and crops would teach wrong answers."""
 
@@ -92,31 +85,22 @@ class AugmentSection(_Strict):
     horizontal_flip: bool = False  # off by default: flips swap "left" and "right" in captions
 
 
-class TrainSection(_Strict):
-    batch_size: int = Field(default=128, ge=2)  # per process
+class TrainSection(BaseTrainSection):
+    """The shared train keys with CLIP's defaults, plus the optimizer settings contrastive training tunes."""
+
+    batch_size: int = Field(default=128, ge=2)  # per process; contrastive loss needs >= 2
     learning_rate: float = Field(default=5e-4, gt=0)
     epochs: float = Field(default=10, gt=0)
-    max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
-    warmup_steps: float = Field(default=0, ge=0)  # steps, or a fraction of all steps if < 1
     weight_decay: float = Field(default=0.1, ge=0)
-    lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"  # any TrainingArguments.optim name
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98  # CLIP paper; steadier than 0.999 for contrastive training
     adam_epsilon: float = 1e-6
-    max_grad_norm: float | None = 1.0
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
-    bf16: bool = False
     fp16: bool = False
-    logging_steps: int = Field(default=10, ge=1)
-    save_steps: int | None = Field(default=None, ge=1)  # Trainer checkpoints; None = only the final model
-    report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
     eval_batch_size: int = Field(default=128, ge=1)
 
 
-class ClipRecipe(_Strict):
+class ClipRecipe(StrictSection):
     stage: Literal["clip"] = "clip"
     output_dir: str
     data: DataSection

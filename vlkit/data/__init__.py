@@ -8,13 +8,12 @@ datasets that skip and count bad samples, and batch collation.
 """
 
 from vlkit.data.collate import VlkitCollator
-from vlkit.data.dataset import ConversationDataset, ImageCaptionDataset
+from vlkit.data.dataset import ConversationDataset
 from vlkit.data.formats import detect_format, load_clip_pairs, load_conversations
 from vlkit.data.images import load_image, resolve_image_path
 
 __all__ = [
     "ConversationDataset",
-    "ImageCaptionDataset",
     "VlkitCollator",
     "detect_format",
     "load_clip_pairs",

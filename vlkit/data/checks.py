@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vlkit.data.collate import IGNORE_INDEX
 from vlkit.data.images import image_problem, load_image
 from vlkit.errors import DataError, ImageError, ImageTokenMismatchError
+from vlkit.modeling import IGNORE_INDEX, IMAGE_TOKEN
 
-IMAGE_MARKER = "<image>"
 KNOWN_ROLES = ("system", "user", "assistant")
 
 # reason -> what it means; the order is the order of reports.
@@ -58,9 +57,9 @@ def check_messages(messages: list[dict[str, str]], n_images: int) -> Problem | N
         return "bad_role", f"unknown role(s) {bad_roles}; use system, user (human) or assistant (gpt)"
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return "no_assistant_turn", "no assistant turn with text"
-    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if markers != n_images:
-        return "image_token_mismatch", f"{n_images} image(s) but {markers} {IMAGE_MARKER} marker(s)"
+        return "image_token_mismatch", f"{n_images} image(s) but {markers} {IMAGE_TOKEN} marker(s)"
     return None
 
 

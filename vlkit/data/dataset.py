@@ -1,8 +1,9 @@
 """Training datasets that skip bad samples, count them, and never crash a dataloader worker.
 
 `ConversationDataset` turns normalized conversation samples (see `vlkit.data.formats`) into
-`{"id", "input_ids", "labels", "pixel_values"}` items with `processor.encode_conversation`.
-`ImageCaptionDataset` yields `{"id", "image" (RGB PIL), "caption"}` for CLIP training.
+`{"id", "input_ids", "labels", "pixel_values"}` items with `processor.encode_conversation`
+(with `defer_images=True`, decoded `images` that `VlkitCollator` processes per batch).
+CLIP pairs have theirs, on the same `SkippingDataset`, in `vlkit.clip.data.ClipPairDataset`.
 
 Bad data is handled in two places:
 
@@ -36,7 +37,6 @@ from tqdm import tqdm
 from vlkit.data.checks import (
     REASONS,
     Problem,
-    check_caption,
     check_images,
     check_messages,
     encode_text_or_problem,
@@ -46,7 +46,6 @@ from vlkit.errors import ConfigError, DataError, ImageError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 REASON_CODES = {reason: code for code, reason in enumerate(REASONS, start=1)}  # 0 = good
 MAX_IDS = 10  # ids kept per reason for the summary
 MAX_SUBSTITUTES = 64  # consecutive bad samples tolerated before giving up
@@ -221,6 +220,10 @@ class ConversationDataset(SkippingDataset):
     image_root: the folder image paths are relative to.
     max_length: longer samples are truncated by the processor; those it cannot truncate (it would cut
         image tokens or every answer) are dropped up front.
+    defer_images: items carry the decoded `images` (RGB PIL) instead of `pixel_values`, and
+        `VlkitCollator(processor=...)` runs the image processor once per batch, which is cheaper per
+        image. An image the processor rejects then fails its batch (a `DataError` naming the samples)
+        instead of being skipped; it gets only decoded RGB images, which stock image processors accept.
     """
 
     def __init__(
@@ -232,9 +235,11 @@ class ConversationDataset(SkippingDataset):
         on_bad_sample: str = "skip",
         allow_images_outside_root: bool = False,
         num_proc: int | None = None,
+        defer_images: bool = False,
     ) -> None:
         self._init_skipping(on_bad_sample)
         self.processor = processor
+        self.defer_images = defer_images
         self.image_root = None if image_root is None else str(image_root)
         self.max_length = max_length
         self.allow_images_outside_root = allow_images_outside_root
@@ -306,48 +311,22 @@ class ConversationDataset(SkippingDataset):
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
         # The text was encoded up front (`_encode_and_check`); only the images are read here.
-        features = pixel_values = None
-        if self.vision_features is not None and sample["images"]:
-            features = self._stored_features(sample["images"])
-        elif sample["images"]:
-            images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
-            try:
-                pixel_values = self.processor.encode_images(images)
-            except (DataError, ValueError) as error:
-                raise _Skip("corrupt_image", str(error)) from None
-        return {
+        item = {
             "id": sample["id"],
             "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.long),
             "labels": torch.as_tensor(sample["labels"], dtype=torch.long),
-            "pixel_values": pixel_values,
-            **({"vision_features": features} if features is not None else {}),
+            "pixel_values": None,
         }
+        if self.vision_features is not None and sample["images"]:
+            item["vision_features"] = self._stored_features(sample["images"])
+        elif sample["images"] and self.defer_images:
+            # The collator processes the whole batch's images in one call.
+            item["images"] = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
+        elif sample["images"]:
+            images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
+            try:
+                item["pixel_values"] = self.processor.encode_images(images)
+            except (DataError, ValueError) as error:
+                raise _Skip("corrupt_image", str(error)) from None
+        return item
 
-
-class ImageCaptionDataset(SkippingDataset):
-    """CLIP pairs (from `load_clip_pairs`) -> `{"id", "image": RGB PIL image, "caption": str or list}`,
-    bad pairs skipped and counted the same way as conversations."""
-
-    def __init__(
-        self,
-        dataset_or_pairs: datasets.Dataset | Iterable[dict[str, Any]],
-        image_root: str | os.PathLike | None,
-        on_bad_sample: str = "skip",
-        allow_images_outside_root: bool = False,
-    ) -> None:
-        self._init_skipping(on_bad_sample)
-        self.image_root = None if image_root is None else str(image_root)
-        self.allow_images_outside_root = allow_images_outside_root
-        pairs = _as_dataset(dataset_or_pairs)
-        missing = {"id", "image", "caption"} - set(pairs.column_names)
-        if missing:
-            raise DataError(f"pairs lack {sorted(missing)}; load the file with vlkit.data.load_clip_pairs first")
-        problems: list[Problem | None] = []
-        for batch in pairs.select_columns(["image", "caption"]).iter(batch_size=1024):
-            for path, caption in zip(batch["image"], batch["caption"]):
-                problems.append(check_caption(caption) or check_images([path], self.image_root, allow_images_outside_root))
-        self.samples = self._drop_bad(pairs, problems)
-
-    def load(self, sample: dict[str, Any]) -> dict[str, Any]:
-        (image,) = _load_images([sample["image"]], self.image_root, self.allow_images_outside_root)
-        return {"id": sample["id"], "image": image, "caption": sample["caption"]}

@@ -22,8 +22,8 @@ from typing import Any
 import datasets
 
 from vlkit.errors import DataError
+from vlkit.modeling import IMAGE_TOKEN
 
-IMAGE_MARKER = "<image>"
 CONVERSATION_FORMATS = ("llava", "sharegpt")
 ROLE_NAMES = {
     "human": "user",
@@ -62,11 +62,11 @@ def normalize_record(record: dict[str, Any], index: int, format: str) -> dict[st
     turns = next((record[k] for k in CONVERSATION_KEYS if record.get(k) is not None), None)
     messages = normalize_messages(turns)
     images = [path for key in IMAGE_KEYS for path in _as_list(record.get(key))]
-    if format == "llava" and images and not any(IMAGE_MARKER in m["content"] for m in messages):
+    if format == "llava" and images and not any(IMAGE_TOKEN in m["content"] for m in messages):
         # LLaVA's convention: an image without a marker goes before the first user turn's text.
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is not None:
-            first_user["content"] = f"{IMAGE_MARKER}\n" * len(images) + first_user["content"]
+            first_user["content"] = f"{IMAGE_TOKEN}\n" * len(images) + first_user["content"]
     sample_id = record.get("id")
     return {
         "id": str(index) if sample_id is None or sample_id == "" else str(sample_id),

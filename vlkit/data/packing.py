@@ -17,9 +17,10 @@ import logging
 
 import torch
 
+from vlkit.modeling import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

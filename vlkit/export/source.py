@@ -1,9 +1,9 @@
 """What `vlkit export` exports: a finished run dir or checkpoint, loaded as one standalone model.
 
 Owns finding the folder to export (refusing an unfinished run with the name of its newest
-checkpoint), loading it with `load_run`, merging LoRA into the LLM and vision tower, and the
-QLoRA case: the 4-bit base is reloaded unquantized in the export dtype and the LoRA weights are
-merged into that, since merging into 4-bit weights would round them back to 4 bits.
+checkpoint), rebuilding it (`vlkit.run_folder.rebuild`), merging LoRA into the LLM and vision
+tower, and the QLoRA case: the 4-bit base is reloaded unquantized in the export dtype and the LoRA
+weights are merged into that, since merging into 4-bit weights would round them back to 4 bits.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from vlkit.errors import VlkitError
-from vlkit.train.checkpoint import MANIFEST, TRAINABLE, read_manifest
+from vlkit.run_folder import MANIFEST, TRAINABLE, latest_checkpoint, read_manifest, rebuild, run_dir_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,8 +43,6 @@ class ExportSource:
 
 def resolve_source(path: str | Path) -> ExportSource:
     """A run dir or `checkpoints/checkpoint-N` with a complete save, or an ExportError saying what to export."""
-    from vlkit.train.trainer import latest_checkpoint
-
     folder = Path(path)
     if not folder.is_dir():
         raise ExportError(f"{folder} does not exist; give a vlkit run dir or one of its checkpoints/checkpoint-N")
@@ -59,15 +57,14 @@ def resolve_source(path: str | Path) -> ExportSource:
         manifest = read_manifest(folder)
     except VlkitError as error:
         raise ExportError(str(error)) from None
-    is_checkpoint = folder.parent.name == "checkpoints" and folder.name.startswith("checkpoint-")
+    run_dir = run_dir_of(folder)
     step = None
-    if is_checkpoint:
+    if run_dir != folder:  # a checkpoint
         state = folder / "trainer_state.json"
         step = json.loads(state.read_text()).get("global_step") if state.is_file() else None
         if step is None:
             step = int(folder.name.rsplit("-", 1)[1]) if folder.name.rsplit("-", 1)[1].isdigit() else None
-    return ExportSource(folder=folder, manifest=manifest, run_dir=folder.parent.parent if is_checkpoint else folder,
-                        checkpoint_step=step)
+    return ExportSource(folder=folder, manifest=manifest, run_dir=run_dir, checkpoint_step=step)
 
 
 def merge_adapters(model: torch.nn.Module) -> list[str]:
@@ -83,26 +80,7 @@ def merge_adapters(model: torch.nn.Module) -> list[str]:
 
 def load_unquantized(source: ExportSource, dtype: torch.dtype):
     """(model, processor) of a QLoRA run rebuilt on the unquantized base, LoRA still unmerged."""
-    from vlkit.build import build_vlm
-    from vlkit.config import TuneSection
-    from vlkit.train.checkpoint import load_trained
-    from vlkit.train.stages import apply_adapters
-
-    manifest, spec = source.manifest, source.manifest["model"]
-    model, processor = build_vlm(
-        vision=manifest["bases"]["vision"]["source"],
-        llm=manifest["bases"]["llm"]["source"],
-        connector=spec["connector"],
-        vision_feature_layer=spec["vision_feature_layer"],
-        vision_feature_select_strategy=spec["vision_feature_select_strategy"],
-        system_prompt=spec.get("system_prompt"),  # absent in runs made before it existed
-        dtype=dtype,
-    )
-    # Same LoRA layout as training (the adapter names match), without the 4-bit preparation.
-    tune = TuneSection(**manifest["tune"]).model_copy(update={"llm": "lora"})
-    apply_adapters(model, tune)
-    load_trained(model, source.folder)
-    return model, processor
+    return rebuild(source.folder, quantize=False, dtype=dtype)
 
 
 def run_seed(source: ExportSource) -> int:
@@ -131,8 +109,6 @@ def load_merged(source: ExportSource, dtype: torch.dtype):
 
 
 def _load(source: ExportSource, dtype: torch.dtype):
-    from vlkit.train.checkpoint import load_run
-
     if source.manifest["tune"].get("llm") == "qlora":
         model, processor = load_unquantized(source, dtype)
         source.notes.append(
@@ -140,5 +116,5 @@ def _load(source: ExportSource, dtype: torch.dtype):
             f"weights ({str(dtype).removeprefix('torch.')}), so this model is not the 4-bit model that was trained."
         )
     else:
-        model, processor = load_run(source.folder)
+        model, processor = rebuild(source.folder)
     return model, processor

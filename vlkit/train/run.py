@@ -20,15 +20,16 @@ from typing import Any
 
 import torch
 
-from vlkit.config import VlmRecipe, dump_recipe, load_recipe
+from vlkit.config import VlmRecipe, dump_recipe
 from vlkit.errors import ConfigError
-from vlkit.train.checkpoint import atomic_write_text, read_manifest
+from vlkit.llm import DEFAULT_LLM
+from vlkit.recipe import load_recipe
+from vlkit.run_folder import atomic_write_text, read_manifest
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
 logger = logging.getLogger("vlkit.train")
 
 SUMMARY = "run_summary.json"
-DEFAULT_LLM = "smollm2-135m-instruct"
 
 
 @dataclass
@@ -115,7 +116,7 @@ def read_manifest_or_error(folder: str) -> dict[str, Any]:
 
 def resolve_resume(recipe: VlmRecipe) -> str | None:
     """Check the output dir's state against resume/overwrite; return the checkpoint to resume from."""
-    from vlkit.train.trainer import latest_checkpoint
+    from vlkit.run_folder import latest_checkpoint
 
     output = Path(recipe.output_dir)
     checkpoints = output / "checkpoints"
@@ -143,35 +144,30 @@ def model_spec(plan: Plan) -> dict[str, Any]:
 
 
 def build_model(plan: Plan):
-    """(model, processor) for the stage: from the bases, or continuing `init_from`."""
-    from transformers import BitsAndBytesConfig
+    """(model, processor) for the stage: from the bases, or continuing `init_from` (rebuilt with its adapters).
 
+    Continuing a run finds its bases where they are now (the runs tree may have moved) and records
+    those paths in the plan, so this run's manifest points at them too.
+    """
     from vlkit.build import build_vlm
-    from vlkit.train.checkpoint import check_bases_unchanged, load_trained
-    from vlkit.train.stages import apply_adapters
+    from vlkit.run_folder import RunManifest, quantization_config, rebuild
 
     recipe = plan.recipe
     dtype = getattr(torch, recipe.model.dtype)
-    quantization = None
-    if recipe.tune.llm == "qlora":
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
-        )
+    quantize = recipe.tune.llm == "qlora"
+    if plan.parent:
+        parent = RunManifest.from_json(plan.parent, recipe.init_from)
+        plan.vision, plan.llm = parent.locate("vision"), parent.locate("llm")  # also checks their hashes
+        # The parent's adapters and weights, on the base quantized as this stage trains it.
+        return rebuild(parent, quantize=quantize, dtype=dtype, attn_implementation=recipe.model.attn_implementation)
     spec = model_spec(plan)
-    model, processor = build_vlm(
+    return build_vlm(
         vision=plan.vision, llm=plan.llm, connector=plan.connector,
         vision_feature_layer=spec["vision_feature_layer"],
         vision_feature_select_strategy=spec["vision_feature_select_strategy"],
-        dtype=dtype, llm_quantization_config=quantization, attn_implementation=recipe.model.attn_implementation,
-        system_prompt=spec.get("system_prompt"),
+        dtype=dtype, llm_quantization_config=quantization_config(dtype) if quantize else None,
+        attn_implementation=recipe.model.attn_implementation, system_prompt=spec.get("system_prompt"),
     )
-    if plan.parent:
-        check_bases_unchanged(plan.parent, f"run {recipe.init_from}")
-        from vlkit.config import TuneSection
-
-        apply_adapters(model, TuneSection(**plan.parent["tune"]))  # the parent's adapters, to load its weights
-        load_trained(model, recipe.init_from)
-    return model, processor
 
 
 def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
@@ -185,14 +181,37 @@ def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
     return output
 
 
+def load_datasets(data, processor):
+    """(train set, val set or None) of a stage. Rank 0 goes first: it writes the `datasets` caches (parsed
+    file, encoded texts) that the other ranks then read, instead of every rank writing the same files at once."""
+    from accelerate import PartialState
+
+    from vlkit.data.dataset import ConversationDataset
+
+    options = {"max_length": data.max_length, "on_bad_sample": data.on_bad_sample,
+               "allow_images_outside_root": data.allow_images_outside_root, "format": data.format,
+               # Items carry decoded images; the collator runs the image processor once per batch.
+               "defer_images": True}
+    with PartialState().main_process_first():
+        train_set = ConversationDataset.from_file(data.path(data.train_file), processor, data.image_root_path(), **options)
+        if data.max_train_samples:
+            train_set.samples = train_set.samples.select(range(min(data.max_train_samples, len(train_set.samples))))
+        val_set = None
+        if data.val_file:
+            val_set = ConversationDataset.from_file(data.path(data.val_file), processor, data.image_root_path(), **options)
+            if data.max_val_samples:
+                val_set.samples = val_set.samples.select(range(min(data.max_val_samples, len(val_set.samples))))
+    return train_set, val_set
+
+
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from vlkit.data.collate import VlkitCollator
-    from vlkit.data.dataset import ConversationDataset
     from vlkit.data.packing import packing_supported
     from vlkit.features import cache_features_for, caches_vision_features
+    from vlkit.train.arguments import training_arguments
     from vlkit.train.checkpoint import build_manifest
     from vlkit.train.plots import plot_loss
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
@@ -209,22 +228,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
 
     data = recipe.data
-    dataset_options = {
-        "max_length": data.max_length, "on_bad_sample": data.on_bad_sample,
-        "allow_images_outside_root": data.allow_images_outside_root,
-    }
-    train_set = ConversationDataset.from_file(
-        data.path(data.train_file), processor, data.image_root_path(), format=data.format, **dataset_options
-    )
-    if data.max_train_samples:
-        train_set.samples = train_set.samples.select(range(min(data.max_train_samples, len(train_set.samples))))
-    val_set = None
-    if data.val_file:
-        val_set = ConversationDataset.from_file(
-            data.path(data.val_file), processor, data.image_root_path(), format=data.format, **dataset_options
-        )
-        if data.max_val_samples:
-            val_set.samples = val_set.samples.select(range(min(data.max_val_samples, len(val_set.samples))))
+    train_set, val_set = load_datasets(data, processor)
 
     bases = {"vision": plan.vision, "llm": plan.llm}
     history = plan.parent["stages"] if plan.parent else []
@@ -233,34 +237,16 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     has_eval = val_set is not None and train.eval_steps is not None
     sharded_on_cpu = shard_cpu_ranks()
     name_fsdp_blocks(model)
-    args = TrainingArguments(
-        output_dir=str(output / "checkpoints"),
-        per_device_train_batch_size=train.batch_size,
+    args = training_arguments(
+        train,
+        output / "checkpoints",
         per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate,
-        weight_decay=train.weight_decay,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        warmup_steps=train.warmup_ratio,  # a float < 1 is a fraction of all steps
-        lr_scheduler_type=train.lr_scheduler,
-        max_grad_norm=train.max_grad_norm if train.max_grad_norm is not None else 0.0,
-        logging_steps=train.logging_steps,
-        save_strategy="steps" if train.save_steps else "no",
-        save_steps=train.save_steps or 500,
         save_total_limit=train.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=train.eval_steps,
-        seed=train.seed,
         data_seed=train.seed,
-        bf16=train.bf16,
         activation_checkpointing=train.gradient_checkpointing,  # the v5 name; the old one warns
-        dataloader_num_workers=train.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
-        remove_unused_columns=False,
-        report_to=train.report_to,
         save_only_model=False,
-        disable_tqdm=False,
         accelerator_config={"use_configured_state": True} if sharded_on_cpu else None,
     )
     from accelerate import PartialState
@@ -285,7 +271,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set if has_eval else None,
-        data_collator=VlkitCollator(processor.tokenizer.pad_token_id, pack=pack),
+        data_collator=VlkitCollator(processor.tokenizer.pad_token_id, pack=pack, processor=processor),
         manifest=manifest,
         part_learning_rates=learning_rates,
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
@@ -392,7 +378,7 @@ def run(args) -> int:
     join_cpu_ranks_without_cuda()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage == "clip":
-        from vlkit.clip.train import train_clip
+        from vlkit.train.clip import train_clip
 
         if args.dry_run:
             print(f"stage clip -> {recipe.output_dir}\nrecipe is valid; nothing loaded (dry run)")

@@ -14,6 +14,9 @@ import logging
 
 from torch import nn
 
+# apply_adapters lives below train/ (rebuilding a run for inference needs it); re-exported here.
+from vlkit.adapters import apply_adapters as apply_adapters
+from vlkit.adapters import lora_config as lora_config
 from vlkit.config import TuneSection, VlmRecipe
 from vlkit.errors import ConfigError
 from vlkit.modeling import VlkitForConditionalGeneration
@@ -42,32 +45,6 @@ def check_stage(recipe: VlmRecipe) -> None:
             f"stage '{recipe.stage}' keeps the vision tower {'/'.join(allowed['vision'])}, "
             f"but tune.vision is '{recipe.tune.vision}'"
         )
-
-
-def lora_config(tune: TuneSection, target_modules, task_type: str | None):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=tune.lora_r, lora_alpha=tune.lora_alpha, lora_dropout=tune.lora_dropout,
-        target_modules=target_modules, task_type=task_type,
-    )
-
-
-def apply_adapters(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
-    """Wrap the LLM and/or the vision tower with LoRA, as `tune` asks (idempotent per part)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if tune.llm in ("lora", "qlora") and not hasattr(model.language_model, "peft_config"):
-        if tune.llm == "qlora":
-            # Casts norms to fp32 and enables input grads for the 4-bit base; no checkpointing here.
-            model.language_model = prepare_model_for_kbit_training(
-                model.language_model, use_gradient_checkpointing=False
-            )
-        model.language_model = get_peft_model(
-            model.language_model, lora_config(tune, tune.lora_target_modules, "CAUSAL_LM")
-        )
-    if tune.vision == "lora" and not hasattr(model.vision_tower, "peft_config"):
-        model.vision_tower = get_peft_model(model.vision_tower, lora_config(tune, tune.vision_lora_target_modules, None))
 
 
 def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,7 +83,8 @@ class VlkitTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        check_bases_unchanged(read_manifest(resume_from_checkpoint), f"checkpoint {resume_from_checkpoint}")
+        check_bases_unchanged(read_manifest(resume_from_checkpoint), f"checkpoint {resume_from_checkpoint}",
+                              resume_from_checkpoint)
         load_trained(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -125,15 +125,3 @@ class ThroughputCallback(TrainerCallback):
         self.last_time, self.last_step = now, state.global_step
 
 
-def latest_checkpoint(checkpoints_dir: str | Path) -> str | None:
-    """The newest complete checkpoint (one with a manifest and trainer state), or None."""
-    folder = Path(checkpoints_dir)
-    if not folder.is_dir():
-        return None
-    complete = [
-        path for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if (path / "manifest.json").is_file() and (path / "trainer_state.json").is_file()
-    ]
-    if not complete:
-        return None
-    return str(max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1])))

@@ -1,0 +1,54 @@
+"""One recipe machinery: the keys every stage shares mean the same thing in the clip and VLM schemas,
+and one builder turns them into the same `TrainingArguments`."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlkit.clip.recipe import ClipRecipe, parse_clip_recipe
+from vlkit.config import BaseDataSection, BaseTrainSection, VlmRecipe, validate_tree
+from vlkit.errors import ConfigError
+from vlkit.train.arguments import training_arguments
+
+CLIP = {"stage": "clip", "output_dir": "out", "data": {"train_file": "pairs.jsonl"},
+        "model": {"vision": {"config": {}}, "text": {"config": {}}}}
+VLM = {"stage": "align", "output_dir": "out", "data": {"train_file": "align.json"}}
+
+
+def vlm(train: dict) -> VlmRecipe:
+    return validate_tree({**VLM, "train": train}, VlmRecipe)
+
+
+def clip(train: dict) -> ClipRecipe:
+    return parse_clip_recipe({**CLIP, "train": train})
+
+
+def test_every_stage_has_the_shared_keys():
+    for schema in (ClipRecipe, VlmRecipe):
+        data, train = schema.model_fields["data"].annotation, schema.model_fields["train"].annotation
+        assert issubclass(data, BaseDataSection) and issubclass(train, BaseTrainSection)
+    assert clip({}).train.warmup_ratio == 0.0 and vlm({}).train.warmup_ratio == 0.03  # each stage's default
+    assert parse_clip_recipe({**CLIP, "data": {"train_file": "p", "on_bad_sample": "error"}}).data.on_bad_sample == "error"
+
+
+@pytest.mark.parametrize("make", [clip, vlm], ids=["clip", "vlm"])
+def test_warmup_names_mean_the_same_in_every_stage(make, tmp_path):
+    steps = training_arguments(make({"warmup_steps": 50}).train, tmp_path)
+    ratio = training_arguments(make({"warmup_ratio": 0.1}).train, tmp_path)
+    assert steps.get_warmup_steps(1000) == 50 and ratio.get_warmup_steps(1000) == 100
+    with pytest.raises(ConfigError, match="train.warmup_steps.*use train.warmup_ratio"):
+        make({"warmup_steps": 0.1})  # a fraction is warmup_ratio's job
+    with pytest.raises(ConfigError, match="both set"):
+        make({"warmup_steps": 10, "warmup_ratio": 0.1})
+    assert make({"warmup_steps": 10, "warmup_ratio": 0}).train.warmup() == 10
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        make({"warmup_ratio": 1.0})  # transformers would read 1.0 as one step
+
+
+def test_builder_takes_the_shared_keys_and_the_stage_specific_ones(tmp_path):
+    train = clip({"batch_size": 4, "learning_rate": 0.01, "max_steps": 7, "max_grad_norm": None}).train
+    args = training_arguments(train, tmp_path / "checkpoints", adam_beta2=train.adam_beta2, logging_first_step=True)
+    assert args.output_dir == str(tmp_path / "checkpoints")
+    assert (args.per_device_train_batch_size, args.learning_rate, args.max_steps) == (4, 0.01, 7)
+    assert args.max_grad_norm == 0.0 and args.adam_beta2 == 0.98 and args.logging_first_step
+    assert args.report_to == [] and args.save_strategy == "no" and not args.remove_unused_columns

@@ -1,0 +1,43 @@
+"""One `TrainingArguments` builder for every stage (clip, align, instruct).
+
+The recipe keys every stage shares (`vlkit.config.BaseTrainSection`) become the same Trainer
+settings here, whatever the stage; a stage passes only what is its own (CLIP's optimizer
+settings, the VLM stages' evaluation and checkpoint rotation) as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from vlkit.config import BaseTrainSection
+
+
+def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
+    """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
+    shared: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "learning_rate": train.learning_rate,
+        "weight_decay": train.weight_decay,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps or -1,
+        "warmup_steps": train.warmup(),  # transformers reads a value < 1 as a fraction of all steps
+        "lr_scheduler_type": train.lr_scheduler,
+        "max_grad_norm": train.max_grad_norm if train.max_grad_norm is not None else 0.0,
+        "logging_steps": train.logging_steps,
+        "save_strategy": "steps" if train.save_steps else "no",
+        "save_steps": train.save_steps or 500,
+        "seed": train.seed,
+        "bf16": train.bf16,
+        "report_to": train.report_to or "none",
+        "dataloader_num_workers": train.num_workers,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
+        "remove_unused_columns": False,  # the collators take the columns they need
+        "disable_tqdm": False,
+    }
+    return TrainingArguments(**{**shared, **stage_specific})
