@@ -77,9 +77,9 @@ def test_the_trainer_still_has_the_hooks_vlkit_overrides():
 
     from vlkit.train.trainer import VlkitTrainer
 
-    for name, parameters in compat.TRAINER_HOOKS.items():
-        assert hasattr(Trainer, name), f"transformers.Trainer no longer has {name}"
-        assert tuple(inspect.signature(getattr(Trainer, name)).parameters)[1:] == parameters, name
+    for name, (parameters, why) in compat.TRAINER_HOOKS.items():
+        assert hasattr(Trainer, name), f"transformers.Trainer no longer has {name}, which vlkit overrides: {why}"
+        assert tuple(inspect.signature(getattr(Trainer, name)).parameters)[1:] == parameters, f"{name}: {why}"
         assert name in VlkitTrainer.__dict__  # and vlkit overrides exactly these
     overridden = {name for name in VlkitTrainer.__dict__ if name.startswith("_") and not name.startswith("__")}
     assert overridden <= set(compat.TRAINER_HOOKS)

@@ -52,3 +52,24 @@ def test_builder_takes_the_shared_keys_and_the_stage_specific_ones(tmp_path):
     assert (args.per_device_train_batch_size, args.learning_rate, args.max_steps) == (4, 0.01, 7)
     assert args.max_grad_norm == 0.0 and args.adam_beta2 == 0.98 and args.logging_first_step
     assert args.report_to == [] and args.save_strategy == "no" and not args.remove_unused_columns
+
+
+@pytest.mark.parametrize(("requested", "cuda", "gpus", "cores", "expected"), [
+    (None, False, 0, 2, 0),  # CPU training: workers would take the training's own cores
+    (None, True, 1, 16, 4),
+    (None, True, 8, 16, 1),
+    (None, True, 1, 2, 1),
+    (3, False, 0, 2, 3),  # what the recipe says wins
+])
+def test_dataloader_workers_default_to_image_work_in_workers_on_a_gpu(monkeypatch, requested, cuda, gpus, cores,
+                                                                       expected):
+    import os
+
+    import torch
+
+    from vlkit.train.arguments import dataloader_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert dataloader_workers(requested) == expected

@@ -134,3 +134,23 @@ def test_a_broken_layer_is_reported(tmp_path, files, expected):
         (package / name).write_text(text)
     problems = layer_violations(import_graph(package))
     assert any(problem.startswith(expected) for problem in problems), problems
+
+
+def long_functions(package: Path, parts: tuple[str, ...], limit: int) -> list[str]:
+    """Functions longer than `limit` lines (decorators excluded) in the given subpackages."""
+    found = []
+    for part in parts:
+        for path in sorted((package / part).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > limit:
+                        found.append(f"{path.relative_to(package.parent)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_in_the_stages_is_over_60_lines(tmp_path):
+    assert long_functions(PACKAGE, ("train", "clip"), 60) == []
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "long.py").write_text("def f():\n" + "    x = 1\n" * 60)
+    assert long_functions(tmp_path, ("train",), 60) == [f"{tmp_path.name}/train/long.py:1 f (61 lines)"]

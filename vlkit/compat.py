@@ -82,12 +82,14 @@ def no_split_module_names(model: torch.nn.Module) -> list[str]:
     return list(getattr(model, "_no_split_modules", None) or [])
 
 
-# The Trainer's private hooks `vlkit.train.trainer.VlkitTrainer` overrides, for what the Trainer has no
-# public hook: writing only the trained weights (`_save_checkpoint`, into a staging folder renamed into
-# place), checking the frozen bases when resuming (`_load_from_checkpoint`), and under FSDP skipping the
-# whole-model file (`_save_optimizer_and_scheduler`). Name -> the parameters the overrides rely on.
+# The Trainer's private hooks `vlkit.train.trainer.VlkitTrainer` overrides, each for something the Trainer
+# has no public hook for. Name -> (the parameters the override relies on, why it exists); a test checks
+# the Trainer still has each with those parameters and quotes the reason when one is gone.
 TRAINER_HOOKS = {
-    "_save_checkpoint": ("model", "trial"),
-    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
-    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_save_checkpoint": (("model", "trial"), "a checkpoint is written into a staging folder and renamed into "
+                         "place, so a kill mid-save never leaves a checkpoint that looks complete"),
+    "_load_from_checkpoint": (("resume_from_checkpoint", "model"), "resuming loads only the trained weights "
+                              "(trainable.safetensors) after checking the frozen bases are unchanged"),
+    "_save_optimizer_and_scheduler": (("output_dir",), "under FSDP the Trainer would also write the whole "
+                                      "model (bases included, gigabytes); vlkit saves only the optimizer shards"),
 }

@@ -132,7 +132,9 @@ class BaseTrainSection(StrictSection):
     seed: int = 0
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int | None = Field(default=None, ge=1)  # None: only the final model
-    num_workers: int = Field(default=0, ge=0)
+    # DataLoader worker processes (image decoding and processing, collation); null: 0 on a CPU-only
+    # machine, where workers would take cores from the training itself, else up to 4 per GPU.
+    num_workers: int | None = Field(default=None, ge=0)
     bf16: bool = False
     report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
 

@@ -7,6 +7,7 @@ settings, the VLM stages' evaluation and checkpoint rotation) as keyword argumen
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,19 @@ from transformers import TrainingArguments
 from vlkit.config import BaseTrainSection
 
 
+def dataloader_workers(requested: int | None) -> int:
+    """The recipe's `num_workers`, or by default: none without CUDA, else up to 4 per GPU from the free cores."""
+    if requested is not None:
+        return requested
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, torch.cuda.device_count()) - 1))  # one core stays with the training
+
+
 def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
     """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
+    workers = dataloader_workers(train.num_workers)
     shared: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.batch_size,
@@ -35,7 +47,8 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "seed": train.seed,
         "bf16": train.bf16,
         "report_to": train.report_to or "none",
-        "dataloader_num_workers": train.num_workers,
+        "dataloader_num_workers": workers,
+        "dataloader_persistent_workers": workers > 0,  # not restarted every epoch
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
         "remove_unused_columns": False,  # the collators take the columns they need
         "disable_tqdm": False,

@@ -104,7 +104,6 @@ def clip_training_arguments(recipe: ClipRecipe, checkpoint_dir: Path) -> Trainin
         adam_epsilon=train.adam_epsilon,
         fp16=train.fp16,
         logging_first_step=True,
-        dataloader_persistent_workers=train.num_workers > 0,
         dataloader_drop_last=True,  # every rank must gather equally sized feature blocks
         use_cpu=not torch.cuda.is_available(),
     )

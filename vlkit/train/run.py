@@ -204,40 +204,25 @@ def load_datasets(data, processor):
     return train_set, val_set
 
 
-def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
-    """Run one align/instruct stage; return the run dir."""
-    from transformers import set_seed
-
-    from vlkit.data.collate import VlkitCollator
-    from vlkit.data.packing import packing_supported
-    from vlkit.features import cache_features_for, caches_vision_features
-    from vlkit.train.arguments import training_arguments
-    from vlkit.train.checkpoint import build_manifest
-    from vlkit.train.plots import plot_loss
+def prepared_model(recipe: VlmRecipe, plan: Plan):
+    """(model, processor) of the stage with its adapters and freezing applied, the trainable table logged."""
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
-    from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
 
-    plan = plan or plan_run(recipe)
-    started = time.time()
-    output = prepare_output_dir(recipe, plan.resume_from)
-    set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
     logger.info("trainable parameters (stage %s):\n%s", recipe.stage, trainable_table(model))
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
+    return model, processor
 
-    data = recipe.data
-    train_set, val_set = load_datasets(data, processor)
 
-    bases = {"vision": plan.vision, "llm": plan.llm}
-    history = plan.parent["stages"] if plan.parent else []
-    manifest = build_manifest(recipe, model, bases, history, system_prompt=model_spec(plan).get("system_prompt"))
+def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool):
+    """The stage's TrainingArguments (the builder every stage shares, plus the VLM stages' own)."""
+    from vlkit.train.arguments import training_arguments
+
     train = recipe.train
-    has_eval = val_set is not None and train.eval_steps is not None
     sharded_on_cpu = shard_cpu_ranks()
-    name_fsdp_blocks(model)
-    args = training_arguments(
+    return training_arguments(
         train,
         output / "checkpoints",
         per_device_eval_batch_size=train.batch_size,
@@ -249,64 +234,103 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         save_only_model=False,
         accelerator_config={"use_configured_state": True} if sharded_on_cpu else None,
     )
-    from accelerate import PartialState
 
-    PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
-    learning_rates = {
+
+def part_learning_rates(train) -> dict[str, float]:
+    return {
         "connector": train.learning_rate,
         "language_model": train.llm_learning_rate or train.learning_rate,
         "vision_tower": train.vision_learning_rate or train.learning_rate,
     }
-    if caches_vision_features(recipe):
-        cached = cache_features_for(model, processor.image_processor, [d for d in (train_set, val_set) if d is not None],
-                                    device=args.device, shard=(args.process_index, args.world_size))
-        PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
-        if args.process_index == 0:
-            print(cached.summary(), flush=True)
-    pack = data.packing and packing_supported(model)
+
+
+def cache_features_if_asked(recipe: VlmRecipe, model, processor, datasets_: list, args) -> None:
+    """The frozen tower's features computed once (each rank its share) and stored for the datasets."""
+    from accelerate import PartialState
+
+    from vlkit.features import cache_features_for, caches_vision_features
+
+    if not caches_vision_features(recipe):
+        return
+    cached = cache_features_for(model, processor.image_processor, datasets_, device=args.device,
+                                shard=(args.process_index, args.world_size))
+    PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
+    if args.process_index == 0:
+        print(cached.summary(), flush=True)
+
+
+def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: tuple, metrics: dict,
+                  started: float) -> None:
+    """Rank 0: processor/, loss.png and run_summary.json of the finished stage."""
+    from vlkit.train.plots import plot_loss
+
+    (train_set, val_set), output, train, args = datasets_, Path(recipe.output_dir), recipe.train, trainer.args
+    processor.save_pretrained(output / "processor")
+    history_log = trainer.state.log_history
+    plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
+    summary = {
+        "stage": recipe.stage,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "samples": trainer.state.global_step * train.batch_size * train.gradient_accumulation_steps * args.world_size,
+        "train_samples_available": len(train_set),
+        "val_samples": len(val_set) if val_set is not None else 0,
+        "skipped_samples": train_set.num_skipped,
+        "skipped_by_reason": train_set.skipped,
+        "skipped_ids": train_set.skipped_ids,
+        "wall_time_s": round(time.time() - started, 1),
+        "resumed_from": plan.resume_from,
+        "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": args.world_size},
+        "final_metrics": metrics,
+        "log_history": history_log,
+    }
+    atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2, default=str))
+    if train_set.num_skipped:
+        logger.warning("skipped %d bad sample(s): %s", train_set.num_skipped, train_set.summary())
+    print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, "
+          f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
+
+
+def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
+    """Run one align/instruct stage; return the run dir."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from vlkit.data.collate import VlkitCollator
+    from vlkit.data.packing import packing_supported
+    from vlkit.train.checkpoint import build_manifest
+    from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
+
+    plan = plan or plan_run(recipe)
+    started = time.time()
+    output = prepare_output_dir(recipe, plan.resume_from)
+    set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
+    model, processor = prepared_model(recipe, plan)
+    train_set, val_set = load_datasets(recipe.data, processor)
+    history = plan.parent["stages"] if plan.parent else []
+    manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, history,
+                              system_prompt=model_spec(plan).get("system_prompt"))
+    train = recipe.train
+    has_eval = val_set is not None and train.eval_steps is not None
+    args = stage_arguments(recipe, output, has_eval)
+    name_fsdp_blocks(model)
+    PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
+    cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
+    pack = recipe.data.packing and packing_supported(model)
     model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
     trainer = VlkitTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set if has_eval else None,
+        model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(processor.tokenizer.pad_token_id, pack=pack, processor=processor),
-        manifest=manifest,
-        part_learning_rates=learning_rates,
+        manifest=manifest, part_learning_rates=part_learning_rates(train),
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
     )
-    result = trainer.train(resume_from_checkpoint=plan.resume_from)
-    metrics = dict(result.metrics)
+    metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))
-
     trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
     if trainer.is_world_process_zero():
-        processor.save_pretrained(output / "processor")
-        history_log = trainer.state.log_history
-        plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
-        summary = {
-            "stage": recipe.stage,
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "samples": trainer.state.global_step * train.batch_size * train.gradient_accumulation_steps * args.world_size,
-            "train_samples_available": len(train_set),
-            "val_samples": len(val_set) if val_set is not None else 0,
-            "skipped_samples": train_set.num_skipped,
-            "skipped_by_reason": train_set.skipped,
-            "skipped_ids": train_set.skipped_ids,
-            "wall_time_s": round(time.time() - started, 1),
-            "resumed_from": plan.resume_from,
-            "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": args.world_size},
-            "final_metrics": metrics,
-            "log_history": history_log,
-        }
-        atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2, default=str))
-        if train_set.num_skipped:
-            logger.warning("skipped %d bad sample(s): %s", train_set.num_skipped, train_set.summary())
-        print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, "
-              f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
+        write_summary(recipe, plan, trainer, processor, (train_set, val_set), metrics, started)
     trainer.accelerator.wait_for_everyone()
     return output
 
