@@ -155,3 +155,40 @@ def test_bad_cnn_tower_configs_are_one_line_errors(vision, message, tmp_path):
         "model": {"vision": {"config": vision}, "text": {"config": TINY_TEXT}}})
     with pytest.raises(ConfigError, match=message):
         build_clip_model(recipe, build_tokenizer(recipe, ["a red circle."]))
+
+
+def test_instruct_trains_a_cnn_tower_in_full(tmp_path, resnet_dir, tiny_llm_dir, shapes_dir):
+    from safetensors.torch import load_file
+
+    from vlkit.recipe import load_recipe
+    from vlkit.train.checkpoint import load_run
+    from vlkit.train.run import train_vlm
+    from vlkit.train.stages import check_stage
+
+    tree = {
+        "stage": "instruct", "output_dir": str(tmp_path / "run"),
+        "model": {"vision": resnet_dir, "llm": tiny_llm_dir, "vision_feature_layer": -1},
+        "tune": {"llm": "lora", "vision": "full", "lora_r": 4, "lora_alpha": 8},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 2, "max_steps": 3, "logging_steps": 1, "report_to": [], "vision_learning_rate": 1e-2},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(tree))
+    run_dir = train_vlm(load_recipe(path))
+    saved = load_file(run_dir / "trainable.safetensors")
+    base = ResNetModel.from_pretrained(resnet_dir).state_dict()
+    tower = {name.removeprefix("vision_tower."): t for name, t in saved.items() if name.startswith("vision_tower.")}
+    # Every tower weight is saved, and training changed them; BatchNorm statistics (buffers) stay the base's.
+    assert tower.keys() == {name for name, _ in ResNetModel.from_pretrained(resnet_dir).named_parameters()}
+    assert any(not torch.equal(tower[name], base[name]) for name in tower)
+    model, _ = load_run(run_dir)
+    reloaded = model.vision_tower.state_dict()
+    assert all(torch.equal(reloaded[name], tensor) for name, tensor in tower.items())
+    assert all(torch.equal(reloaded[name], base[name]) for name in base if "running_" in name)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"][-1]["vision"] == "full"
+    # Stored features would not follow a tower that trains.
+    tree["data"]["cache_vision_features"] = True
+    path.write_text(json.dumps(tree))
+    with pytest.raises(ConfigError, match="cache_vision_features"):
+        check_stage(load_recipe(path))

@@ -180,7 +180,7 @@ class TuneSection(StrictSection):
     """What trains besides the connector (the stage table in vlkit.train.stages limits the choice)."""
 
     llm: Literal["frozen", "lora", "qlora", "full"] = "frozen"
-    vision: Literal["frozen", "lora"] = "frozen"
+    vision: Literal["frozen", "lora", "full"] = "frozen"
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)

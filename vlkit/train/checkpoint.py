@@ -67,7 +67,8 @@ def build_manifest(
             "system_prompt": system_prompt,
         },
         "tune": recipe.tune.model_dump(mode="json"),
-        "stages": [*history, {"stage": recipe.stage, "output_dir": recipe.output_dir, "tune": recipe.tune.llm}],
+        "stages": [*history, {"stage": recipe.stage, "output_dir": recipe.output_dir, "tune": recipe.tune.llm,
+                              "vision": recipe.tune.vision}],
     }
     if recipe.init_from:
         manifest["init_from"] = Location.record(recipe.init_from, run_dir, trained_hash(recipe.init_from)).to_json()
@@ -77,6 +78,7 @@ def build_manifest(
 def saved_state(model: torch.nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The weights that are not the bases': connector, LoRA, and any base part tuned in full."""
     full_llm = any(stage.get("tune") == "full" for stage in manifest["stages"])
+    full_vision = any(stage.get("vision") == "full" for stage in manifest["stages"])
     state = {}
     for name, parameter in model.named_parameters():
         if (
@@ -84,6 +86,7 @@ def saved_state(model: torch.nn.Module, manifest: dict[str, Any]) -> dict[str, t
             or name.startswith("connector.")
             or "lora_" in name
             or (full_llm and name.startswith("language_model."))
+            or (full_vision and name.startswith("vision_tower."))
         ):
             state[name] = parameter
     return state

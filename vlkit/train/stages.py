@@ -3,7 +3,7 @@
     | stage    | vision tower        | connector | LLM                      |
     |----------|---------------------|-----------|--------------------------|
     | align    | frozen              | trained   | frozen                   |
-    | instruct | frozen (opt. LoRA)  | trained   | LoRA / QLoRA / full      |
+    | instruct | frozen / LoRA / full | trained  | LoRA / QLoRA / full      |
 
 (`stage: clip` trains the towers themselves; see `vlkit.clip`.)
 """
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # stage -> part -> the training modes a recipe may choose for it
 STAGE_TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "align": {"vision": ("frozen",), "connector": ("trained",), "llm": ("frozen",)},
-    "instruct": {"vision": ("frozen", "lora"), "connector": ("trained",), "llm": ("lora", "qlora", "full", "frozen")},
+    "instruct": {"vision": ("frozen", "lora", "full"), "connector": ("trained",), "llm": ("lora", "qlora", "full", "frozen")},
 }
 
 PARTS = ("vision_tower", "connector", "language_model")
@@ -45,10 +45,15 @@ def check_stage(recipe: VlmRecipe) -> None:
             f"stage '{recipe.stage}' keeps the vision tower {'/'.join(allowed['vision'])}, "
             f"but tune.vision is '{recipe.tune.vision}'"
         )
+    if recipe.tune.vision != "frozen" and recipe.data.cache_vision_features:
+        raise ConfigError(
+            f"data.cache_vision_features stores the tower's features once, but tune.vision is '{recipe.tune.vision}' "
+            "(the tower trains); set data.cache_vision_features=false"
+        )
 
 
 def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
-    """requires_grad per part: connector always; LoRA weights only; the full LLM for `full`."""
+    """requires_grad per part: connector always; LoRA weights only; the whole LLM / tower for `full`."""
     for parameter in model.parameters():
         parameter.requires_grad = False
     for parameter in model.connector.parameters():
@@ -56,11 +61,16 @@ def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> No
     if tune.llm == "full":
         for parameter in model.language_model.parameters():
             parameter.requires_grad = True
+    if tune.vision == "full":
+        for parameter in model.vision_tower.parameters():
+            parameter.requires_grad = True
     for part in (model.language_model, model.vision_tower):
         for name, parameter in part.named_parameters():
             if "lora_" in name:
                 parameter.requires_grad = True
-    # Frozen parts run in eval mode: no dropout noise in features the stage cannot change.
+    # Frozen parts run in eval mode: no dropout noise in features the stage cannot change. A tower tuned
+    # in full stays in eval mode too: a CNN's BatchNorm statistics are buffers, which the run does not
+    # save, so they must not drift from the base's (the usual frozen-BN fine-tuning of a CNN).
     model.vision_tower.train(tune.vision == "lora")
     model.language_model.train(tune.llm != "frozen")
 
