@@ -1,197 +1,21 @@
-"""Linear probes: where does a trained model lose colour, shape, position and count?
+"""Linear probes of colour, shape, position and count: the command line of `vlkit/probe.py`.
 
     python bench/probe.py runs/demo/instruct                 # a run dir, checkpoint or vlkit folder
     python bench/probe.py runs/demo/clip --layer -2          # a CLIP folder: its vision tower only
     python bench/probe.py MODEL --data data/shapes --n-train 3000 --out probe.json
 
-A linear classifier is trained (AdamW, full batch) on the flattened, standardised features of the
-shapes world's train images and scored on its val + test images, for each of:
-
-    colour, shape, position   the one shape of single-shape images (8, 7 and 5 classes)
-    count                     the number of shapes in any image (1-3)
-
-probed on (a) the vision tower's features, as the connector receives them ([N, Dv] per image: the
-model's feature layer and selection), and (b) the connector's output ([M, Dt] per image). A task
-the tower's features solve and the connector's output does not was lost in the connector; one the
-tower does not solve was never learned by it. `chance` is the test share of the most common class.
-
-The labels are not parsed from captions: the shapes world is deterministic, so each image's scene
-is drawn again from `world.json`'s seed and the image's split and index (and checked against the
-labels in `clip_{split}.jsonl`).
+The probe itself lives in the package (the demo runs it from an installed vlkit too);
+`python -m vlkit.probe` is the same command.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_tools and vlkit from this checkout
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # data_tools and vlkit from this checkout when run as a script
-
-from data_tools import shapes  # noqa: E402
-from vlkit.errors import DataError, ModelLoadError  # noqa: E402
-
-TASKS = ("colour", "shape", "position", "count")
-
-
-def scene_facts(data_dir: Path, split: str, limit: int | None = None) -> list[dict]:
-    """Per image of a split: its path and the probe labels, from its scene drawn again."""
-    world_file = data_dir / "world.json"
-    clip_file = data_dir / f"clip_{split}.jsonl"
-    if not world_file.is_file() or not clip_file.is_file():
-        raise DataError(f"{data_dir} is not a shapes world (no world.json or clip_{split}.jsonl); "
-                        "generate one with python -m data_tools.shapes")
-    world_info = json.loads(world_file.read_text())
-    world = shapes.make_world(int(world_info["seed"]), int(world_info["image_size"]))
-    rows = [json.loads(line) for line in clip_file.read_text().splitlines() if line.strip()][:limit]
-    facts = []
-    for row in rows:
-        index = int(row["id"].rsplit("_", 1)[1])
-        scene = shapes.sample_scene(shapes.split_rng(world.seed, split, index), world, split)
-        if scene.labels != row["labels"]:
-            raise DataError(f"{clip_file}: {row['id']} shows {row['labels']} but its seed draws {scene.labels}; "
-                            "the data was not written by this generator")
-        single = scene.shapes[0] if len(scene.shapes) == 1 else None
-        facts.append({
-            "image": str(data_dir / row["image"]),
-            "count": str(len(scene.shapes)),
-            "colour": single and single.colour,
-            "shape": single and single.shape,
-            "position": single and single.position,
-        })
-    return facts
-
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # pixel_values [I, 3, H, W] -> features [I, ...]
-
-
-def feature_sources(model_path: str, layer: int) -> tuple[dict[str, FeatureFn], object]:
-    """{"tower": fn[, "connector": fn]} and the image processor, for a VLM or a CLIP folder."""
-    from vlkit.clip.evaluate import is_clip_folder
-
-    if is_clip_folder(model_path):
-        from vlkit.features import tower_features
-        from vlkit.vision import load_vision_tower, num_prefix_tokens
-
-        tower, image_processor = load_vision_tower(model_path)
-        tower.eval()
-        prefix = num_prefix_tokens(tower.config)
-        return {"tower": lambda pixels: tower_features(tower, pixels, layer, "default", prefix)}, image_processor
-    from vlkit.loading import load_any
-    from vlkit.modeling import VlkitForConditionalGeneration
-
-    loaded = load_any(model_path, device="cpu", dtype="float32")
-    model = loaded.model
-    if not isinstance(model, VlkitForConditionalGeneration):
-        raise ModelLoadError(f"{model_path} is a {loaded.kind} model; the probe needs a vlkit run, checkpoint, "
-                             "vlkit-format folder or CLIP folder")
-    features = {"tower": model.get_vision_features,
-                "connector": lambda pixels: model.connector(model.get_vision_features(pixels))}
-    return features, loaded.processor.image_processor
-
-
-@torch.no_grad()
-def extract(fn: FeatureFn, image_processor, paths: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Flattened features [len(paths), D] in float32."""
-    from vlkit.data.images import load_image
-
-    chunks = []
-    for start in range(0, len(paths), batch_size):
-        images = [load_image(path) for path in paths[start : start + batch_size]]
-        pixels = image_processor(images, return_tensors="pt")["pixel_values"]
-        chunks.append(fn(pixels).float().flatten(1))
-    return torch.cat(chunks)
-
-
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 classes: int, steps: int = 300, seed: int = 0) -> tuple[float, float]:
-    """(train accuracy, test accuracy) of a linear classifier on standardised features."""
-    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(train_x.shape[1], classes)
-    # Weight decay keeps the probe from memorising a few thousand images with thousands of features.
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.05)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(head(train_x), train_y).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return ((head(train_x).argmax(1) == train_y).float().mean().item(),
-                (head(test_x).argmax(1) == test_y).float().mean().item())
-
-
-def probe(model_path: str, data_dir: str | Path, n_train: int = 3000, n_test: int | None = None, steps: int = 300,
-          layer: int = -2) -> dict:
-    """Probe accuracies per task and feature source (see the module docstring)."""
-    data_dir = Path(data_dir)
-    train = scene_facts(data_dir, "train", n_train)
-    test = (scene_facts(data_dir, "val") + scene_facts(data_dir, "test"))[:n_test]
-    sources, image_processor = feature_sources(model_path, layer)
-    report: dict = {"model": str(model_path), "data": str(data_dir), "steps": steps, "tasks": {}}
-    features = {name: (extract(fn, image_processor, [f["image"] for f in train]),
-                       extract(fn, image_processor, [f["image"] for f in test])) for name, fn in sources.items()}
-    report["feature_shapes"] = {name: int(train_x.shape[1]) for name, (train_x, _) in features.items()}
-    for task in TASKS:
-        train_rows = [i for i, f in enumerate(train) if f[task]]
-        test_rows = [i for i, f in enumerate(test) if f[task]]
-        names = sorted({train[i][task] for i in train_rows} | {test[i][task] for i in test_rows})
-        train_y = torch.tensor([names.index(train[i][task]) for i in train_rows])
-        test_y = torch.tensor([names.index(test[i][task]) for i in test_rows])
-        row = {"classes": len(names), "n_train": len(train_rows), "n_test": len(test_rows),
-               "chance": Counter(test_y.tolist()).most_common(1)[0][1] / max(len(test_rows), 1)}
-        for name, (train_x, test_x) in features.items():
-            train_acc, test_acc = linear_probe(train_x[train_rows], train_y, test_x[test_rows], test_y, len(names), steps)
-            row[name] = {"train": round(train_acc, 3), "test": round(test_acc, 3)}
-        report["tasks"][task] = row
-    return report
-
-
-def markdown(report: dict) -> str:
-    sources = list(report["feature_shapes"])
-    header = "| task | classes | train / test images | " + " | ".join(
-        f"{name} ({report['feature_shapes'][name]} features): test (train)" for name in sources) + " | chance |"
-    lines = [header, "|" + "---|" * (len(sources) + 4)]
-    for task, row in report["tasks"].items():
-        cells = [f"{row[name]['test']:.3f} ({row[name]['train']:.3f})" for name in sources]
-        lines.append(f"| {task} | {row['classes']} | {row['n_train']} / {row['n_test']} | "
-                     + " | ".join(cells) + f" | {row['chance']:.3f} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a vlkit run dir, checkpoint, vlkit-format folder, or a CLIP folder")
-    parser.add_argument("--data", default=str(REPO / "data" / "shapes"), help="the shapes world the model saw")
-    parser.add_argument("--n-train", type=int, default=3000, help="train images to fit the probes on")
-    parser.add_argument("--n-test", type=int, default=None, help="val + test images to score (default: all)")
-    parser.add_argument("--steps", type=int, default=300, help="AdamW steps per probe (full batch)")
-    parser.add_argument("--layer", type=int, default=-2, help="tower hidden state of a CLIP folder (a VLM uses its own)")
-    parser.add_argument("--out", default=None, help="write the report as JSON here")
-    parser.add_argument("--toy", action="store_true", help="a few images and steps (tests)")
-    args = parser.parse_args(argv)
-    if args.toy:
-        args.n_train, args.n_test, args.steps = min(args.n_train, 24), args.n_test or 16, min(args.steps, 20)
-    started = time.perf_counter()
-    try:
-        report = probe(args.model, args.data, args.n_train, args.n_test, args.steps, args.layer)
-    except (DataError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    print(markdown(report))
-    print(f"linear probes on {args.model}: {report['seconds']} s")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    return 0
-
+from vlkit.probe import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""bench/probe.py: linear probes of colour, shape, position and count on a model's features."""
+"""vlkit/probe.py (and its command line bench/probe.py): linear probes of colour, shape, position and
+count on a model's features."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ import pytest
 import torch
 from train_helpers import REPO
 
+import vlkit.probe
 from vlkit.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def probe_module():
-    spec = importlib.util.spec_from_file_location("bench_probe", REPO / "bench" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return vlkit.probe
 
 
 def test_linear_probe_separates_separable_classes_and_not_noise(probe_module):
@@ -83,3 +82,12 @@ def test_probe_errors_are_one_line(probe_module, tmp_path, tiny_clip_dir, capsys
     assert probe_module.main([tiny_clip_dir, "--data", str(tmp_path), "--toy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "not a shapes world" in err[0]
+
+
+def test_bench_probe_is_the_packaged_command_line(tiny_clip_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_probe", REPO / "bench" / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main is vlkit.probe.main
+    assert module.main([tiny_clip_dir, "--data", str(tmp_path), "--toy"]) == 2
+    assert "not a shapes world" in capsys.readouterr().err

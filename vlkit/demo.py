@@ -6,10 +6,10 @@
    (recipes/tiny/align.yaml, recipes/tiny/instruct.yaml);
 4. evaluate on test and test_heldout: VQA accuracy by question type, descriptions, and the same
    questions without the image (the chance baseline); linear probes of colour, shape, position and
-   count on the tower's features and the connector's output (bench/probe.py), which say where
+   count on the tower's features and the connector's output (vlkit/probe.py), which say where
    information is lost;
 5. export to Hugging Face format, reload the export, answer held-out questions and describe
-   skimage's astronaut photo;
+   skimage's astronaut photo (when scikit-image, a dev extra, is installed);
 6. write runs/demo/report.md with the figures and plots.
 
 Every stage goes through the same recipes and functions as `vlkit train` / `vlkit eval`, with
@@ -20,6 +20,7 @@ demo runs again with the same recipe and sizes (delete runs/demo to start over).
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import logging
 import time
@@ -29,8 +30,17 @@ from typing import Any
 
 from vlkit.llm import DEFAULT_LLM
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes" / "tiny"
+
+def tiny_recipe(name: str) -> Path:
+    """recipes/tiny/NAME as vlkit ships it: the wheel carries recipes/ as the package
+    vlkit.shipped_recipes (pyproject.toml), so an installed vlkit runs the demo from any directory."""
+    try:
+        shipped = importlib.resources.files("vlkit.shipped_recipes")
+    except ModuleNotFoundError:
+        # An editable install maps that package to recipes/ too, but setuptools' editable import hook
+        # finds a mapped folder only with an __init__.py (recipes/ holds YAML only): read the checkout's.
+        shipped = Path(__file__).resolve().parents[1] / "recipes"
+    return Path(shipped / "tiny" / name)  # a namespace package's files() joins to a plain Path
 
 
 @dataclass
@@ -69,7 +79,7 @@ def stage_recipe(recipe_name: str, out: Path, overrides: list[str]):
     from vlkit.recipe import load_recipe
 
     replace = [] if recipe_name == "clip.yaml" else ["overwrite=true"]  # an unfinished stage starts over
-    return load_recipe(RECIPES / recipe_name, [f"output_dir={out}", *replace, *overrides])
+    return load_recipe(tiny_recipe(recipe_name), [f"output_dir={out}", *replace, *overrides])
 
 
 def reusable(run_dir: Path, recipe) -> bool:
@@ -187,19 +197,15 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
 
 
 def probe_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
-    """bench/probe.py on the instruct run: linear probes on the tower's features and the connector's output."""
-    import importlib.util
+    """vlkit/probe.py on the instruct run: linear probes on the tower's features and the connector's output."""
+    from vlkit.probe import markdown, probe
 
-    log(f"probe: python bench/probe.py {out / 'instruct'} --data {data_dir} --n-train {size.probe_train}")
-    # bench/ is not an installed package; the demo runs from the checkout, as it reads recipes/ from it.
-    spec = importlib.util.spec_from_file_location("vlkit_bench_probe", REPO / "bench" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    log(f"probe: python -m vlkit.probe {out / 'instruct'} --data {data_dir} --n-train {size.probe_train}")
     started = time.time()
-    report = module.probe(str(out / "instruct"), data_dir, n_train=size.probe_train)
+    report = probe(str(out / "instruct"), data_dir, n_train=size.probe_train)
     report["seconds"] = round(time.time() - started, 1)
     (out / "eval" / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
-    report["markdown"] = module.markdown(report)
+    report["markdown"] = markdown(report)
     return report
 
 
@@ -207,7 +213,11 @@ def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     """Export the instruct run, reload the export, answer held-out questions, describe a photo."""
     import torch
     from PIL import Image
-    from skimage import data as skimage_data
+
+    try:
+        from skimage import data as skimage_data
+    except ImportError:  # a dev extra: an installed vlkit runs the demo without it and says so
+        skimage_data = None
 
     from vlkit.data.images import load_image
     from vlkit.export import export_run
@@ -224,9 +234,9 @@ def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:
         question = sample["conversations"][0]["value"]
         conversations.append([{"role": "user", "content": question}])
         images.append([load_image(sample["image"], data_dir)])
-    astronaut = Image.fromarray(skimage_data.astronaut())
-    conversations.append([{"role": "user", "content": "<image>\nDescribe the image in one sentence."}])
-    images.append([astronaut])
+    if skimage_data is not None:
+        conversations.append([{"role": "user", "content": "<image>\nDescribe the image in one sentence."}])
+        images.append([Image.fromarray(skimage_data.astronaut())])
     with torch.no_grad():
         inputs = loaded.prompt_inputs(conversations, images)
         output = loaded.model.generate(**inputs, max_new_tokens=48, do_sample=False)
@@ -234,7 +244,8 @@ def export_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     for sample, reply in zip(heldout, replies):
         answers.append({"image": sample["image"], "question": sample["conversations"][0]["value"].replace("<image>\n", ""),
                         "truth": sample["conversations"][1]["value"], "answer": reply})
-    return {"format": export_format, "dir": str(export_dir), "heldout_answers": answers, "astronaut": replies[-1]}
+    astronaut = replies[-1] if skimage_data is not None else "not described: scikit-image is not installed"
+    return {"format": export_format, "dir": str(export_dir), "heldout_answers": answers, "astronaut": astronaut}
 
 
 def write_report(out: Path, figures: dict[str, Any], size_name: str) -> Path:

@@ -1,0 +1,134 @@
+"""`pip install .` (not editable): the wheel carries vlkit, data_tools and the shipped recipes, and they
+work from another directory, with no checkout on the path.
+
+The wheel is built from a copy of the checkout and installed with `pip install --target` into a folder
+of its own; each check runs `python -S` (no site: the venv's editable-install hook stays off) with
+PYTHONPATH = that folder + the venv's site-packages (the dependencies), in a tmp working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import HANG_GUARD_S
+from train_helpers import REPO
+
+# What `pip wheel .` reads: the build config, the readme it embeds, the packages and the recipes.
+BUILD_INPUTS = ("pyproject.toml", "README.md", "vlkit", "data_tools", "recipes")
+
+
+def repo_files(folder: str, pattern: str) -> set[str]:
+    return {path.relative_to(REPO / folder).as_posix() for path in (REPO / folder).rglob(pattern)
+            if "__pycache__" not in path.parts}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The checkout's wheel, built without build isolation (offline: the venv's setuptools)."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    source.mkdir()
+    # A copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(work / "dist"), str(source)], check=True, capture_output=True, timeout=HANG_GUARD_S)
+    (built,) = (work / "dist").glob("vlkit-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel) -> Path:
+    """The wheel installed into a folder of its own (no dependencies: the venv's serve)."""
+    site = wheel.parent.parent / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=HANG_GUARD_S)
+    return site
+
+
+def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -S ARGS` seeing only the installed wheel and the venv's dependencies."""
+    dependencies = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env.update(PYTHONPATH=os.pathsep.join([str(site), *dependencies]), TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+
+
+def test_the_wheel_holds_every_module_and_every_shipped_recipe(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("vlkit", "data_tools"):  # pyproject.toml lists the packages: a new one must be added there
+        missing = {f"{package}/{path}" for path in repo_files(package, "*.py")} - names
+        assert not missing, f"not in the wheel (add the package to pyproject.toml's packages): {sorted(missing)}"
+    recipes = {f"vlkit/shipped_recipes/{path}" for path in repo_files("recipes", "*") if (REPO / "recipes" / path).is_file()}
+    assert "vlkit/shipped_recipes/tiny/align.yaml" in recipes
+    assert recipes <= names, f"recipes not in the wheel: {sorted(recipes - names)}"
+
+
+CHECK = """
+import importlib.resources, json, sys
+import data_tools.shapes, data_tools.shapes_scoring, vlkit, vlkit.probe
+from vlkit.demo import tiny_recipe
+from vlkit.recipe import load_recipe
+from vlkit.scoring import resolve_scorer
+
+shipped = importlib.resources.files("vlkit.shipped_recipes")
+print(json.dumps({
+    "modules": [vlkit.__file__, data_tools.shapes.__file__, data_tools.shapes_scoring.__file__, vlkit.probe.__file__],
+    "stages": [load_recipe(shipped / "tiny" / f"{name}.yaml").stage for name in ("clip", "align", "instruct")],
+    "demo_recipe": str(tiny_recipe("align.yaml")),
+    "scorer": callable(resolve_scorer("data_tools.shapes_scoring:scorer_for", sys.argv[1])),
+}))
+"""
+
+
+def test_the_installed_package_works_without_the_checkout(installed, shapes_dir, tmp_path):
+    result = run_installed(installed, tmp_path, "-c", CHECK, str(Path(shapes_dir) / "instruct_test.json"))
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for module in found["modules"]:  # imported from the installed wheel, not from the checkout
+        assert Path(module).resolve().is_relative_to(installed.resolve()), module
+    assert found["stages"] == ["clip", "align", "instruct"]
+    assert Path(found["demo_recipe"]).resolve() == (installed / "vlkit" / "shipped_recipes" / "tiny" / "align.yaml").resolve()
+    assert found["scorer"] is True
+
+    help_text = run_installed(installed, tmp_path, "-m", "vlkit", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    for command in ("train", "chat", "export", "eval"):
+        assert command in help_text.stdout
+
+
+@pytest.mark.slow
+def test_train_export_chat_eval_from_the_installed_package(installed, tiny_vision_dir, tiny_llm_dir, shapes_dir,
+                                                           tmp_path):
+    def vlkit(*args: str) -> subprocess.CompletedProcess:
+        result = run_installed(installed, tmp_path, "-m", "vlkit", *args)
+        assert result.returncode == 0, f"vlkit {args[0]}: {result.stderr[-3000:]}"
+        return result
+
+    recipe = installed / "vlkit" / "shipped_recipes" / "tiny" / "align.yaml"
+    vlkit("train", str(recipe), "output_dir=run", f"model.vision={tiny_vision_dir}", f"model.llm={tiny_llm_dir}",
+          f"data.dir={shapes_dir}", "train.max_steps=2", "train.batch_size=4", "data.max_val_samples=4",
+          "train.report_to=[]")
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["steps"] == 2
+    vlkit("export", "run", "exported")
+    assert (tmp_path / "exported" / "config.json").is_file()
+    test_file = Path(shapes_dir) / "instruct_test.json"
+    image = Path(shapes_dir) / json.loads(test_file.read_text())[0]["image"]
+    chat = vlkit("chat", "exported", "--image", str(image), "--prompt", "What colour is the shape?",
+                 "--max-new-tokens", "3", "--json")
+    assert json.loads(chat.stdout.strip().splitlines()[-1])["new_tokens"] > 0
+    vlkit("eval", "exported", "--data", str(test_file), "--images", shapes_dir, "--out", "eval", "--max-samples", "2",
+          "--scorer", "data_tools.shapes_scoring:scorer_for")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["questions"] > 0
