@@ -306,15 +306,17 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     output = prepare_output_dir(recipe, plan.resume_from)
     set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
     model, processor = prepared_model(recipe, plan)
-    train_set, val_set = load_datasets(recipe.data, processor)
     history = plan.parent["stages"] if plan.parent else []
     manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, history,
                               system_prompt=model_spec(plan).get("system_prompt"))
     train = recipe.train
-    has_eval = val_set is not None and train.eval_steps is not None
+    has_eval = recipe.data.val_file is not None and train.eval_steps is not None
+    # The arguments first: on CPU, FSDP and DeepSpeed need accelerate's shared state relabelled
+    # (shard_cpu_ranks) before anything creates it, and load_datasets' rank-0-first does.
     args = stage_arguments(recipe, output, has_eval)
     name_fsdp_blocks(model)
     PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
+    train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
     pack = recipe.data.packing and packing_supported(model)
