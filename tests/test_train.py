@@ -165,3 +165,24 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
     b = load_file(tmp_path / "two" / "trainable.safetensors")
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_a_late_rank_finds_its_checkpoint_folder(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    """Rank 1 writes its checkpoint file only after rank 0 finished its own: the staging folder must still
+    be there (rank 0 renames it only when every rank is done). Without that barrier this run exits 1."""
+    from train_slow_rank_save import LATE_MARKER
+
+    tree = align_recipe(tmp_path / "run", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2,
+                        save_steps=2)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+                             "--main_process_port", str(free_port()), str(REPO / "tests" / "train_slow_rank_save.py"),
+                             "train", write_recipe(tmp_path / "run.yaml", tree)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert LATE_MARKER.format(rank=1) in result.stderr
+    for step in (2, 4):
+        folder = tmp_path / "run" / "checkpoints" / f"checkpoint-{step}"
+        assert (folder / "rng_state_0.pth").is_file() and (folder / "rng_state_1.pth").is_file(), step

@@ -94,11 +94,15 @@ class VlkitTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is emptied
         self.args.output_dir = staging_root
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = final_root
+        # Every rank writes files of its own there (RNG state, optimizer shards): all must be done before
+        # the rename, or a slower rank finds its folder gone and fails ("Parent directory ... does not exist").
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             target = os.path.join(final_root, name)
             shutil.rmtree(target, ignore_errors=True)
