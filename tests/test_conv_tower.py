@@ -162,8 +162,7 @@ def test_instruct_trains_a_cnn_tower_in_full(tmp_path, resnet_dir, tiny_llm_dir,
 
     from vlkit.recipe import load_recipe
     from vlkit.train.checkpoint import load_run
-    from vlkit.train.run import train_vlm
-    from vlkit.train.stages import check_stage
+    from vlkit.train.run import plan_run, train_vlm
 
     tree = {
         "stage": "instruct", "output_dir": str(tmp_path / "run"),
@@ -190,5 +189,5 @@ def test_instruct_trains_a_cnn_tower_in_full(tmp_path, resnet_dir, tiny_llm_dir,
     # Stored features would not follow a tower that trains.
     tree["data"]["cache_vision_features"] = True
     path.write_text(json.dumps(tree))
-    with pytest.raises(ConfigError, match="cache_vision_features"):
-        check_stage(load_recipe(path))
+    with pytest.raises(ConfigError, match="cache_vision_features needs a frozen vision tower"):
+        plan_run(load_recipe(path))

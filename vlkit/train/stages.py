@@ -45,11 +45,6 @@ def check_stage(recipe: VlmRecipe) -> None:
             f"stage '{recipe.stage}' keeps the vision tower {'/'.join(allowed['vision'])}, "
             f"but tune.vision is '{recipe.tune.vision}'"
         )
-    if recipe.tune.vision != "frozen" and recipe.data.cache_vision_features:
-        raise ConfigError(
-            f"data.cache_vision_features stores the tower's features once, but tune.vision is '{recipe.tune.vision}' "
-            "(the tower trains); set data.cache_vision_features=false"
-        )
 
 
 def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
