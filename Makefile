@@ -45,8 +45,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not distributed"
 
-# FSDP / DeepSpeed launches on 2 CPU processes: kept out of `make test` while one rank sometimes exits 1
-# (tests/test_distributed_launch.py says what was seen).
+# FSDP / DeepSpeed launches on 2 CPU processes (~3.5 minutes), kept out of `make test` for its length;
+# tests/test_distributed_launch.py says what they check and what their former flake was.
 test-distributed: $(STAMP)
 	$(PY) -m pytest -q -m distributed
 
