@@ -129,11 +129,8 @@ def trained_hash(run: str | Path) -> str | None:
     path = Path(run) / TRAINABLE
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # --- where things are -------------------------------------------------------------------------------------
