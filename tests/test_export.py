@@ -291,7 +291,9 @@ def test_hub_ids_in_card_metadata():
     assert hub_id("/tmp/some/folder") is None
 
 
-def test_qlora_run_merges_into_the_unquantized_base(tmp_path, tiny_vision_dir, tiny_llm_dir):
+def test_qlora_run_merges_into_the_dequantized_4bit_base(tmp_path, tiny_vision_dir, tiny_llm_dir):
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
     run = save_run(tmp_path / "qlora-run", tiny_vision_dir, tiny_llm_dir, {"type": "mlp", "depth": 2},
                    {"llm": "qlora", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj"]})
     out = tmp_path / "out"
@@ -303,8 +305,11 @@ def test_qlora_run_merges_into_the_unquantized_base(tmp_path, tiny_vision_dir, t
     exported = LlavaForConditionalGeneration.from_pretrained(out)
     merged = exported.model.language_model.layers[0].self_attn.q_proj.weight.detach()
     assert merged.dtype == torch.float32 and not any("lora_" in name for name in exported.state_dict())
-    assert torch.allclose(merged, base + (8 / 4) * lora_b @ lora_a, atol=1e-6)  # full-precision base + scaled LoRA
-    assert "merged into the unquantized base" in (out / "README.md").read_text()
+    packed, state = quantize_4bit(base, quant_type="nf4", compress_statistics=True)  # as QLoRA quantized it
+    trained_on = dequantize_4bit(packed, state)
+    assert (trained_on - base).abs().max() > 1e-3  # the 4-bit rounding the adapters trained with is visible
+    assert torch.allclose(merged, trained_on + (8 / 4) * lora_b @ lora_a, atol=1e-6)  # NF4 base + scaled LoRA
+    assert "merged into that base dequantized" in (out / "README.md").read_text()
 
 
 def test_full_strategy_keeps_the_cls_token_in_both_formats(tiny_vision_dir, tiny_llm_dir):

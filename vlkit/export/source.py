@@ -2,8 +2,10 @@
 
 Owns finding the folder to export (refusing an unfinished run with the name of its newest
 checkpoint), rebuilding it (`vlkit.run_folder.rebuild`), merging LoRA into the LLM and vision
-tower, and the QLoRA case: the 4-bit base is reloaded unquantized in the export dtype and the LoRA
-weights are merged into that, since merging into 4-bit weights would round them back to 4 bits.
+tower, and the QLoRA case: the LoRA weights are merged into the 4-bit base weights *dequantized*
+(the very weights the adapters trained on, in the export dtype), not into the original full-precision
+base, and not back into 4 bits, which would round the merged weights again. The export then computes
+what the trained model computed.
 """
 
 from __future__ import annotations
@@ -78,9 +80,25 @@ def merge_adapters(model: torch.nn.Module) -> list[str]:
     return merged
 
 
-def load_unquantized(source: ExportSource, dtype: torch.dtype):
-    """(model, processor) of a QLoRA run rebuilt on the unquantized base, LoRA still unmerged."""
-    return rebuild(source.folder, quantize=False, dtype=dtype)
+def dequantized_llm_weights(quantized_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The 4-bit LLM weights a QLoRA run trained on, dequantized, by module name in the language model."""
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn import Linear4bit
+
+    return {name: dequantize_4bit(module.weight.data, module.weight.quant_state)
+            for name, module in quantized_model.language_model.named_modules() if isinstance(module, Linear4bit)}
+
+
+def load_qlora_dequantized(source: ExportSource, dtype: torch.dtype):
+    """(model, processor) of a QLoRA run on its 4-bit base dequantized into `dtype`, LoRA still unmerged."""
+    model, processor = rebuild(source.folder, quantize=False, dtype=dtype)  # first: it draws the seeded rows
+    # Read from a fresh rebuild: bitsandbytes repacks 4-bit weights for its CPU kernel on the first forward.
+    trained_on = dequantized_llm_weights(rebuild(source.folder)[0])
+    modules = dict(model.language_model.named_modules())
+    with torch.no_grad():
+        for name, weight in trained_on.items():
+            modules[name].weight.copy_(weight.to(dtype))  # same module names: the LoRA layout does not change
+    return model, processor
 
 
 def run_seed(source: ExportSource) -> int:
@@ -110,10 +128,11 @@ def load_merged(source: ExportSource, dtype: torch.dtype):
 
 def _load(source: ExportSource, dtype: torch.dtype):
     if source.manifest["tune"].get("llm") == "qlora":
-        model, processor = load_unquantized(source, dtype)
+        model, processor = load_qlora_dequantized(source, dtype)
         source.notes.append(
-            "Trained with QLoRA on a 4-bit base; the LoRA weights were merged into the unquantized base "
-            f"weights ({str(dtype).removeprefix('torch.')}), so this model is not the 4-bit model that was trained."
+            "Trained with QLoRA on a 4-bit (NF4) base; the LoRA weights were merged into that base dequantized "
+            f"to {str(dtype).removeprefix('torch.')}, so the export computes what the trained model computed "
+            "with weights that are no longer 4-bit."
         )
     else:
         model, processor = rebuild(source.folder)
