@@ -11,6 +11,8 @@ background with sensor noise. OUT_DIR is the image root of every file written:
                              ("objects": a caption naming only colour and shape, "a red circle and a blue star")
     align_{split}.json       LLaVA format, one caption turn per image
     instruct_{split}.json    LLaVA format, multi-turn Q&A; "qa" holds each answer's type and exact answer
+    probe_{split}.jsonl      {"image", "colour", "shape", "position" (the one shape of single-shape images,
+                             else null), "count"}: labels for the linear probes (python -m vlkit.probe)
     zeroshot_labels.json     {"classes", "templates", "prompts" (per class: its one-shape `objects` caption),
                              "heldout_classes"}
     world.json               colours, shapes, positions, held-out pairs, split sizes, seed
@@ -45,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 3  # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions
+VERSION = 4  # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -410,7 +412,10 @@ def make_example(world: World, split: str, index: int, out_dir: str | None) -> d
         "conversations": conversations,
         "qa": [{"type": t["type"], "answer": t["answer"]} for t in turns],
     }
-    return {"clip": clip, "align": align, "instruct": instruct}
+    single_spec = scene.shapes[0] if single else None
+    probe = {"image": rel_path, "colour": single_spec and single_spec.colour, "shape": single_spec and single_spec.shape,
+             "position": single_spec and single_spec.position, "count": str(len(scene.shapes))}
+    return {"clip": clip, "align": align, "instruct": instruct, "probe": probe}
 
 
 def _make_chunk(args: tuple[World, str, int, int, str]) -> list[dict[str, Any]]:
@@ -462,8 +467,9 @@ def generate(
         pool.shutdown()
 
     for split, rows in records.items():
-        with open(out / f"clip_{split}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row["clip"]) + "\n" for row in rows)
+        for kind in ("clip", "probe"):
+            with open(out / f"{kind}_{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row[kind]) + "\n" for row in rows)
         for kind in ("align", "instruct"):
             with open(out / f"{kind}_{split}.json", "w", encoding="utf-8") as f:
                 json.dump([row[kind] for row in rows], f, indent=1)

@@ -136,6 +136,23 @@ def test_a_broken_layer_is_reported(tmp_path, files, expected):
     assert any(problem.startswith(expected) for problem in problems), problems
 
 
+def importers_of(package: Path, root: str) -> set[str]:
+    """Modules of the package that import the top-level package `root`, lazily or not."""
+    found = set()
+    for name, path in module_files(package).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(imported.split(".")[0] == root for imported in names):
+                found.add(name)
+    return found
+
+
+def test_only_the_demo_knows_the_shapes_world():
+    # The library is generic: scorers and probe labels come as names and files; the demo drives the example world.
+    assert importers_of(PACKAGE, "data_tools") == {"vlkit.demo"}
+
+
 def long_functions(package: Path, parts: tuple[str, ...], limit: int) -> list[str]:
     """Functions longer than `limit` lines (decorators excluded) in the given subpackages."""
     found = []

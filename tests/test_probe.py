@@ -33,25 +33,33 @@ def test_linear_probe_separates_separable_classes_and_not_noise(probe_module):
     assert random <= 0.6
 
 
-def test_scene_facts_come_from_the_seed_and_match_the_captions(probe_module, shapes_dir):
-    facts = probe_module.scene_facts(Path(shapes_dir), "train")
-    rows = [json.loads(line) for line in (Path(shapes_dir) / "clip_train.jsonl").read_text().splitlines()]
-    assert len(facts) == len(rows) == 24
-    for fact, row in zip(facts, rows):
-        assert fact["count"] == str(len(row["labels"]))
-        if row["label"]:
-            assert f"{fact['colour']} {fact['shape']}" == row["label"] and fact["position"] in ("left", "right", "top",
-                                                                                               "bottom", "centre")
-        else:
-            assert fact["colour"] is None and fact["position"] is None
+def test_the_shapes_world_writes_probe_labels_that_match_its_captions(shapes_dir):
+    for split, n in (("train", 24), ("test", 8)):
+        rows = [json.loads(line) for line in (Path(shapes_dir) / f"probe_{split}.jsonl").read_text().splitlines()]
+        clip = [json.loads(line) for line in (Path(shapes_dir) / f"clip_{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == len(clip) == n
+        for row, pair in zip(rows, clip):
+            assert row["image"] == pair["image"] and row["count"] == str(len(pair["labels"]))
+            if pair["label"]:
+                assert f"{row['colour']} {row['shape']}" == pair["label"]
+                assert row["position"] in ("left", "right", "top", "bottom", "centre")
+            else:
+                assert row["colour"] is None and row["shape"] is None and row["position"] is None
 
 
-def test_scene_facts_refuse_data_of_another_generator(probe_module, shapes_dir, tmp_path):
-    world = json.loads((Path(shapes_dir) / "world.json").read_text())
-    (tmp_path / "world.json").write_text(json.dumps({**world, "seed": world["seed"] + 1}))
-    (tmp_path / "clip_train.jsonl").write_text((Path(shapes_dir) / "clip_train.jsonl").read_text())
-    with pytest.raises(DataError, match="not written by this generator"):
-        probe_module.scene_facts(tmp_path, "train")
+def test_read_labels_resolves_images_and_skips_nothing_silently(probe_module, tmp_path):
+    (tmp_path / "labels.jsonl").write_text('{"image": "a.png", "texture": "stripes", "count": 2}\n'
+                                           '{"image": "b.png", "texture": null, "count": 1}\n')
+    rows = probe_module.read_labels(tmp_path / "labels.jsonl")
+    assert rows == [{"image": str(tmp_path / "a.png"), "texture": "stripes", "count": "2"},
+                    {"image": str(tmp_path / "b.png"), "texture": None, "count": "1"}]
+    assert probe_module.tasks_of(rows) == ["texture", "count"]
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "size": [1, 2]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: labels must be"):
+        probe_module.read_labels(tmp_path / "bad.jsonl")
+    (tmp_path / "noimage.jsonl").write_text('{"path": "a.png", "size": "big"}\n')
+    with pytest.raises(DataError, match=r"noimage.jsonl:1: a row needs an \"image\""):
+        probe_module.read_labels(tmp_path / "noimage.jsonl")
 
 
 def test_probe_a_vlm_folder_end_to_end(probe_module, tiny_vlm, shapes_dir, tmp_path):
@@ -81,7 +89,7 @@ def test_probe_a_clip_folder_has_only_the_tower(probe_module, tiny_clip_dir, sha
 def test_probe_errors_are_one_line(probe_module, tmp_path, tiny_clip_dir, capsys):
     assert probe_module.main([tiny_clip_dir, "--data", str(tmp_path), "--toy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "not a shapes world" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "probe labels file not found" in err[0]
 
 
 def test_bench_probe_is_the_packaged_command_line(tiny_clip_dir, tmp_path, capsys):
@@ -90,4 +98,4 @@ def test_bench_probe_is_the_packaged_command_line(tiny_clip_dir, tmp_path, capsy
     spec.loader.exec_module(module)
     assert module.main is vlkit.probe.main
     assert module.main([tiny_clip_dir, "--data", str(tmp_path), "--toy"]) == 2
-    assert "not a shapes world" in capsys.readouterr().err
+    assert "probe labels file not found" in capsys.readouterr().err

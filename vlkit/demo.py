@@ -198,11 +198,11 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
 
 def probe_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     """vlkit/probe.py on the instruct run: linear probes on the tower's features and the connector's output."""
-    from vlkit.probe import markdown, probe
+    from vlkit.probe import data_dir_files, markdown, probe
 
     log(f"probe: python -m vlkit.probe {out / 'instruct'} --data {data_dir} --n-train {size.probe_train}")
     started = time.time()
-    report = probe(str(out / "instruct"), data_dir, n_train=size.probe_train)
+    report = probe(str(out / "instruct"), *data_dir_files(data_dir), n_train=size.probe_train)
     report["seconds"] = round(time.time() - started, 1)
     (out / "eval" / "probe.json").write_text(json.dumps(report, indent=1) + "\n")
     report["markdown"] = markdown(report)

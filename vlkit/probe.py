@@ -1,26 +1,25 @@
-"""Linear probes: where does a trained model lose colour, shape, position and count?
+"""Linear probes: where does a trained model lose what its images show (e.g. colour, shape, count)?
 
     python -m vlkit.probe runs/demo/instruct                 # a run dir, checkpoint or vlkit folder
     python -m vlkit.probe runs/demo/clip --layer -2          # a CLIP folder: its vision tower only
     python -m vlkit.probe MODEL --data data/shapes --n-train 3000 --out probe.json
+    python -m vlkit.probe MODEL --train labels_train.jsonl --test labels_test.jsonl --images DIR
 
 (`python bench/probe.py ...` is the same command from a checkout.) The demo runs it on its instruct
 run; it lives in the package so that an installed vlkit runs the demo without a checkout.
 
+The labels are JSON lines, one image each: `{"image": PATH, TASK: LABEL, ...}`. Every other key is a
+task; a null label leaves the image out of that task. `--data DIR` reads DIR/probe_train.jsonl and
+scores on DIR/probe_val.jsonl + DIR/probe_test.jsonl: the files the shapes world's generator
+(`python -m data_tools.shapes`) writes, with colour, shape and position of single-shape images and the
+count of every image. Image paths are relative to `--images` (default: the labels file's folder).
+
 A linear classifier is trained (AdamW, full batch) on the flattened, standardised features of the
-shapes world's train images and scored on its val + test images, for each of:
-
-    colour, shape, position   the one shape of single-shape images (8, 7 and 5 classes)
-    count                     the number of shapes in any image (1-3)
-
-probed on (a) the vision tower's features, as the connector receives them ([N, Dv] per image: the
-model's feature layer and selection), and (b) the connector's output ([M, Dt] per image). A task
-the tower's features solve and the connector's output does not was lost in the connector; one the
-tower does not solve was never learned by it. `chance` is the test share of the most common class.
-
-The labels are not parsed from captions: the shapes world is deterministic, so each image's scene
-is drawn again from `world.json`'s seed and the image's split and index (and checked against the
-labels in `clip_{split}.jsonl`).
+train images and scored on the test images, for each task, probed on (a) the vision tower's
+features, as the connector receives them ([N, Dv] per image: the model's feature layer and
+selection), and (b) the connector's output ([M, Dt] per image). A task the tower's features solve
+and the connector's output does not was lost in the connector; one the tower does not solve was
+never learned by it. `chance` is the test share of the most common class.
 """
 
 from __future__ import annotations
@@ -35,38 +34,43 @@ from pathlib import Path
 
 import torch
 
-from data_tools import shapes
 from vlkit.errors import DataError, ModelLoadError
 
-TASKS = ("colour", "shape", "position", "count")
+SPLIT_FILES = ("probe_train.jsonl", ("probe_val.jsonl", "probe_test.jsonl"))  # what `--data DIR` reads
 
 
-def scene_facts(data_dir: Path, split: str, limit: int | None = None) -> list[dict]:
-    """Per image of a split: its path and the probe labels, from its scene drawn again."""
-    world_file = data_dir / "world.json"
-    clip_file = data_dir / f"clip_{split}.jsonl"
-    if not world_file.is_file() or not clip_file.is_file():
-        raise DataError(f"{data_dir} is not a shapes world (no world.json or clip_{split}.jsonl); "
-                        "generate one with python -m data_tools.shapes")
-    world_info = json.loads(world_file.read_text())
-    world = shapes.make_world(int(world_info["seed"]), int(world_info["image_size"]))
-    rows = [json.loads(line) for line in clip_file.read_text().splitlines() if line.strip()][:limit]
-    facts = []
-    for row in rows:
-        index = int(row["id"].rsplit("_", 1)[1])
-        scene = shapes.sample_scene(shapes.split_rng(world.seed, split, index), world, split)
-        if scene.labels != row["labels"]:
-            raise DataError(f"{clip_file}: {row['id']} shows {row['labels']} but its seed draws {scene.labels}; "
-                            "the data was not written by this generator")
-        single = scene.shapes[0] if len(scene.shapes) == 1 else None
-        facts.append({
-            "image": str(data_dir / row["image"]),
-            "count": str(len(scene.shapes)),
-            "colour": single and single.colour,
-            "shape": single and single.shape,
-            "position": single and single.position,
-        })
-    return facts
+def read_labels(path: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """The rows of a labels file, image paths resolved against image_root (default: the file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"probe labels file not found: {path} (JSON lines of {{\"image\": PATH, TASK: LABEL, ...}}; "
+                        "python -m data_tools.shapes writes probe_{split}.jsonl)")
+    root = Path(image_root) if image_root is not None else path.parent
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise DataError(f"{path}:{number}: a row needs an \"image\" path")
+        labels = {task: label for task, label in row.items() if task not in ("image", "id")}
+        if any(label is not None and not isinstance(label, (str, int)) for label in labels.values()):
+            raise DataError(f"{path}:{number}: labels must be strings, integers or null")
+        rows.append({"image": str(root / row["image"]),
+                     **{task: None if label is None else str(label) for task, label in labels.items()}})
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise DataError(f"{path}: no labelled images")
+    return rows
+
+
+def tasks_of(rows: list[dict]) -> list[str]:
+    """Task names in first-seen order."""
+    return list(dict.fromkeys(task for row in rows for task in row if task != "image"))
 
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # pixel_values [I, 3, H, W] -> features [I, ...]
@@ -128,30 +132,40 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                 (head(test_x).argmax(1) == test_y).float().mean().item())
 
 
-def probe(model_path: str, data_dir: str | Path, n_train: int = 3000, n_test: int | None = None, steps: int = 300,
-          layer: int = -2) -> dict:
+def probe(model_path: str, train_file: str | Path, test_files: list[str | Path], image_root: str | Path | None = None,
+          n_train: int = 3000, n_test: int | None = None, steps: int = 300, layer: int = -2) -> dict:
     """Probe accuracies per task and feature source (see the module docstring)."""
-    data_dir = Path(data_dir)
-    train = scene_facts(data_dir, "train", n_train)
-    test = (scene_facts(data_dir, "val") + scene_facts(data_dir, "test"))[:n_test]
+    train = read_labels(train_file, image_root, n_train)
+    test = [row for path in test_files for row in read_labels(path, image_root)][:n_test]
     sources, image_processor = feature_sources(model_path, layer)
-    report: dict = {"model": str(model_path), "data": str(data_dir), "steps": steps, "tasks": {}}
+    report: dict = {"model": str(model_path), "train": str(train_file), "test": [str(path) for path in test_files],
+                    "steps": steps, "tasks": {}}
     features = {name: (extract(fn, image_processor, [f["image"] for f in train]),
                        extract(fn, image_processor, [f["image"] for f in test])) for name, fn in sources.items()}
     report["feature_shapes"] = {name: int(train_x.shape[1]) for name, (train_x, _) in features.items()}
-    for task in TASKS:
-        train_rows = [i for i, f in enumerate(train) if f[task]]
-        test_rows = [i for i, f in enumerate(test) if f[task]]
+    for task in tasks_of(train):
+        train_rows = [i for i, f in enumerate(train) if f.get(task) is not None]
+        test_rows = [i for i, f in enumerate(test) if f.get(task) is not None]
+        if not train_rows or not test_rows:
+            continue
         names = sorted({train[i][task] for i in train_rows} | {test[i][task] for i in test_rows})
         train_y = torch.tensor([names.index(train[i][task]) for i in train_rows])
         test_y = torch.tensor([names.index(test[i][task]) for i in test_rows])
         row = {"classes": len(names), "n_train": len(train_rows), "n_test": len(test_rows),
-               "chance": Counter(test_y.tolist()).most_common(1)[0][1] / max(len(test_rows), 1)}
+               "chance": Counter(test_y.tolist()).most_common(1)[0][1] / len(test_rows)}
         for name, (train_x, test_x) in features.items():
             train_acc, test_acc = linear_probe(train_x[train_rows], train_y, test_x[test_rows], test_y, len(names), steps)
             row[name] = {"train": round(train_acc, 3), "test": round(test_acc, 3)}
         report["tasks"][task] = row
+    if not report["tasks"]:
+        raise DataError(f"no task has labels in both {train_file} and the test files")
     return report
+
+
+def data_dir_files(data_dir: str | Path) -> tuple[Path, list[Path]]:
+    """(train file, test files) that `--data DIR` stands for."""
+    train_name, test_names = SPLIT_FILES
+    return Path(data_dir) / train_name, [Path(data_dir) / name for name in test_names]
 
 
 def markdown(report: dict) -> str:
@@ -169,19 +183,26 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a vlkit run dir, checkpoint, vlkit-format folder, or a CLIP folder")
-    parser.add_argument("--data", default="data/shapes", help="the shapes world the model saw")
+    parser.add_argument("--data", default="data/shapes",
+                        help="a folder with probe_train.jsonl, probe_val.jsonl and probe_test.jsonl (the shapes world)")
+    parser.add_argument("--train", default=None, help="labels to fit the probes on (instead of --data)")
+    parser.add_argument("--test", nargs="+", default=None, help="labels to score the probes on (with --train)")
+    parser.add_argument("--images", default=None, help="image root of the labels files (default: each file's folder)")
     parser.add_argument("--n-train", type=int, default=3000, help="train images to fit the probes on")
-    parser.add_argument("--n-test", type=int, default=None, help="val + test images to score (default: all)")
+    parser.add_argument("--n-test", type=int, default=None, help="test images to score (default: all)")
     parser.add_argument("--steps", type=int, default=300, help="AdamW steps per probe (full batch)")
     parser.add_argument("--layer", type=int, default=-2, help="tower hidden state of a CLIP folder (a VLM uses its own)")
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--toy", action="store_true", help="a few images and steps (tests)")
     args = parser.parse_args(argv)
+    if (args.train is None) != (args.test is None):
+        parser.error("--train and --test go together")
     if args.toy:
         args.n_train, args.n_test, args.steps = min(args.n_train, 24), args.n_test or 16, min(args.steps, 20)
+    train_file, test_files = (args.train, args.test) if args.train else data_dir_files(args.data)
     started = time.perf_counter()
     try:
-        report = probe(args.model, args.data, args.n_train, args.n_test, args.steps, args.layer)
+        report = probe(args.model, train_file, test_files, args.images, args.n_train, args.n_test, args.steps, args.layer)
     except (DataError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

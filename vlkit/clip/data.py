@@ -22,9 +22,7 @@ import torch
 
 from vlkit.clip.augment import Augment
 from vlkit.data.checks import Problem, check_caption, check_images
-
-# SkippingDataset's contract: `load` raises `_Skip` for a bad sample; `_load_images` does so for images.
-from vlkit.data.dataset import SkippingDataset, _load_images, _Skip
+from vlkit.data.dataset import SkippingDataset, SkipSample, load_sample_images
 from vlkit.data.formats import load_clip_pairs
 from vlkit.errors import DataError
 
@@ -105,11 +103,11 @@ class ClipPairDataset(SkippingDataset):
     def _image_uint8(self, path: str) -> torch.Tensor:
         if self.cache is not None and path in self.cache:
             return self.cache[path]
-        (image,) = _load_images([path], self.image_root, self.allow_images_outside_root)
+        (image,) = load_sample_images([path], self.image_root, self.allow_images_outside_root)
         try:
             processed = self.image_processor(images=image, do_normalize=False, do_rescale=False, return_tensors="pt")
         except (DataError, ValueError) as error:
-            raise _Skip("corrupt_image", str(error)) from None
+            raise SkipSample("corrupt_image", str(error)) from None
         pixels = processed["pixel_values"][0].round().clamp(0, 255).to(torch.uint8)  # [3, H, W]
         if self.cache is not None:
             self.cache[path] = pixels

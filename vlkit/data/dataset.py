@@ -81,7 +81,7 @@ class SkippingDataset(torch.utils.data.Dataset):
     """Base class: load-time skip-and-substitute with counts shared across worker processes.
 
     Subclasses set `self.samples` (a datasets.Dataset with an "id" column) and implement
-    `load(sample) -> item`, raising `_Skip` for a bad sample.
+    `load(sample) -> item`, raising `SkipSample` for a bad sample.
     """
 
     samples: datasets.Dataset
@@ -135,7 +135,7 @@ class SkippingDataset(torch.utils.data.Dataset):
             sample = self.samples[position]
             try:
                 return self.load(sample)
-            except _Skip as skip:
+            except SkipSample as skip:
                 last = (skip.reason, skip.detail)
                 self._mark_bad(position, sample["id"], skip.reason, skip.detail)
         raise DataError(
@@ -192,22 +192,23 @@ class SkippingDataset(torch.utils.data.Dataset):
         return ", ".join(parts)
 
 
-class _Skip(Exception):
-    """Raised by `load` for a sample that must be skipped; never leaves this module."""
+class SkipSample(Exception):
+    """Raised by a `SkippingDataset.load` for a sample that must be skipped; the dataset counts it by reason."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
 
-def _load_images(paths: list[str], image_root: str | None, allow_outside_root: bool) -> list:
+def load_sample_images(paths: list[str], image_root: str | None, allow_outside_root: bool) -> list:
+    """A sample's images, opened; an image that cannot be read raises `SkipSample` with the reason `check` gives."""
     images = []
     for path in paths:
         try:
             images.append(load_image(path, image_root, allow_outside_root))
         except ImageError as error:
             problem = image_problem(path, image_root, allow_outside_root)  # what changed since the check
-            raise _Skip(problem[0] if problem else "corrupt_image", str(error)) from None
+            raise SkipSample(problem[0] if problem else "corrupt_image", str(error)) from None
     return images
 
 
@@ -305,9 +306,9 @@ class ConversationDataset(SkippingDataset):
             resolved = [resolve_image_path(p, self.image_root, self.allow_images_outside_root) for p in paths]
             return self.vision_features.lookup(resolved)
         except MissingFeatures as missing:
-            raise _Skip(missing.reason, missing.detail) from None
+            raise SkipSample(missing.reason, missing.detail) from None
         except ImageError as error:
-            raise _Skip("image_outside_root", str(error)) from None
+            raise SkipSample("image_outside_root", str(error)) from None
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
         # The text was encoded up front (`_encode_and_check`); only the images are read here.
@@ -321,12 +322,12 @@ class ConversationDataset(SkippingDataset):
             item["vision_features"] = self._stored_features(sample["images"])
         elif sample["images"] and self.defer_images:
             # The collator processes the whole batch's images in one call.
-            item["images"] = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
+            item["images"] = load_sample_images(sample["images"], self.image_root, self.allow_images_outside_root)
         elif sample["images"]:
-            images = _load_images(sample["images"], self.image_root, self.allow_images_outside_root)
+            images = load_sample_images(sample["images"], self.image_root, self.allow_images_outside_root)
             try:
                 item["pixel_values"] = self.processor.encode_images(images)
             except (DataError, ValueError) as error:
-                raise _Skip("corrupt_image", str(error)) from None
+                raise SkipSample("corrupt_image", str(error)) from None
         return item
 
