@@ -65,6 +65,29 @@ def test_a_finished_stage_is_reused_only_with_the_same_recipe(tmp_path):
     assert not reusable(run_dir, stage_recipe("align.yaml", run_dir, ["train.max_steps=4"]))
 
 
+def test_a_finished_stage_is_not_reused_once_its_init_from_run_was_retrained(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from vlkit.config import dump_recipe
+    from vlkit.demo import reusable, stage_recipe
+    from vlkit.run_folder import MANIFEST, RUN_FORMAT, TRAINABLE, Location, trained_hash
+
+    parent, run_dir = tmp_path / "align", tmp_path / "instruct"
+    parent.mkdir()
+    save_file({"connector.weight": torch.zeros(2)}, parent / TRAINABLE)
+    recipe = stage_recipe("instruct.yaml", run_dir, ["train.max_steps=3", f"init_from={parent}"])
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    (run_dir / "run_summary.json").write_text("{}")
+    manifest = {"format": RUN_FORMAT, "stage": "instruct", "bases": {}, "model": {}, "tune": {}, "stages": [],
+                "init_from": Location.record(str(parent), run_dir, trained_hash(parent)).to_json()}
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
+    assert reusable(run_dir, recipe)
+    save_file({"connector.weight": torch.ones(2)}, parent / TRAINABLE)  # the align stage trained again
+    assert not reusable(run_dir, recipe)
+
+
 def test_the_report_names_every_missed_goal():
     from vlkit.demo_report import shortfalls
 

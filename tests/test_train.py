@@ -87,6 +87,24 @@ def test_resume_on_changed_base_is_an_error(tmp_path, shapes_dir, tiny_vision_di
         train_vlm(load_recipe(path, ["resume=true"]))
 
 
+def test_resume_after_the_init_from_run_was_retrained_is_an_error(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1)
+    align_path = write_recipe(tmp_path / "align.yaml", align)
+    train_vlm(load_recipe(align_path))
+    instruct = {
+        "stage": "instruct", "output_dir": str(tmp_path / "instruct"), "init_from": str(tmp_path / "align"),
+        "tune": {"llm": "lora", "lora_r": 2, "lora_alpha": 4},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 2, "max_steps": 2, "save_steps": 2, "logging_steps": 1, "report_to": []},
+    }
+    instruct_path = write_recipe(tmp_path / "instruct.yaml", instruct)
+    train_vlm(load_recipe(instruct_path))
+    (tmp_path / "instruct" / "run_summary.json").unlink()  # make it an unfinished run
+    train_vlm(load_recipe(align_path, ["overwrite=true", "train.seed=1"]))  # the parent trains again
+    with pytest.raises(ConfigError, match="init_from run .* holds other trained weights"):
+        train_vlm(load_recipe(instruct_path, ["resume=true"]))
+
+
 def test_qlora_instruct_runs_on_cpu(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
     tree = {
         "stage": "instruct", "output_dir": str(tmp_path / "qlora"),

@@ -83,11 +83,15 @@ def stage_recipe(recipe_name: str, out: Path, overrides: list[str]):
 
 
 def reusable(run_dir: Path, recipe) -> bool:
-    """A finished run of exactly this recipe: a changed recipe or size trains the stage again."""
+    """A finished run of exactly this recipe, continuing the run it started from as that run is now: a
+    changed recipe or size, or a retrained `init_from` run, trains the stage again."""
     from vlkit.config import dump_recipe
+    from vlkit.run_folder import MANIFEST, RunManifest
 
     saved = run_dir / "recipe.yaml"
-    return (run_dir / "run_summary.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
+    finished = (run_dir / "run_summary.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
+    has_manifest = (run_dir / MANIFEST).is_file()  # VLM stages; a CLIP folder continues nothing
+    return finished and not (has_manifest and RunManifest.read(run_dir).init_from_changed())
 
 
 def train_stage(recipe) -> Path:

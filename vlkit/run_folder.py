@@ -283,6 +283,17 @@ class RunManifest:
         """Whether the LLM was trained on a 4-bit base (QLoRA)."""
         return self.tune.llm == "qlora"
 
+    def init_from_changed(self) -> bool:
+        """Whether the run this one continued (`init_from`) holds other trained weights now than when this
+        one started, or is gone; False when nothing was recorded to compare with."""
+        if self.init_from is None or self.init_from.sha256 is None:
+            return False
+        try:
+            found = self.init_from.find(self.run_dir, LOCATION_NAMES["init_from"])
+        except ModelLoadError:
+            return True
+        return trained_hash(found) != self.init_from.sha256
+
     def locate(self, name: str) -> str:
         """Where base `name` ("vision", "llm") is now; its hash is checked; a VlkitError if missing or changed."""
         location = self.bases[name]

@@ -124,11 +124,11 @@ def resolve_resume(recipe: VlmRecipe) -> str | None:
         if isinstance(recipe.resume, str) and recipe.resume.lower() not in ("true", "latest"):
             if not (Path(recipe.resume) / "manifest.json").is_file():
                 raise ConfigError(f"resume checkpoint not found or incomplete: {recipe.resume}")
-            return recipe.resume
+            return check_parent_unchanged(recipe.resume)
         latest = latest_checkpoint(checkpoints)
         if latest is None:
             raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; drop resume to start over")
-        return latest
+        return check_parent_unchanged(latest)
     if (output / SUMMARY).is_file() and not recipe.overwrite:
         raise ConfigError(f"{output} holds a finished run; set overwrite=true to replace it or choose another output_dir")
     if latest_checkpoint(checkpoints) and not recipe.overwrite:
@@ -136,6 +136,19 @@ def resolve_resume(recipe: VlmRecipe) -> str | None:
             f"{output} holds an unfinished run; set resume=true to continue it or overwrite=true to start over"
         )
     return None
+
+
+def check_parent_unchanged(checkpoint: str) -> str:
+    """The checkpoint, unless the run it continues (`init_from`) was retrained or removed since it started."""
+    from vlkit.run_folder import RunManifest
+
+    manifest = RunManifest.read(checkpoint)
+    if manifest.init_from_changed():
+        raise ConfigError(
+            f"the init_from run {manifest.init_from.source} holds other trained weights than when {checkpoint} "
+            "was saved (or is gone); resuming would mix two runs: set overwrite=true to start over"
+        )
+    return checkpoint
 
 
 def model_spec(plan: Plan) -> dict[str, Any]:
