@@ -4,12 +4,16 @@ work from another directory, with no checkout on the path.
 The wheel is built from a copy of the checkout and installed with `pip install --target` into a folder
 of its own; each check runs `python -S` (no site: the venv's editable-install hook stays off) with
 PYTHONPATH = that folder + the venv's site-packages (the dependencies), in a tmp working directory.
+Those borrowed dependencies are what a fresh venv would lack if pyproject.toml forgot one, so a last
+check reads every import of vlkit and data_tools and finds each in the wheel's declared dependencies.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,3 +136,59 @@ def test_train_export_chat_eval_from_the_installed_package(installed, tiny_visio
     vlkit("eval", "exported", "--data", str(test_file), "--images", shapes_dir, "--out", "eval", "--max-samples", "2",
           "--scorer", "data_tools.shapes_scoring:scorer_for")
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["questions"] > 0
+
+
+def guarded_by_import_error(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside a `try` that handles ImportError: optional dependencies."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            caught = " ".join(ast.unparse(handler.type) for handler in node.handlers if handler.type is not None)
+            if "ImportError" in caught or "ModuleNotFoundError" in caught:
+                guarded |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    return guarded
+
+
+def third_party_imports(package: str) -> set[str]:
+    """Top-level modules outside the stdlib and the wheel that the package imports unguarded, lazily or not."""
+    own = {"vlkit", "data_tools"}
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        optional = guarded_by_import_error(tree)
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - own - set(sys.stdlib_module_names)
+
+
+# Imported unguarded but only on a path that needs it installed; each must be in an extra.
+OPTIONAL_IMPORTS = {"deepspeed": "only under a DeepSpeed ZeRO-3 config (vlkit/train/checkpoint.py)"}
+
+
+def test_every_module_the_package_imports_is_a_declared_dependency(wheel):
+    # A fresh venv installs only what the wheel declares; the other checks borrow this venv's packages.
+    import importlib.metadata
+    from email.parser import Parser
+
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata_name,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        metadata = Parser().parsestr(archive.read(metadata_name).decode())
+    def name(requirement: str) -> str:
+        return re.split(r"[\s;\[<>=!~]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    requirements = metadata.get_all("Requires-Dist")
+    declared = {name(r) for r in requirements if "extra ==" not in r}
+    in_extras = {name(r) for r in requirements if "extra ==" in r}
+    providers = importlib.metadata.packages_distributions()
+    missing = {}
+    for module in sorted(third_party_imports("vlkit") | third_party_imports("data_tools")):
+        distributions = {name(found) for found in providers.get(module, [module])}
+        if not distributions & declared and not (module in OPTIONAL_IMPORTS and distributions & in_extras):
+            missing[module] = sorted(distributions)
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
+    assert {"transformers", "torch", "peft"} <= declared
