@@ -83,3 +83,18 @@ def test_the_trainer_still_has_the_hooks_vlkit_overrides():
         assert name in VlkitTrainer.__dict__  # and vlkit overrides exactly these
     overridden = {name for name in VlkitTrainer.__dict__ if name.startswith("_") and not name.startswith("__")}
     assert overridden <= set(compat.TRAINER_HOOKS)
+
+
+def test_cpu_bf16_probe_answers_and_the_warning_names_the_fix(monkeypatch, tmp_path, caplog):
+    import vlkit.compat
+    import vlkit.train.arguments as arguments
+    from vlkit.config import BaseTrainSection
+
+    assert hasattr(torch.cpu, "_is_avx512_bf16_supported") and hasattr(torch.cpu, "_is_amx_tile_supported")
+    assert isinstance(vlkit.compat.cpu_has_native_bf16(), bool)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(arguments, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="vlkit.train.arguments"):
+        arguments.training_arguments(BaseTrainSection(bf16=True), tmp_path)
+    assert "set train.bf16=false" in caplog.text

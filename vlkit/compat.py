@@ -24,6 +24,16 @@ def cache_argument(kwargs: dict[str, Any]) -> Any | None:
     return None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); torch has only private probes.
+
+    Where the probes are gone, assume yes: the check only decides whether to warn.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return not probes or any(probe() for probe in probes)
+
+
 def __getattr__(name: str) -> Any:
     """`PREFIX_CHECKPOINT_DIR`, `rotate_checkpoints` and `SCHEDULER_NAME`: the Trainer's checkpoint folders.
 

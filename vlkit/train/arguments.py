@@ -7,6 +7,7 @@ settings, the VLM stages' evaluation and checkpoint rotation) as keyword argumen
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from vlkit.compat import cpu_has_native_bf16
 from vlkit.config import BaseTrainSection
+
+logger = logging.getLogger(__name__)
 
 
 def dataloader_workers(requested: int | None) -> int:
@@ -30,6 +34,10 @@ def dataloader_workers(requested: int | None) -> int:
 def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
     """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
     workers = dataloader_workers(train.num_workers)
+    on_cpu = torch.accelerator.current_accelerator() is None
+    if train.bf16 and on_cpu and not cpu_has_native_bf16():
+        logger.warning("train.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and slower than "
+                       "float32: set train.bf16=false")
     shared: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.batch_size,
@@ -48,7 +56,7 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "bf16": train.bf16,
         # bf16 on a machine without an accelerator is CPU autocast (~1.5x a SmolLM2 step on AVX512-BF16 cores,
         # bench/train_step.py); transformers accepts it only with use_cpu.
-        "use_cpu": train.bf16 and torch.accelerator.current_accelerator() is None,
+        "use_cpu": train.bf16 and on_cpu,
         "report_to": train.report_to or "none",
         "dataloader_num_workers": workers,
         "dataloader_persistent_workers": workers > 0,  # not restarted every epoch
