@@ -62,7 +62,7 @@ class DemoSize:
 
 
 SIZES = {
-    # On 2 idle cores SmolLM2 trains ~3 captions or ~1.7 conversations per second: the LLM stages see ~500-900 samples each.
+    # On 2 idle cores SmolLM2 trains (bf16) ~8 captions or ~3.5 conversations per second: ~500 captions, ~2200 conversations.
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=80, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
     "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000,
