@@ -46,8 +46,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not distributed"
 
 # FSDP / DeepSpeed launches on 2 CPU processes (~3.5 minutes), kept out of `make test` for its length;
+# DeepSpeed is installed here, pinned (requirements/deepspeed.txt), so its tests run rather than skip;
 # tests/test_distributed_launch.py says what they check and what their former flake was.
 test-distributed: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements/deepspeed.txt
 	$(PY) -m pytest -q -m distributed
 
 lint: $(STAMP)

@@ -153,7 +153,7 @@ def test_fsdp_on_two_cpu_processes(stage, tmp_path, fixtures):
 @pytest.mark.parametrize("stage", ["align", "instruct"])
 @pytest.mark.parametrize("config", ["deepspeed_zero2_cpu.yaml", "deepspeed_zero3_cpu.yaml"])
 def test_deepspeed_on_two_cpu_processes(config, stage, tmp_path, fixtures):
-    # DeepSpeed is not in the lock: in a fresh environment its first run (which compiles a CPU op)
-    # crashed one rank once; until that is understood, these run where `pip install deepspeed` was done.
-    pytest.importorskip("deepspeed", reason="pip install deepspeed to run the DeepSpeed tests")
+    # DeepSpeed is not in the lock (vlkit does not need it); `make test-distributed` installs it pinned.
+    # Its first run in a fresh environment compiles a CPU op; that once crashed a rank (see the module doc).
+    pytest.importorskip("deepspeed", reason="make test-distributed installs DeepSpeed (requirements/deepspeed.txt)")
     check_sharded_run(config, stage, tmp_path, fixtures, kind="DEEPSPEED")
