@@ -92,7 +92,7 @@ def test_cpu_bf16_probe_answers_and_the_warning_names_the_fix(monkeypatch, tmp_p
 
     assert hasattr(torch.cpu, "_is_avx512_bf16_supported") and hasattr(torch.cpu, "_is_amx_tile_supported")
     assert isinstance(vlkit.compat.cpu_has_native_bf16(), bool)
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(arguments, "cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="vlkit.train.arguments"):

@@ -34,7 +34,7 @@ def dataloader_workers(requested: int | None) -> int:
 def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
     """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
     workers = dataloader_workers(train.num_workers)
-    on_cpu = torch.accelerator.current_accelerator() is None
+    on_cpu = not torch.accelerator.is_available()  # a CUDA build on a machine without a GPU counts as CPU
     if train.bf16 and on_cpu and not cpu_has_native_bf16():
         logger.warning("train.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and slower than "
                        "float32: set train.bf16=false")
