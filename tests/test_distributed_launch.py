@@ -154,6 +154,5 @@ def test_fsdp_on_two_cpu_processes(stage, tmp_path, fixtures):
 @pytest.mark.parametrize("config", ["deepspeed_zero2_cpu.yaml", "deepspeed_zero3_cpu.yaml"])
 def test_deepspeed_on_two_cpu_processes(config, stage, tmp_path, fixtures):
     # DeepSpeed is not in the lock (vlkit does not need it); `make test-distributed` installs it pinned.
-    # Its first run in a fresh environment compiles a CPU op (a few seconds more on the first test).
     pytest.importorskip("deepspeed", reason="make test-distributed installs DeepSpeed (requirements/deepspeed.txt)")
     check_sharded_run(config, stage, tmp_path, fixtures, kind="DEEPSPEED")
