@@ -54,8 +54,8 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "save_steps": train.save_steps or 500,
         "seed": train.seed,
         "bf16": train.bf16,
-        # bf16 on a machine without an accelerator is CPU autocast (~1.5x a SmolLM2 step on AVX512-BF16 cores,
-        # bench/train_step.py); transformers accepts it only with use_cpu.
+        # bf16 on a machine without an accelerator is CPU autocast (on AVX512-BF16 cores ~1.3x a SmolLM2 instruct
+        # step, ~1.8x an align step: docs/performance.md); transformers accepts it only with use_cpu.
         "use_cpu": train.bf16 and on_cpu,
         "report_to": train.report_to or "none",
         "dataloader_num_workers": workers,
