@@ -10,9 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Issue 18's goals for the full demo on test: accuracy per type, and a margin over the no-image baseline.
+# Issue 18's goals for the full demo: accuracy per type on test, a margin over the no-image baseline,
+# test_heldout (unseen colour x shape pairs) close to test, and CLIP zero-shot on both splits.
 TARGETS = {"colour": 0.95, "shape": 0.90, "position": 0.85, "count": 0.85, "existence": 0.90}
 BASELINE_MARGIN = 0.30
+HELDOUT_GAP = 0.10
+CLIP_TARGET = 0.85
 
 
 def _fmt(value: float | None) -> str:
@@ -55,11 +58,22 @@ def shortfalls(figures: dict[str, Any]) -> list[str]:
             missed_targets.append(f"{qtype} {_fmt(accuracy)} < {target:g}")
         if accuracy is not None and baseline is not None and accuracy < baseline + BASELINE_MARGIN:
             not_above_baseline.append(f"{qtype} {_fmt(accuracy)} vs {_fmt(baseline)}")
+    heldout_behind = [f"{qtype} {_fmt(heldout['accuracy'])} vs {_fmt(test['accuracy'])}"
+                      for qtype, test, heldout in vqa_rows(figures)
+                      if qtype in TARGETS and "accuracy" in test and "accuracy" in heldout
+                      and heldout["accuracy"] < test["accuracy"] - HELDOUT_GAP]
+    clip_missed = [f"{split} {_fmt(top1)}" for split in ("test", "test_heldout")
+                   if (top1 := figures["clip_eval"][split].get("zero_shot", {}).get("top1")) is not None
+                   and top1 < CLIP_TARGET]
     lines = []
     if missed_targets:
         lines.append("Targets missed on test: " + "; ".join(missed_targets) + ".")
     if not_above_baseline:
         lines.append(f"Less than {BASELINE_MARGIN:g} above the no-image baseline: " + "; ".join(not_above_baseline) + ".")
+    if heldout_behind:
+        lines.append(f"test_heldout more than {HELDOUT_GAP:g} below test: " + "; ".join(heldout_behind) + ".")
+    if clip_missed:
+        lines.append(f"CLIP zero-shot top-1 below {CLIP_TARGET:g}: " + "; ".join(clip_missed) + ".")
     return lines
 
 
