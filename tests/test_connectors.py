@@ -26,7 +26,6 @@ VISION, TEXT = 24, 32  # tiny Dv, Dt
 TINY = {
     "linear": {"type": "linear"},
     "mlp": {"type": "mlp", "depth": 2},
-    "mlp_positions": {"type": "mlp", "depth": 2, "positions": 16},
     "qformer": {
         "type": "qformer",
         "num_queries": 6,
@@ -194,21 +193,6 @@ def test_resampler_sees_patch_positions(position_embedding, order_matters):
     with torch.no_grad():
         same = torch.allclose(connector(features), connector(shuffled), atol=1e-5)
     assert same != order_matters
-
-
-def test_mlp_position_biases_tell_tokens_apart():
-    plain, placed = tiny("mlp"), tiny("mlp", positions=16)
-    features = torch.randn(2, 16, VISION)
-    same_patch_everywhere = features[:, :1].expand(2, 16, VISION)
-    with torch.no_grad():
-        # Zero biases at the start: the plain per-patch MLP.
-        torch.testing.assert_close(placed(features), plain(features), rtol=0, atol=0)
-        placed.position_bias.normal_()
-        tokens = placed(same_patch_everywhere)
-    # One patch repeated at every place: a plain MLP gives 16 equal tokens, the biases 16 distinct ones.
-    assert torch.unique(tokens[0], dim=0).shape[0] == 16
-    with pytest.raises(ConfigError, match="set connector.positions: 4"):
-        placed(torch.randn(1, 4, VISION))
 
 
 def test_resampler_latents_are_distinct():

@@ -439,11 +439,3 @@ def test_overwrite_replaces_a_non_empty_out_dir(qformer_run, tmp_path):
     (out / "stale.txt").write_text("old")
     assert export_run(qformer_run, out, overwrite=True) == "vlkit"
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
-
-
-def test_llava_refuses_an_mlp_with_position_biases():
-    from vlkit.export.llava import connector_blocker
-
-    assert connector_blocker({"type": "mlp", "depth": 2}) is None
-    # Llava's projector would load without them and answer as if every token came from nowhere.
-    assert "position biases" in connector_blocker({"type": "mlp", "depth": 2, "positions": 4})

@@ -42,8 +42,6 @@ def connector_blocker(connector_config: dict[str, Any]) -> str | None:
         return f"Llava's projector is an mlp connector of depth 2, this model's connector is {shown}"
     if connector_config.get("activation", "gelu") != "gelu":
         return f"Llava's projector uses gelu, this model's mlp connector uses {connector_config['activation']}"
-    if connector_config.get("positions"):
-        return "Llava's projector has no per-token position biases, this model's mlp connector has (positions)"
     return None
 
 
