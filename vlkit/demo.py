@@ -58,6 +58,7 @@ class DemoSize:
     val_samples: int = 32  # per LLM stage: its end-of-run val loss (the demo scores VQA separately)
     probe_train: int = 3000  # train images the linear probes are fitted on (0: no probe)
     budget_minutes: float | None = None  # the wall-time goal this size is meant to fit
+    targets: bool = True  # hold the figures to issue 18's goals (vlkit/demo_report.py)
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -65,7 +66,7 @@ SIZES = {
     # On 2 idle cores SmolLM2 trains (bf16) ~8 captions or ~3.5 conversations per second: ~500 captions, ~2200 conversations.
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=200, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
-    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000,
+    "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000, targets=False,
                      clip=["train.max_steps=150"], align=["train.max_steps=10"], instruct=["train.max_steps=12"]),
 }
 
@@ -167,6 +168,7 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     figures["timings"]["this run"] = round(time.time() - started, 1)
     figures["timings"]["all stages"] = round(sum(v for k, v in figures["timings"].items() if k != "this run"), 1)
     figures["budget_minutes"] = size.budget_minutes
+    figures["targets"] = size.targets
     return figures
 
 
