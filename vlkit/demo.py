@@ -187,6 +187,11 @@ def evaluate_clip_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     return results
 
 
+# Questions per generate() call. On 2 cores, against 16: descriptions (48 new tokens) 1.5x faster, short
+# answers 1.2x (117 / 120 test questions of each: 28.7 -> 18.8 s, 8.9 -> 7.6 s).
+EVAL_BATCH = 64
+
+
 def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     from vlkit.evaluate import evaluate_vlm
     from vlkit.train.checkpoint import load_run
@@ -197,7 +202,7 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
     for split in ("test", "test_heldout"):
         # The no-image baseline measures guessing from the question's wording, which both splits share.
         results[split] = evaluate_vlm(model, processor, data_dir / f"instruct_{split}.json", data_dir,
-                                      out / "eval" / f"vqa_{split}", batch_size=16, max_samples=size.eval_images,
+                                      out / "eval" / f"vqa_{split}", batch_size=EVAL_BATCH, max_samples=size.eval_images,
                                       no_image_baseline=split == "test", model_name=str(out / "instruct"),
                                       scorer="data_tools.shapes_scoring:scorer_for")
     return results
