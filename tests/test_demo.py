@@ -125,3 +125,11 @@ def test_the_world_is_generated_again_for_another_size_or_generator_version(tmp_
     assert world_outdated(tmp_path, 64)
     (tmp_path / "world.json").write_text(json.dumps({"version": VERSION - 1, "splits": {"train": 32}}))
     assert world_outdated(tmp_path, 32)  # v1 answers were not balanced
+
+
+def test_a_reused_world_counts_with_the_time_it_took(tmp_path):
+    from vlkit.demo import FIGURES, previous_timings
+
+    assert previous_timings(tmp_path) == {}  # no earlier demo here: nothing to carry
+    (tmp_path / FIGURES).write_text(json.dumps({"timings": {"data": 7.7, "clip": 294.7}}))
+    assert previous_timings(tmp_path)["data"] == 7.7
