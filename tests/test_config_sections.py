@@ -84,3 +84,25 @@ def test_bf16_without_an_accelerator_is_cpu_autocast(make, tmp_path, monkeypatch
     args = training_arguments(make({"bf16": True}).train, tmp_path)  # transformers refuses bf16 here without use_cpu
     assert args.bf16 and args.use_cpu
     assert not training_arguments(vlm({}).train, tmp_path).use_cpu  # fp32: the device is left to accelerate
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_is_bf16_only_where_the_cpu_computes_it(native, tmp_path, monkeypatch):
+    import torch
+
+    import vlkit.train.arguments as arguments
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(arguments, "cpu_has_native_bf16", lambda unknown=True: native)
+    recipe = vlm({"bf16": "auto"})
+    assert recipe.train.bf16 == "auto"
+    args = training_arguments(recipe.train, tmp_path)
+    assert args.bf16 is native and args.use_cpu is native  # an emulating CPU trains in float32
+
+
+def test_bf16_accepts_only_booleans_and_auto():
+    from vlkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bf16"):
+        vlm({"bf16": "fast"})

@@ -24,14 +24,15 @@ def cache_argument(kwargs: dict[str, Any]) -> Any | None:
     return None
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(unknown: bool = True) -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); torch has only private probes.
 
-    Where the probes are gone, assume yes: the check only decides whether to warn.
+    Where the probes are gone, `unknown` is the answer: the warning assumes yes (it stays quiet);
+    `train.bf16: auto` assumes no (float32 is never the slow choice).
     """
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     probes = [probe for probe in probes if probe is not None]
-    return not probes or any(probe() for probe in probes)
+    return any(probe() for probe in probes) if probes else unknown
 
 
 def __getattr__(name: str) -> Any:

@@ -135,7 +135,10 @@ class BaseTrainSection(StrictSection):
     # DataLoader worker processes (image decoding and processing, collation); null: 0 on a CPU-only
     # machine, where workers would take cores from the training itself, else up to 4 per GPU.
     num_workers: int | None = Field(default=None, ge=0)
-    bf16: bool = False
+    # true, false, or auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with
+    # AVX512-BF16 or AMX, as CPU autocast), float32 elsewhere. An AVX2-only CPU emulates bf16 at ~30x the
+    # time of a float32 step (vlkit/train/arguments.py).
+    bf16: bool | Literal["auto"] = False
     report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
 
     @field_validator("warmup_steps", mode="before")

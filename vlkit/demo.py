@@ -65,7 +65,8 @@ class DemoSize:
 
 
 SIZES = {
-    # On 2 idle cores SmolLM2 trains (bf16) ~8 captions or ~3.5 conversations per second: ~500 captions, ~2200 conversations.
+    # On 2 idle AVX512-BF16 cores SmolLM2 trains (bf16) ~8 captions or ~3.5 conversations per second: ~500 captions,
+    # ~2200 conversations. AVX2-only cores train in float32 (`bf16: auto`), ~2.5 captions per second.
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=200, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
     "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000, targets=False,

@@ -31,13 +31,30 @@ def dataloader_workers(requested: int | None) -> int:
     return max(0, min(4, cores // max(1, torch.cuda.device_count()) - 1))  # one core stays with the training
 
 
+def resolve_bf16(requested: bool | str, on_cpu: bool) -> bool:
+    """`train.bf16` as the Trainer takes it: `auto` is bf16 only where the hardware computes it natively.
+
+    An AVX2-only CPU (e.g. AMD Zen 3) emulates bf16: one align step of recipes/tiny/align.yaml took ~185 s
+    there against 6.3 s in float32, while AVX512-BF16 cores run it ~1.8x faster than float32.
+    """
+    if requested == "auto":
+        if on_cpu:
+            native = cpu_has_native_bf16(unknown=False)
+            if not native:
+                logger.info("train.bf16=auto: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
+            return native
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if requested and on_cpu and not cpu_has_native_bf16():
+        logger.warning("train.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and ~30x slower "
+                       "than float32: set train.bf16=auto or false")
+    return bool(requested)
+
+
 def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
     """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
     workers = dataloader_workers(train.num_workers)
     on_cpu = not torch.accelerator.is_available()  # a CUDA build on a machine without a GPU counts as CPU
-    if train.bf16 and on_cpu and not cpu_has_native_bf16():
-        logger.warning("train.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and slower than "
-                       "float32: set train.bf16=false")
+    bf16 = resolve_bf16(train.bf16, on_cpu)
     shared: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.batch_size,
@@ -53,10 +70,10 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "save_strategy": "steps" if train.save_steps else "no",
         "save_steps": train.save_steps or 500,
         "seed": train.seed,
-        "bf16": train.bf16,
+        "bf16": bf16,
         # bf16 on a machine without an accelerator is CPU autocast (on AVX512-BF16 cores ~1.3x a SmolLM2 instruct
         # step, ~1.8x an align step: docs/performance.md); transformers accepts it only with use_cpu.
-        "use_cpu": train.bf16 and on_cpu,
+        "use_cpu": bf16 and on_cpu,
         "report_to": train.report_to or "none",
         "dataloader_num_workers": workers,
         "dataloader_persistent_workers": workers > 0,  # not restarted every epoch
