@@ -12,7 +12,9 @@ background with sensor noise. OUT_DIR is the image root of every file written:
     align_{split}.json       LLaVA format, one caption turn per image
     instruct_{split}.json    LLaVA format, multi-turn Q&A; "qa" holds each answer's type and exact answer
     probe_{split}.jsonl      {"image", "colour", "shape", "position" (the one shape of single-shape images,
-                             else null), "count"}: labels for the linear probes (python -m vlkit.probe)
+                             else null), "count", "shape_at_left" ... "colour_at_centre" (what is at each
+                             position, null where nothing is)}: labels for the linear probes
+                             (python -m vlkit.probe)
     zeroshot_labels.json     {"classes", "templates", "prompts" (per class: its one-shape `objects` caption),
                              "heldout_classes"}
     world.json               colours, shapes, positions, held-out pairs, split sizes, seed
@@ -47,7 +49,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 4  # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files
+# 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files;
+# 5: binding probe labels (shape and colour at each position)
+VERSION = 5
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -415,7 +419,20 @@ def make_example(world: World, split: str, index: int, out_dir: str | None) -> d
     single_spec = scene.shapes[0] if single else None
     probe = {"image": rel_path, "colour": single_spec and single_spec.colour, "shape": single_spec and single_spec.shape,
              "position": single_spec and single_spec.position, "count": str(len(scene.shapes))}
+    probe.update(binding_labels(scene))
     return {"clip": clip, "align": align, "instruct": instruct, "probe": probe}
+
+
+def binding_labels(scene: Scene) -> dict[str, str | None]:
+    """`shape_at_{position}` and `colour_at_{position}` of every image (null where the slot is empty): the
+    probe tasks of binding, which multi-shape questions ("What shape is on the left?") need and
+    single-shape labels cannot measure."""
+    at = {spec.position: spec for spec in scene.shapes}
+    labels: dict[str, str | None] = {}
+    for attribute in ("shape", "colour"):
+        for position in POSITIONS:
+            labels[f"{attribute}_at_{position}"] = getattr(at[position], attribute) if position in at else None
+    return labels
 
 
 def _make_chunk(args: tuple[World, str, int, int, str]) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlkit.demo import DemoSize, run_pipeline, write_report
+from vlkit.demo_report import summary_table
 
 TINY_CLIP = [  # a convolutional tower, like the shipped recipe's, at toy size (its last stage: 4 x 4 at 32 px)
     "model.vision.config={model_type: resnet, image_size: 32, embedding_size: 8, hidden_sizes: [8, 16], "
@@ -45,7 +46,9 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     assert figures["export"]["format"] == "vlkit"  # stock Llava reads token-sequence towers only
     assert "| colour |" in text or "| shape |" in text
     # The linear probes of the tower and the connector are in the report and in eval/probe.json.
-    assert set(figures["probe"]["tasks"]) == {"colour", "shape", "position", "count"}
+    tasks = set(figures["probe"]["tasks"])
+    assert {"colour", "shape", "position", "count"} <= tasks and {task for task in tasks if "_at_" in task}
+    assert "shape_at_* (mean)" in summary_table(figures)  # binding: one mean per attribute on the summary line
     assert "## Linear probes" in text and "| count |" in text and "connector (" in text
     assert json.loads((out / "eval" / "probe.json").read_text())["tasks"]["count"]["n_train"] == 32
     saved = json.loads((out / "figures.json").read_text())

@@ -45,6 +45,13 @@ def test_the_shapes_world_writes_probe_labels_that_match_its_captions(shapes_dir
                 assert row["position"] in ("left", "right", "top", "bottom", "centre")
             else:
                 assert row["colour"] is None and row["shape"] is None and row["position"] is None
+            # Binding labels: what sits at each position is exactly the image's shapes, one per filled slot.
+            at = {pos: (row[f"colour_at_{pos}"], row[f"shape_at_{pos}"]) for pos in ("left", "right", "top", "bottom", "centre")}
+            filled = {pos: pair for pos, pair in at.items() if pair != (None, None)}
+            assert all(None not in pair for pair in filled.values())
+            assert sorted(f"{c} {s}" for c, s in filled.values()) == sorted(pair["labels"])
+            if pair["label"]:
+                assert list(filled) == [row["position"]]
 
 
 def test_read_labels_resolves_images_and_skips_nothing_silently(probe_module, tmp_path):
@@ -69,7 +76,10 @@ def test_probe_a_vlm_folder_end_to_end(probe_module, tiny_vlm, shapes_dir, tmp_p
     out = tmp_path / "probe.json"
     assert probe_module.main([str(tmp_path / "model"), "--data", shapes_dir, "--toy", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["tasks"]) == {"colour", "shape", "position", "count"}
+    tasks = set(report["tasks"])
+    assert {"colour", "shape", "position", "count"} <= tasks
+    assert tasks - {"colour", "shape", "position", "count"} <= {f"{attribute}_at_{position}" for attribute in ("shape", "colour")
+                                                             for position in ("left", "right", "top", "bottom", "centre")}
     tokens = processor.image_seq_length
     assert report["feature_shapes"] == {"tower": 16 * 48, "connector": tokens * model.config.text_config.hidden_size}
     assert report["tasks"]["count"]["n_train"] == 24  # every image has a count

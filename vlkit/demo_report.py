@@ -46,11 +46,26 @@ def summary_table(figures: dict[str, Any]) -> str:
     if figures.get("probe"):
         tasks = figures["probe"]["tasks"]
         lines.append("linear probe, test (tower / connector): " + ", ".join(
-            f"{task} {_fmt(row.get('tower', {}).get('test'))} / {_fmt(row.get('connector', {}).get('test'))}"
-            for task, row in tasks.items()))
+            f"{task} {_fmt(probe_test(rows, 'tower'))} / {_fmt(probe_test(rows, 'connector'))}"
+            for task, rows in grouped_probe_tasks(tasks).items()))
     lines.append(f"export format: {figures['export']['format']}; all stages {time_verdict(figures)}")
     lines += shortfalls(figures)
     return "\n".join(lines)
+
+
+def grouped_probe_tasks(tasks: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Probe rows by task, the per-position binding tasks (`shape_at_left`, ...) as one group per attribute."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for task, row in tasks.items():
+        name = task.split("_at_")[0] + "_at_* (mean)" if "_at_" in task else task
+        groups.setdefault(name, []).append(row)
+    return groups
+
+
+def probe_test(rows: list[dict[str, Any]], source: str) -> float | None:
+    """Mean test accuracy of a group of probe rows from one feature source (None if it was not probed)."""
+    values = [row[source]["test"] for row in rows if source in row]
+    return sum(values) / len(values) if values else None
 
 
 def shortfalls(figures: dict[str, Any]) -> list[str]:
@@ -146,9 +161,11 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
     if figures.get("probe"):
         probe = figures["probe"]
         parts += ["## Linear probes (bench/probe.py): where is information lost?", "",
-                  "A linear classifier on the flattened features of single-shape images (colour, shape, position) and "
-                  "all images (count), fitted on train images and scored on val + test. A task the tower solves and the "
-                  "connector's output does not is lost in the connector; one the tower does not solve was never learned.",
+                  "A linear classifier on the flattened features of single-shape images (colour, shape, position), "
+                  "all images (count), and the images with a shape at a given position (`shape_at_left`, "
+                  "`colour_at_left`, ...: binding, which questions about one of several shapes need), fitted on train "
+                  "images and scored on val + test. A task the tower solves and the connector's output does not is lost "
+                  "in the connector; one the tower does not solve was never learned.",
                   "", probe["markdown"], ""]
 
     parts += ["## Loss curves", ""]
