@@ -22,7 +22,7 @@ TINY_CLIP = [  # a convolutional tower, like the shipped recipe's, at toy size (
 def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     size = DemoSize(
         n_train=32, n_eval=6, eval_images=4, llm=tiny_llm_dir, batch_size=4, val_samples=3, budget_minutes=600,
-        clip=["train.epochs=1", *TINY_CLIP], instruct=["train.max_steps=2"],
+        clip=["train.max_steps=4", *TINY_CLIP], instruct=["train.max_steps=2"],  # the recipe sets max_steps: 3000
         align=["train.max_steps=2", "model.connector.scale_factor=2"],  # TINY_CLIP's last map is 4 x 4, not 3 x 3
     )
     out = tmp_path / "demo"
