@@ -12,7 +12,8 @@ The labels are JSON lines, one image each: `{"image": PATH, TASK: LABEL, ...}`. 
 task; a null label leaves the image out of that task. `--data DIR` reads DIR/probe_train.jsonl and
 scores on DIR/probe_val.jsonl + DIR/probe_test.jsonl: the files the shapes world's generator
 (`python -m data_tools.shapes`) writes, with colour, shape and position of single-shape images, the
-count of every image, and the shape and colour at each position (`shape_at_left`, ...: binding). Image paths are relative to `--images` (default: the labels file's folder).
+count of every image, and the shape and colour at each position (`shape_at_left`, ...: binding).
+Image paths are relative to `--images` (default: the labels file's folder).
 
 A linear classifier is trained (AdamW, full batch) on the flattened, standardised features of the
 train images and scored on the test images, for each task, probed on (a) the vision tower's
