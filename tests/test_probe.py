@@ -83,6 +83,10 @@ def test_probe_a_vlm_folder_end_to_end(probe_module, tiny_vlm, shapes_dir, tmp_p
     tokens = processor.image_seq_length
     assert report["feature_shapes"] == {"tower": 16 * 48, "connector": tokens * model.config.text_config.hidden_size}
     assert report["tasks"]["count"]["n_train"] == 24  # every image has a count
+    words = model.get_input_embeddings().weight.detach().norm(dim=-1).mean().item()
+    stats = report["image_tokens"]
+    assert stats["images"] == 16 and stats["word_norm"] == pytest.approx(words, abs=1e-3)
+    assert stats["token_norm"] > 0 and -1.0 <= stats["cosine_between_images"] <= 1.0
     assert report["tasks"]["colour"]["n_train"] == report["tasks"]["shape"]["n_train"] < 24  # single-shape only
     for row in report["tasks"].values():
         for source in ("tower", "connector"):
@@ -90,10 +94,21 @@ def test_probe_a_vlm_folder_end_to_end(probe_module, tiny_vlm, shapes_dir, tmp_p
         assert 0.0 < row["chance"] <= 1.0
 
 
+def test_image_token_stats_tell_a_collapsed_connector_from_a_varied_one(probe_module):
+    shared = torch.randn(1, 2, 8)
+    same = probe_module.image_token_stats(3.0 * shared.repeat(5, 1, 1), word_norm=1.5)
+    assert same["cosine_between_images"] == pytest.approx(1.0, abs=1e-3) and same["images"] == 5
+    assert same["token_norm"] == pytest.approx(3.0 * shared.norm(dim=-1).mean().item(), rel=1e-3)
+    assert same["word_norm"] == 1.5
+    one_hot = torch.eye(4).unsqueeze(1)  # 4 images, 1 token each, mutually orthogonal
+    assert probe_module.image_token_stats(one_hot, word_norm=1.0)["cosine_between_images"] == pytest.approx(0.0)
+
+
 def test_probe_a_clip_folder_has_only_the_tower(probe_module, tiny_clip_dir, shapes_dir, tmp_path, capsys):
     assert probe_module.main([tiny_clip_dir, "--data", shapes_dir, "--toy", "--layer", "-1"]) == 0
     table = capsys.readouterr().out
     assert "tower (768 features)" in table and "connector" not in table and "| shape | " in table
+    assert "Image tokens" not in table
 
 
 def test_probe_errors_are_one_line(probe_module, tmp_path, tiny_clip_dir, capsys):

@@ -21,6 +21,12 @@ features, as the connector receives them ([N, Dv] per image: the model's feature
 selection), and (b) the connector's output ([M, Dt] per image). A task the tower's features solve
 and the connector's output does not was lost in the connector; one the tower does not solve was
 never learned by it. `chance` is the test share of the most common class.
+
+For a VLM the report also says how the image tokens sit among the LLM's words (`image_tokens`):
+their mean norm against the mean norm of the LLM's word embeddings, and the mean cosine between
+two test images' tokens at the same index. A cosine near 1 means the connector gives nearly the
+same token for every image and the images differ only in a small remainder the LLM must learn to
+read.
 """
 
 from __future__ import annotations
@@ -77,8 +83,9 @@ def tasks_of(rows: list[dict]) -> list[str]:
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # pixel_values [I, 3, H, W] -> features [I, ...]
 
 
-def feature_sources(model_path: str, layer: int) -> tuple[dict[str, FeatureFn], object]:
-    """{"tower": fn[, "connector": fn]} and the image processor, for a VLM or a CLIP folder."""
+def feature_sources(model_path: str, layer: int) -> tuple[dict[str, FeatureFn], object, dict]:
+    """{"tower": fn[, "connector": fn]}, the image processor, and for a VLM the LLM's side of its
+    image tokens ({"hidden_size": Dt, "word_norm": mean norm of the input embeddings}; {} for CLIP)."""
     from vlkit.clip.evaluate import is_clip_folder
 
     if is_clip_folder(model_path):
@@ -88,7 +95,7 @@ def feature_sources(model_path: str, layer: int) -> tuple[dict[str, FeatureFn], 
         tower, image_processor = load_vision_tower(model_path)
         tower.eval()
         prefix = num_prefix_tokens(tower.config)
-        return {"tower": lambda pixels: tower_features(tower, pixels, layer, "default", prefix)}, image_processor
+        return {"tower": lambda pixels: tower_features(tower, pixels, layer, "default", prefix)}, image_processor, {}
     from vlkit.loading import load_any
     from vlkit.modeling import VlkitForConditionalGeneration
 
@@ -99,7 +106,9 @@ def feature_sources(model_path: str, layer: int) -> tuple[dict[str, FeatureFn], 
                              "vlkit-format folder or CLIP folder")
     features = {"tower": model.get_vision_features,
                 "connector": lambda pixels: model.connector(model.get_vision_features(pixels))}
-    return features, loaded.processor.image_processor
+    words = model.get_input_embeddings().weight.detach().float()
+    llm_side = {"hidden_size": words.shape[1], "word_norm": words.norm(dim=-1).mean().item()}
+    return features, loaded.processor.image_processor, llm_side
 
 
 @torch.no_grad()
@@ -113,6 +122,17 @@ def extract(fn: FeatureFn, image_processor, paths: list[str], batch_size: int = 
         pixels = image_processor(images, return_tensors="pt")["pixel_values"]
         chunks.append(fn(pixels).float().flatten(1))
     return torch.cat(chunks)
+
+
+def image_token_stats(tokens: torch.Tensor, word_norm: float) -> dict:
+    """[I, M, Dt] image tokens -> their mean norm, the LLM's word norm, and the mean cosine between two
+    different images' tokens at the same index (1: every image gives the same tokens)."""
+    images = tokens.shape[0]
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1).transpose(0, 1)  # [M, I, Dt]
+    gram = unit @ unit.transpose(1, 2)  # [M, I, I]
+    between = (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=-1)) / max(images * (images - 1), 1)
+    return {"images": images, "token_norm": round(tokens.float().norm(dim=-1).mean().item(), 3),
+            "word_norm": round(word_norm, 3), "cosine_between_images": round(between.mean().item(), 3)}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -138,12 +158,16 @@ def probe(model_path: str, train_file: str | Path, test_files: list[str | Path],
     """Probe accuracies per task and feature source (see the module docstring)."""
     train = read_labels(train_file, image_root, n_train)
     test = [row for path in test_files for row in read_labels(path, image_root)][:n_test]
-    sources, image_processor = feature_sources(model_path, layer)
+    sources, image_processor, llm_side = feature_sources(model_path, layer)
     report: dict = {"model": str(model_path), "train": str(train_file), "test": [str(path) for path in test_files],
                     "steps": steps, "tasks": {}}
     features = {name: (extract(fn, image_processor, [f["image"] for f in train]),
                        extract(fn, image_processor, [f["image"] for f in test])) for name, fn in sources.items()}
     report["feature_shapes"] = {name: int(train_x.shape[1]) for name, (train_x, _) in features.items()}
+    if "connector" in features:
+        test_tokens = features["connector"][1]
+        report["image_tokens"] = image_token_stats(test_tokens.view(len(test_tokens), -1, llm_side["hidden_size"]),
+                                                   llm_side["word_norm"])
     for task in tasks_of(train):
         train_rows = [i for i, f in enumerate(train) if f.get(task) is not None]
         test_rows = [i for i, f in enumerate(test) if f.get(task) is not None]
@@ -178,6 +202,11 @@ def markdown(report: dict) -> str:
         cells = [f"{row[name]['test']:.3f} ({row[name]['train']:.3f})" for name in sources]
         lines.append(f"| {task} | {row['classes']} | {row['n_train']} / {row['n_test']} | "
                      + " | ".join(cells) + f" | {row['chance']:.3f} |")
+    if report.get("image_tokens"):
+        stats = report["image_tokens"]
+        lines += ["", f"Image tokens (connector output, {stats['images']} test images): mean norm {stats['token_norm']:.2f} "
+                  f"(the LLM's word embeddings: {stats['word_norm']:.2f}); mean cosine between two images' tokens "
+                  f"{stats['cosine_between_images']:.3f} (1: the same token for every image)."]
     return "\n".join(lines)
 
 
