@@ -128,9 +128,9 @@ def image_token_stats(tokens: torch.Tensor, word_norm: float) -> dict:
     """[I, M, Dt] image tokens -> their mean norm, the LLM's word norm, and the mean cosine between two
     different images' tokens at the same index (1: every image gives the same tokens)."""
     images = tokens.shape[0]
-    unit = torch.nn.functional.normalize(tokens.float(), dim=-1).transpose(0, 1)  # [M, I, Dt]
-    gram = unit @ unit.transpose(1, 2)  # [M, I, I]
-    between = (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(dim=-1)) / max(images * (images - 1), 1)
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)  # [I, M, Dt]
+    # Sum over pairs i != j of u_i . u_j = |sum of u|^2 - I (each u_i . u_i = 1): no I x I matrix.
+    between = (unit.sum(dim=0).square().sum(dim=-1) - images) / max(images * (images - 1), 1)  # [M]
     return {"images": images, "token_norm": round(tokens.float().norm(dim=-1).mean().item(), 3),
             "word_norm": round(word_norm, 3), "cosine_between_images": round(between.mean().item(), 3)}
 
