@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -195,3 +196,27 @@ def test_outputs_load_through_the_training_ingestion(data_world):
 
     dataset = ClipPairDataset(pairs, data_world, CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0, 0, 0], image_std=[1, 1, 1]))
     assert len(dataset) == 8 and dataset[0]["pixel_values"].shape == (3, 32, 32) and dataset.skipped == {}
+
+
+def test_text_prompt_files_give_each_image_its_description(data_world, tmp_path):
+    from data_tools import shapes_text_prompt
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(data_world, folder)
+    assert shapes_text_prompt.main([str(folder)]) == 0
+    for split, every_question in (("train", False), ("test", True), ("test_heldout", True)):
+        original = {s["id"]: s for s in json.loads((folder / f"instruct_{split}.json").read_text())}
+        rewritten = json.loads((folder / f"text_instruct_{split}.json").read_text())
+        assert rewritten and {s["id"] for s in rewritten} <= set(original)
+        for sample in rewritten:
+            source = original[sample["id"]]
+            kept = [qa for qa in source["qa"] if qa["type"] != "description"]
+            assert sample["qa"] == kept and "description" not in {qa["type"] for qa in sample["qa"]}
+            questions = [turn["value"] for turn in sample["conversations"] if turn["from"] == "human"]
+            assert questions[0].startswith("<image>\nThe image shows: ")
+            described = [question.split("\n")[-2] for question in questions if "The image shows: " in question]
+            assert len(described) == (len(questions) if every_question else 1)
+            # The description is the one the world's own description questions answer with.
+            truth = [qa["answer"] for qa in source["qa"] if qa["type"] == "description"]
+            if truth:
+                assert described[0] == f"The image shows: {truth[0]}"
