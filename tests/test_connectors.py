@@ -38,6 +38,7 @@ TINY = {
     "resampler": {"type": "resampler", "num_latents": 5, "depth": 2, "hidden_size": 32, "num_heads": 4},
     "pixel_shuffle": {"type": "pixel_shuffle", "scale_factor": 2},
     "pixel_shuffle_mlp": {"type": "pixel_shuffle", "scale_factor": 2, "projection": "mlp"},
+    "pixel_shuffle_3_per_block": {"type": "pixel_shuffle", "scale_factor": 2, "projection": "mlp", "tokens_per_group": 3},
 }
 FIXED_OUTPUT = ["qformer", "resampler"]
 PER_PATCH = ["linear", "mlp"]
@@ -78,6 +79,8 @@ def test_forward_backward(name):
         ("pixel_shuffle", {"scale_factor": 2}, 64, 16),
         ("pixel_shuffle", {"scale_factor": 4}, 64, 4),
         ("pixel_shuffle", {"scale_factor": 3}, 36, 4),
+        ("pixel_shuffle", {"scale_factor": 3, "tokens_per_group": 4}, 9, 4),
+        ("pixel_shuffle", {"scale_factor": 2, "tokens_per_group": 3}, 16, 12),
     ],
 )
 def test_token_counts_follow_config(name, overrides, num_patches, expected):
@@ -162,6 +165,20 @@ def test_pixel_shuffle_matches_idefics3_layout():
         torch.testing.assert_close(connector(features), connector.proj(folded), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("projection", ["linear", "mlp"])
+def test_pixel_shuffle_tokens_per_group_come_from_their_own_block(projection):
+    connector = tiny("pixel_shuffle", projection=projection, tokens_per_group=3)
+    features = torch.randn(1, 16, VISION)  # a 4 x 4 grid: blocks 0-3 of 2 x 2 patches
+    changed = features.clone()
+    changed[0, 0] += 1.0  # patch 0 lies in block 0 only
+    with torch.no_grad():
+        before, after = connector(features), connector(changed)
+    assert before.shape == (1, 4 * 3, TEXT)
+    differs = (before - after).abs().amax(dim=-1)[0] > 0
+    assert differs.tolist() == [True] * 3 + [False] * 9  # block 0's three tokens, in a row
+    assert torch.unique(before[0, :3], dim=0).shape[0] == 3  # three different tokens, not one repeated
+
+
 @pytest.mark.parametrize("num_patches, scale_factor", [(577, 2), (20, 2), (36, 4)])
 def test_pixel_shuffle_rejects_grids_it_cannot_fold(num_patches, scale_factor):
     connector = tiny("pixel_shuffle", scale_factor=scale_factor)
@@ -228,6 +245,8 @@ def test_bad_options_raise_config_errors():
         build_connector({"type": "resampler", "position_embedding": "rope"}, VISION, TEXT)
     with pytest.raises(ConfigError, match="projection"):
         build_connector({"type": "pixel_shuffle", "projection": "conv"}, VISION, TEXT)
+    with pytest.raises(ConfigError, match="tokens_per_group must be >= 1"):
+        build_connector({"type": "pixel_shuffle", "tokens_per_group": 0}, VISION, TEXT)
 
 
 def test_parameter_count_is_logged(caplog):

@@ -2,10 +2,15 @@
 
 Owns the space-to-depth fold of a square patch grid and the projection to the LLM width:
 
-    features[B, N, Dv] --fold s x s--> [B, N / s^2, s^2 * Dv] --linear | mlp--> [B, N / s^2, Dt]
+    features[B, N, Dv] --fold s x s--> [B, N / s^2, s^2 * Dv] --linear | mlp--> [B, N / s^2 * K, Dt]
 
-The fold keeps Idefics3's layout (raster order of the s x s blocks; channels ordered
-(row in block, column in block, Dv)), so its `modality_projection` weights fit ours.
+`tokens_per_group` (K, default 1) projects each folded block to K tokens, K different learned views
+of the same block, written in a row: when one block is the whole image (a CNN's 3 x 3 map folded
+by 3), the LLM gets K tokens that each see the whole layout, and its attention can pick among them
+(README, issue 18: K = 8 against 1).
+
+The fold keeps Idefics3's layout (raster order of the s x s blocks; channels ordered (row in
+block, column in block, Dv)), so its `modality_projection` weights fit ours (at K = 1).
 The grid is that of the (padded) length N; padded patches are zeroed before folding, so a
 token never depends on the junk in padding, and a token made only of real patches is unaffected.
 """
@@ -33,22 +38,27 @@ class PixelShuffleConnector(Connector):
         scale_factor: int = 2,
         projection: str = "linear",
         bias: bool = False,
+        tokens_per_group: int = 1,
     ) -> None:
         super().__init__(vision_hidden_size, text_hidden_size)
         if scale_factor < 1:
             raise ConfigError(f"pixel_shuffle connector scale_factor must be >= 1, got {scale_factor}")
+        if tokens_per_group < 1:
+            raise ConfigError(f"pixel_shuffle connector tokens_per_group must be >= 1, got {tokens_per_group}")
         if projection not in ("linear", "mlp"):
             raise ConfigError(f"pixel_shuffle connector projection must be 'linear' or 'mlp', got '{projection}'")
         self.scale_factor = scale_factor
+        self.tokens_per_group = tokens_per_group
         folded_size = vision_hidden_size * scale_factor**2
+        out_size = tokens_per_group * text_hidden_size
         if projection == "linear":
             # Idefics3 / nanoVLM: one bias-free linear layer.
-            self.proj: nn.Module = nn.Linear(folded_size, text_hidden_size, bias=bias)
+            self.proj: nn.Module = nn.Linear(folded_size, out_size, bias=bias)
         else:
             self.proj = nn.Sequential(
                 nn.Linear(folded_size, text_hidden_size, bias=bias),
                 nn.GELU(),
-                nn.Linear(text_hidden_size, text_hidden_size, bias=bias),
+                nn.Linear(text_hidden_size, out_size, bias=bias),
             )
 
     def grid_side(self, num_patches: int) -> int:
@@ -65,7 +75,7 @@ class PixelShuffleConnector(Connector):
 
     def num_tokens(self, num_patches: int) -> int:
         self.grid_side(num_patches)  # raises for a grid it cannot fold
-        return num_patches // self.scale_factor**2
+        return num_patches // self.scale_factor**2 * self.tokens_per_group
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, num_patches, dim = features.shape
@@ -76,4 +86,5 @@ class PixelShuffleConnector(Connector):
         # [B, N, Dv] -> [B, H/s, s, W/s, s, Dv] -> [B, H/s, W/s, s, s, Dv] -> [B, N/s^2, s^2 * Dv]
         folded = features.reshape(batch, side // s, s, side // s, s, dim).permute(0, 1, 3, 2, 4, 5)
         folded = folded.reshape(batch, num_patches // s**2, s * s * dim)
-        return self.proj(folded)  # [B, N/s^2, Dt]
+        tokens = self.proj(folded)  # [B, N/s^2, K * Dt]
+        return tokens.reshape(batch, -1, self.text_hidden_size)  # [B, N/s^2 * K, Dt]: a block's K tokens in a row
