@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.shapes import canonical_description, make_world, sample_scene, split_rng
+from data_tools.shapes import World, canonical_description, make_world, sample_scene, split_rng
 
 SPLITS_ASKED_ONE_BY_ONE = ("test", "test_heldout")
 
@@ -43,9 +43,7 @@ def with_description(sample: dict, description: str, every_question: bool) -> di
     return {**sample, "conversations": messages, "qa": qa}
 
 
-def write_split(data_dir: Path, split: str) -> int:
-    world_info = json.loads((data_dir / "world.json").read_text())
-    world = make_world(world_info["seed"], world_info["image_size"])
+def write_split(data_dir: Path, world: World, split: str) -> int:
     samples = json.loads((data_dir / f"instruct_{split}.json").read_text())
     out = []
     for sample in samples:
@@ -63,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", help="a folder written by python -m data_tools.shapes")
     args = parser.parse_args(argv)
     data_dir = Path(args.data_dir)
+    world_info = json.loads((data_dir / "world.json").read_text())
+    world = make_world(world_info["seed"], world_info["image_size"])
     for split in ("train", "val", "test", "test_heldout"):
         if (data_dir / f"instruct_{split}.json").is_file():
-            print(f"text_instruct_{split}.json: {write_split(data_dir, split)} conversations")
+            print(f"text_instruct_{split}.json: {write_split(data_dir, world, split)} conversations")
     return 0
 
 
