@@ -97,21 +97,26 @@ def _linear_params(module: nn.Module, lora: bool) -> int:
     return total
 
 
-def train_step_flops(model, lengths: list[int], supervised: int, images: int, tower_runs: bool) -> dict[str, float]:
+def train_step_flops(
+    model, lengths: list[int], supervised: int, images: int, tower_runs: bool, shared_prefix: int = 0
+) -> dict[str, float]:
     """FLOPs one training step must do, by part, for a batch of samples of `lengths` tokens.
 
     Frozen weights need no weight gradients: the frozen LLM costs 2 (forward) + 2 (input gradient)
     FLOPs per weight per token; LoRA weights 2 + 4. Attention is counted causal (the half that is
     computed), the LM head only at the `supervised` positions the loss reads, the connector at
-    image tokens, and the frozen tower forward only when it runs (not when features are cached).
+    image tokens, and the frozen tower forward only when it runs (not when features are cached). A
+    `shared_prefix` of P tokens runs once for the batch, not once per sample.
     """
     text = model.config.text_config
     decoder_layers = model.language_model.get_decoder().layers
     body = _linear_params(decoder_layers, lora=False)
     lora = _linear_params(decoder_layers, lora=True)
-    tokens = sum(lengths)
+    repeats = (len(lengths) - 1) * shared_prefix  # prefix tokens the batch no longer runs
+    tokens = sum(lengths) - repeats
     width = text.num_attention_heads * getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
     attention_forward = sum(2 * n * n * width for n in lengths) * text.num_hidden_layers  # QK^T + AV, causal half
+    attention_forward -= (len(lengths) - 1) * 2 * shared_prefix**2 * width * text.num_hidden_layers
     head = model.get_output_embeddings()
     connector = sum(p.numel() for p in model.connector.parameters() if p.ndim == 2)
     image_tokens = images * model.config.image_seq_length

@@ -8,7 +8,7 @@ Llava model shares the vlkit model's tensors). One step = zero_grad, forward(lab
 AdamW step, on:
 
 - vlkit: its training path. Align: the tower's features come from the feature cache, samples are
-  packed, the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
+  packed or their common prefix runs once (whichever takes fewer token slots), the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
   on the connector). Instruct: the same with LoRA on the LLM, tower run every step (the default:
   `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
 - Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
@@ -108,14 +108,18 @@ class Bench:
         fast = ConversationDataset(samples, self.processor, self.data, max_length=None)
         if cache:
             cache_features_for(self.model, self.processor.image_processor, [fast], home=self.workdir, progress=False)
-        vlkit_batch = VlkitCollator(pad, pack=True)([fast[i] for i in range(len(fast))])
+        # As the recipes collate: packed, or the shared prefix once, whichever takes fewer token slots.
+        vlkit_batch = VlkitCollator(pad, pack=True, share_prefix_before=self.processor.image_token_id)(
+            [fast[i] for i in range(len(fast))])
+        prefix = vlkit_batch["prefix_ids"].shape[1] if "prefix_ids" in vlkit_batch else 0
         llava_batch = VlkitCollator(pad)(items)
         facts = {
             "lengths": [len(item["input_ids"]) for item in items],
             "supervised": int((llava_batch["labels"][:, 1:] != -100).sum()),
             "images": int(llava_batch["pixel_values"].shape[0]),
             "padded_tokens": int(llava_batch["input_ids"].numel()),
-            "packed_tokens": int(vlkit_batch["input_ids"].numel()),
+            "vlkit_tokens": prefix + int(vlkit_batch["input_ids"].numel()),
+            "shared_prefix": prefix,
         }
         return vlkit_batch, llava_batch, facts
 
@@ -149,7 +153,7 @@ class Bench:
         if "vlkit" in names and twins:
             self.check_same_function(variants, tune)
         facts["flops"] = train_step_flops(self.model, facts["lengths"], facts["supervised"], facts["images"],
-                                          tower_runs=not cache)
+                                          tower_runs=not cache, shared_prefix=facts["shared_prefix"])
         facts["lora_params"] = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
         for name, llava in twins.items():
             assert sum(p.numel() for n, p in llava.named_parameters() if "lora_" in n) == facts["lora_params"], name
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"- instruct MFU (vlkit): {verdict(100 * mfu, 100 * MFU_GOAL, '%')}")
             parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in facts["flops"].items() if v)
             lines.append(f"  ({stage}: {len(facts['lengths'])} samples, {sum(facts['lengths'])} tokens; padded batch "
-                         f"{facts['padded_tokens']} token slots, packed {facts['packed_tokens']}; "
+                         f"{facts['padded_tokens']} token slots, vlkit's {facts['vlkit_tokens']} "
+                         f"({facts['shared_prefix']}-token prefix shared); "
                          f"{facts['supervised']} labelled; GFLOP/step: {parts}; matmul peak {peak / 1e9:.1f} GFLOP/s)")
     table = markdown_table(["stage", "variant", "s/step", "steps/s", "vlkit speed-up", "MFU", "peak RSS MiB"], rows)
     body = f"{bench.sources}, {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)

@@ -27,6 +27,17 @@ def test_generation_hands_the_cache_under_a_known_name():
     assert len(seen) == 3 and seen[1] is not None and seen[1] is seen[2]  # decoding steps reuse one cache
 
 
+def test_a_decoder_names_its_cache_keyword_and_fills_a_cache_passed_under_it():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    decoder = LlamaForCausalLM(tiny_llama_config(64)).eval().get_decoder()
+    name = compat.cache_keyword(decoder.forward)
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 3
+
+
 def test_mark_pretrained_keeps_loaded_weights_through_post_init():
     from conftest import tiny_clip_vision_config
 

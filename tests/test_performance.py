@@ -23,6 +23,7 @@ from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.images import load_image
 from vlkit.data.packing import pack_rows, packing_supported
+from vlkit.data.prefix import shared_prefix_length
 from vlkit.errors import ConfigError
 from vlkit.features import (
     FeatureStore,
@@ -290,6 +291,74 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, 
         model.logits_at_labels_only = True
 
 
+def test_shared_prefix_stops_before_images_answers_and_the_last_token():
+    ignore = -100
+    ids = [torch.tensor([1, 2, 3, 9, 5, 6]), torch.tensor([1, 2, 3, 4, 7]), torch.tensor([1, 2, 3, 4, 8, 8])]
+    unlabelled = [torch.full_like(x, ignore) for x in ids]
+    assert shared_prefix_length(ids, unlabelled, image_token_id=None) == 3  # rows differ at index 3
+    assert shared_prefix_length(ids[1:], unlabelled[1:], image_token_id=4) == 3  # the image stays in the rows
+    assert shared_prefix_length(ids[1:], unlabelled[1:], image_token_id=None) == 4  # both rows end past it
+    answer_at_2 = [x.clone() for x in unlabelled[1:]]
+    answer_at_2[1][2] = 3  # predicted from position 1's output, which must stay in the rows
+    assert shared_prefix_length(ids[1:], answer_at_2, image_token_id=None) == 1
+    same = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3])]
+    assert shared_prefix_length(same, [torch.full_like(x, ignore) for x in same], image_token_id=None) == 2
+
+
+@pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)])
+def test_a_shared_prefix_gives_the_padded_batch_loss_and_grads(vlm, image_dir, tune):
+    model, processor = vlm
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so that lora_A gets a gradient to compare too
+                parameter.normal_(std=0.02)
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    items = [dataset[i] for i in range(len(dataset))]
+    pad = processor.tokenizer.pad_token_id
+    padded = VlkitCollator(pad)(items)
+    shared = VlkitCollator(pad, share_prefix_before=processor.image_token_id)(items)
+    prefix_length = shared["prefix_ids"].shape[1]
+    assert prefix_length > 5 and shared["attention_mask"].shape[1] == prefix_length + shared["input_ids"].shape[1]
+    assert prefix_length + shared["input_ids"].numel() < padded["input_ids"].numel()
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    assert count == int((shared["labels"][:, 1:] != -100).sum())  # what the Trainer divides by
+
+    reference = loss_and_grads(model, padded)
+    assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    assert_same(loss_and_grads(model, padded, num_items_in_batch=count),
+                loss_and_grads(model, shared, num_items_in_batch=count), atol=1e-5)
+    model.logits_at_labels_only = False  # the LLM's own loss: the rows are rebuilt whole
+    try:
+        assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    finally:
+        model.logits_at_labels_only = True
+    model.language_model.gradient_checkpointing_enable()  # layers run twice: the rows are rebuilt whole
+    try:
+        assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    finally:
+        model.language_model.gradient_checkpointing_disable()
+    with pytest.raises(ValueError, match="same row repeated"):
+        model(**{**shared, "prefix_ids": torch.cat([shared["prefix_ids"][:1], shared["prefix_ids"][1:] + 1])})
+
+
+def test_the_collator_shares_a_prefix_only_where_it_saves_token_slots(vlm, image_dir):
+    _, processor = vlm
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    items = [dataset[i] for i in range(len(dataset))]
+    pad, image = processor.tokenizer.pad_token_id, processor.image_token_id
+    assert "prefix_ids" not in VlkitCollator(pad, pack=True)(items)  # off unless asked
+    assert "prefix_ids" not in VlkitCollator(pad, share_prefix_before=image)(items[:1])  # one sample: nothing shared
+    assert "prefix_ids" not in VlkitCollator(pad, padding_side="left", share_prefix_before=image)(items)  # generation
+    # These samples (116, 57, 43 and 65 tokens, 24 shared) take 464 slots padded, 392 with the prefix
+    # shared and 348 packed (116 | 65 + 43 | 57): the collator takes the fewest.
+    shared = VlkitCollator(pad, share_prefix_before=image)(items)
+    packed = VlkitCollator(pad, pack=True, share_prefix_before=image)(items)
+    assert shared["prefix_ids"].shape[1] + shared["input_ids"].numel() == 392
+    assert "prefix_ids" not in packed and packed["input_ids"].numel() == 348
+
+
 def test_packing_support_is_checked(vlm):
     model, _ = vlm
     assert packing_supported(model)
@@ -370,7 +439,7 @@ def test_align_run_with_cache_and_packing_matches_the_plain_run(tmp_path, shapes
     runs = {}
     for name, fast in (("plain", False), ("fast", True)):
         tree = align_recipe(tmp_path / name, tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=3, batch_size=4)
-        tree["data"].update(cache_vision_features=fast, packing=fast)
+        tree["data"].update(cache_vision_features=fast, packing=fast, share_prefix=fast)
         run_dir = train_vlm(load_recipe(write_recipe(tmp_path / f"{name}.yaml", tree)))
         summary = json.loads((run_dir / "run_summary.json").read_text())
         runs[name] = ([e["loss"] for e in summary["log_history"] if "loss" in e],

@@ -24,6 +24,14 @@ def cache_argument(kwargs: dict[str, Any]) -> Any | None:
     return None
 
 
+def cache_keyword(forward: Any) -> str:
+    """The name under which this decoder's `forward` takes a key/value cache."""
+    import inspect
+
+    parameters = inspect.signature(forward).parameters
+    return next(name for name in CACHE_ARGUMENT_NAMES if name in parameters)
+
+
 def cpu_has_native_bf16(unknown: bool = True) -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); torch has only private probes.
 

@@ -198,6 +198,9 @@ class DataSection(BaseDataSection):
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
     packing: bool = True  # several samples per row instead of padding, no cross-sample attention
+    # The text every sample of a batch starts with (system turn, user header) run once per batch, when
+    # that takes fewer token slots than packing (vlkit.data.prefix); same loss and gradients.
+    share_prefix: bool = True
 
 
 class TrainSection(BaseTrainSection):

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlkit.compat import cache_argument, mark_pretrained
+from vlkit.compat import cache_argument, cache_keyword, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
 from vlkit.feature_maps import as_tokens, feature_width
@@ -198,13 +198,24 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.Tensor | None = None,
+        prefix_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> VlkitCausalLMOutputWithPast:
         """`vision_features` [I, N, Dv]: the tower's output computed earlier (`get_vision_features`, the
         feature cache of `vlkit.features`, or a chat's earlier turn); given instead of pixel_values, only
         the connector runs. The key/value cache travels in `kwargs` to the LLM untouched, under the name
-        the installed transformers gives it."""
+        the installed transformers gives it. `prefix_ids` [B, P] (the same row B times): text every row
+        starts with, passed once by the training collator (`vlkit.data.prefix`); input_ids are then each
+        row's remainder and attention_mask covers both."""
         cache = cache_argument(kwargs)
+        if prefix_ids is not None:
+            if cache is not None or inputs_embeds is not None:
+                raise ValueError("prefix_ids are for training batches of input_ids, without a cache")
+            checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules())
+            if labels is not None and self.logits_at_labels_only and not checkpointing:
+                kwargs[cache_keyword(self.language_model.get_decoder().forward)] = self.prefix_cache(prefix_ids)
+            else:  # the LLM's own loss, or layers run twice by checkpointing: the rows whole again
+                input_ids, labels, position_ids = self.rows_with_prefix(prefix_ids, input_ids, labels, position_ids)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -224,7 +235,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             raise ImageTokenMismatchError(
                 "the inputs hold image placeholder tokens but no pixel_values; pass the images too"
             )
-        if labels is not None and cache is None and self.logits_at_labels_only:
+        if labels is not None and (cache is None or prefix_ids is not None) and self.logits_at_labels_only:
             loss = self.loss_at_labels(inputs_embeds, attention_mask, position_ids, labels, **kwargs)
             return VlkitCausalLMOutputWithPast(loss=loss, image_hidden_states=image_features)
         outputs = self.language_model(
@@ -237,6 +248,31 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         return VlkitCausalLMOutputWithPast(**outputs, image_hidden_states=image_features)
+
+    def prefix_cache(self, prefix_ids: torch.LongTensor):
+        """Keys and values of the shared prefix, computed for one row and repeated for all B rows (with
+        LoRA the repeat sums every row's gradient into the one computation)."""
+        from transformers import DynamicCache
+
+        if not bool((prefix_ids == prefix_ids[:1]).all()):
+            raise ValueError("prefix_ids must be the same row repeated: the prefix every sample shares")
+        decoder = self.language_model.get_decoder()
+        cache = DynamicCache(config=self.config.text_config)
+        decoder(input_ids=prefix_ids[:1], use_cache=True, **{cache_keyword(decoder.forward): cache})
+        cache.batch_repeat_interleave(prefix_ids.shape[0])
+        return cache
+
+    @staticmethod
+    def rows_with_prefix(prefix_ids, input_ids, labels, position_ids):
+        """The batch without the shared prefix: each row's prefix written back in front of it."""
+        prefix_length = prefix_ids.shape[1]
+        input_ids = torch.cat([prefix_ids, input_ids], dim=1)
+        if labels is not None:
+            labels = torch.cat([torch.full_like(prefix_ids, IGNORE_INDEX), labels], dim=1)
+        if position_ids is not None:
+            start = torch.arange(prefix_length, device=position_ids.device).expand(len(position_ids), -1)
+            position_ids = torch.cat([start, position_ids], dim=1)
+        return input_ids, labels, position_ids
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

@@ -29,11 +29,14 @@ class VlkitCollator:
         then has `position_ids` that restart per sample and no `attention_mask`.
     processor: has `encode_images(images) -> pixel_values` (`VlkitProcessor`); needed only for items
         that carry decoded `images` rather than `pixel_values`.
+    share_prefix_before: the image placeholder id; given, the tokens every sample starts with (up to
+        the first image or supervised token) are passed once as `prefix_ids` (`vlkit.data.prefix`)
+        whenever that takes fewer token slots than packing (or padding).
     """
 
     def __init__(
         self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None, pack: bool = False,
-        processor: Any = None,
+        processor: Any = None, share_prefix_before: int | None = None,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
@@ -46,6 +49,7 @@ class VlkitCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pack = pack
         self.processor = processor
+        self.share_prefix_before = share_prefix_before if padding_side == "right" else None
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(item["input_ids"], dtype=torch.long) for item in items]
@@ -53,6 +57,9 @@ class VlkitCollator:
         length = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shared = self._shared_prefix_batch(ids, labels, length)
+        if shared is not None:
+            return self._add_images(shared, items)
         if self.pack:
             from vlkit.data.packing import pack_batch
 
@@ -69,6 +76,25 @@ class VlkitCollator:
             attention_mask[row, span] = 1
         batch = {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask}
         return self._add_images(batch, items)
+
+    def _shared_prefix_batch(
+        self, ids: list[torch.Tensor], labels: list[torch.Tensor], length: int
+    ) -> dict[str, torch.Tensor] | None:
+        """The batch with its common start passed once, when that takes the fewest token slots."""
+        if self.share_prefix_before is None or len(ids) < 2:
+            return None
+        from vlkit.data.packing import pack_rows
+        from vlkit.data.prefix import prefix_batch, shared_prefix_length
+
+        prefix_length = shared_prefix_length(ids, labels, self.share_prefix_before)
+        if prefix_length == 0:
+            return None
+        other_slots = len(ids) * length
+        if self.pack:
+            other_slots = len(pack_rows([len(x) for x in ids], length)) * length
+        if prefix_length + len(ids) * (length - prefix_length) >= other_slots:
+            return None
+        return prefix_batch(ids, labels, self.pad_token_id, prefix_length, self.pad_to_multiple_of)
 
     def _add_images(self, batch: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Images in the order their placeholders appear in the batch."""
