@@ -7,6 +7,7 @@ so both sides compute the same function and any speed difference is the code pat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,10 +23,15 @@ FILES = {"align": "align_train.json", "instruct": "instruct_train.json"}
 
 
 def default_vision(workdir: Path) -> str:
-    """A CLIP run of this checkout, else a random tower with the tiny CLIP recipe's vision config."""
+    """A ViT CLIP run of this checkout, else a random tower with the tiny CLIP recipe's vision config
+    (stock Llava, the reference, cannot run a CNN tower such as the shipped recipe's ResNet)."""
     for candidate in TRAINED_TOWERS:
-        if (REPO / candidate / "config.json").is_file():
-            return str(REPO / candidate)
+        config = REPO / candidate / "config.json"
+        if config.is_file():
+            config = json.loads(config.read_text())
+            tower_type = config.get("vision_config", {}).get("model_type", config.get("model_type"))
+            if tower_type in ("clip", "clip_vision_model"):
+                return str(REPO / candidate)
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from vlkit.vision import save_default_image_processor
