@@ -11,6 +11,7 @@ AdamW step, on:
   packed or their common prefix runs once (whichever takes fewer token slots), the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
   on the connector). Instruct: the same with LoRA on the LLM, tower run every step (the default:
   `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
+- vlkit-packed: the same without the shared prefix (packed rows only), to show what it buys.
 - Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
   batch, forward(labels)/backward, AdamW on the projector (+ LoRA via peft for instruct).
 - Llava, frozen: the same, with the tower and LLM set `requires_grad_(False)` by hand, as
@@ -56,7 +57,7 @@ def recipe_lora() -> dict[str, float]:
 
 
 LORA = recipe_lora()
-VARIANTS = ("vlkit", "llava-plain", "llava-frozen")
+VARIANTS = ("vlkit", "vlkit-packed", "llava-plain", "llava-frozen")
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Bench:
         # As the recipes collate: packed, or the shared prefix once, whichever takes fewer token slots.
         vlkit_batch = VlkitCollator(pad, pack=True, share_prefix_before=self.processor.image_token_id)(
             [fast[i] for i in range(len(fast))])
+        packed_batch = VlkitCollator(pad, pack=True)([fast[i] for i in range(len(fast))])  # what the prefix buys
         prefix = vlkit_batch["prefix_ids"].shape[1] if "prefix_ids" in vlkit_batch else 0
         llava_batch = VlkitCollator(pad)(items)
         facts = {
@@ -121,6 +123,7 @@ class Bench:
             "vlkit_tokens": prefix + int(vlkit_batch["input_ids"].numel()),
             "shared_prefix": prefix,
         }
+        facts["packed_batch"] = packed_batch
         return vlkit_batch, llava_batch, facts
 
     def stage(self, stage: str, names=VARIANTS) -> tuple[dict[str, Variant], dict]:
@@ -128,7 +131,7 @@ class Bench:
         from vlkit.train.stages import apply_adapters, set_trainable
 
         cache = stage == "align"  # the recipe default: on for align, off for instruct
-        twins = {name: self.twin(f"{stage}/{name}") for name in names if name != "vlkit"}
+        twins = {name: self.twin(f"{stage}/{name}") for name in names if name.startswith("llava")}
         tune = TuneSection() if stage == "align" else TuneSection(
             llm="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"])
         apply_adapters(self.model, tune)
@@ -140,9 +143,12 @@ class Bench:
             if stage == "instruct":
                 lora_on_llava(llava, LORA["r"], LORA["alpha"], LORA["dropout"])  # freezes the LLM's base weights
         vlkit_batch, llava_batch, facts = self.batches(stage, cache)
+        packed_batch = facts.pop("packed_batch")
         variants = {}
         if "vlkit" in names:
             variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+        if "vlkit-packed" in names:
+            variants["vlkit-packed"] = Variant(self.model, packed_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
         for name, llava in twins.items():
             if name == "llava-plain":
                 params = [*llava.model.multi_modal_projector.parameters(),
@@ -214,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             mfu = flops / statistics.median(times["vlkit"]) / peak
             lines.append(f"- {stage}: vlkit vs plain Llava loop {verdict(plain, GOALS[stage])}; "
                          f"vs hand-frozen Llava {frozen:.2f}x")
+            if "vlkit-packed" in times:
+                lines.append(f"- {stage}: the shared prefix vs packed rows only: "
+                             f"{median_ratio(times['vlkit-packed'], times['vlkit']):.2f}x")
             if stage == "instruct":
                 lines.append(f"- instruct MFU (vlkit): {verdict(100 * mfu, 100 * MFU_GOAL, '%')}")
             parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in facts["flops"].items() if v)
