@@ -247,18 +247,24 @@ def test_pack_rows_first_fit_decreasing():
     assert len(rows) == 4  # 9 | 9 | 5+4 | 3+2
 
 
+def tuned_items(model, processor, image_dir, tune: TuneSection) -> list[dict]:
+    """The test conversations' items, with `tune` applied to the model (LoRA B non-zero, so that
+    lora_A gets a gradient to compare too)."""
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    return [dataset[i] for i in range(len(dataset))]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, attn):
     model, processor = vlm
     set_attention_implementation(model.language_model.config, attn)
-    apply_adapters(model, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    set_trainable(model, TuneSection(llm="lora"))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:  # non-zero, so that lora_A gets a gradient to compare too
-                parameter.normal_(std=0.02)
-    dataset = ConversationDataset(samples(), processor, image_dir)
-    items = [dataset[i] for i in range(len(dataset))]
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
     padded = VlkitCollator(processor.tokenizer.pad_token_id)(items)
     padded_more = VlkitCollator(processor.tokenizer.pad_token_id, pad_to_multiple_of=128)(items)
     packed = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)
@@ -308,14 +314,7 @@ def test_shared_prefix_stops_before_images_answers_and_the_last_token():
 @pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)])
 def test_a_shared_prefix_gives_the_padded_batch_loss_and_grads(vlm, image_dir, tune):
     model, processor = vlm
-    apply_adapters(model, tune)
-    set_trainable(model, tune)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:  # non-zero, so that lora_A gets a gradient to compare too
-                parameter.normal_(std=0.02)
-    dataset = ConversationDataset(samples(), processor, image_dir)
-    items = [dataset[i] for i in range(len(dataset))]
+    items = tuned_items(model, processor, image_dir, tune)
     pad = processor.tokenizer.pad_token_id
     padded = VlkitCollator(pad)(items)
     shared = VlkitCollator(pad, share_prefix_before=processor.image_token_id)(items)
