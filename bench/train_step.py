@@ -8,10 +8,12 @@ Llava model shares the vlkit model's tensors). One step = zero_grad, forward(lab
 AdamW step, on:
 
 - vlkit: its training path. Align: the tower's features come from the feature cache, samples are
-  packed or their common prefix runs once (whichever takes fewer token slots), the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
-  on the connector). Instruct: the same with LoRA on the LLM, tower run every step (the default:
+  packed or their common prefix runs once through the frozen LLM (whichever takes fewer token
+  slots), the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
+  on the connector). Instruct: the same with LoRA on the LLM, packed (the prefix is shared only
+  while the LLM is frozen), tower run every step (the default:
   `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
-- vlkit-packed: the same without the shared prefix (packed rows only), to show what it buys.
+- vlkit-packed (align): the same without the shared prefix (packed rows only), to show what it buys.
 - Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
   batch, forward(labels)/backward, AdamW on the projector (+ LoRA via peft for instruct).
 - Llava, frozen: the same, with the tower and LLM set `requires_grad_(False)` by hand, as
@@ -109,9 +111,10 @@ class Bench:
         fast = ConversationDataset(samples, self.processor, self.data, max_length=None)
         if cache:
             cache_features_for(self.model, self.processor.image_processor, [fast], home=self.workdir, progress=False)
-        # As the recipes collate: packed, or the shared prefix once, whichever takes fewer token slots.
-        vlkit_batch = VlkitCollator(pad, pack=True, share_prefix_before=self.processor.image_token_id)(
-            [fast[i] for i in range(len(fast))])
+        # As the recipes collate: packed, or (align: the LLM is frozen) the shared prefix once, whichever
+        # takes fewer token slots.
+        share = self.processor.image_token_id if stage == "align" else None
+        vlkit_batch = VlkitCollator(pad, pack=True, share_prefix_before=share)([fast[i] for i in range(len(fast))])
         packed_batch = VlkitCollator(pad, pack=True)([fast[i] for i in range(len(fast))])  # what the prefix buys
         prefix = vlkit_batch["prefix_ids"].shape[1] if "prefix_ids" in vlkit_batch else 0
         llava_batch = VlkitCollator(pad)(items)
@@ -147,7 +150,7 @@ class Bench:
         variants = {}
         if "vlkit" in names:
             variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
-        if "vlkit-packed" in names:
+        if "vlkit-packed" in names and stage == "align":
             variants["vlkit-packed"] = Variant(self.model, packed_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
         for name, llava in twins.items():
             if name == "llava-plain":

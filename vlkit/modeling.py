@@ -211,10 +211,16 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         if prefix_ids is not None:
             if cache is not None or inputs_embeds is not None:
                 raise ValueError("prefix_ids are for training batches of input_ids, without a cache")
+            if not bool((prefix_ids == prefix_ids[:1]).all()):
+                raise ValueError("prefix_ids must be the same row repeated: the prefix every sample shares")
+            # Only for a frozen LLM: its prefix then needs no backward through a second decoder call, which
+            # sharding cannot give (FSDP2 frees a module's parameters after each call). Not under
+            # checkpointing either: the rerun layers would append to the prefix's cache again.
+            frozen = not any(p.requires_grad for p in self.language_model.parameters())
             checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules())
-            if labels is not None and self.logits_at_labels_only and not checkpointing:
+            if labels is not None and self.logits_at_labels_only and frozen and not checkpointing:
                 kwargs[cache_keyword(self.language_model.get_decoder().forward)] = self.prefix_cache(prefix_ids)
-            else:  # the LLM's own loss, or layers run twice by checkpointing: the rows whole again
+            else:  # the LLM's own loss, an LLM that trains, or checkpointing: the rows whole again
                 input_ids, labels, position_ids = self.rows_with_prefix(prefix_ids, input_ids, labels, position_ids)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -249,13 +255,12 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         )
         return VlkitCausalLMOutputWithPast(**outputs, image_hidden_states=image_features)
 
+    @torch.no_grad()
     def prefix_cache(self, prefix_ids: torch.LongTensor):
-        """Keys and values of the shared prefix, computed for one row and repeated for all B rows (with
-        LoRA the repeat sums every row's gradient into the one computation)."""
+        """Keys and values of the shared prefix (text only, through the frozen LLM), computed for one row
+        and repeated for all B rows."""
         from transformers import DynamicCache
 
-        if not bool((prefix_ids == prefix_ids[:1]).all()):
-            raise ValueError("prefix_ids must be the same row repeated: the prefix every sample shares")
         decoder = self.language_model.get_decoder()
         cache = DynamicCache(config=self.config.text_config)
         decoder(input_ids=prefix_ids[:1], use_cache=True, **{cache_keyword(decoder.forward): cache})

@@ -338,7 +338,9 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(
             processor.tokenizer.pad_token_id, pack=pack, processor=processor,
-            share_prefix_before=processor.image_token_id if recipe.data.share_prefix else None,
+            # The model shares the prefix only while the LLM is frozen; otherwise packing serves better.
+            share_prefix_before=processor.image_token_id if recipe.data.share_prefix and recipe.tune.llm == "frozen"
+            else None,
         ),
         manifest=manifest, part_learning_rates=part_learning_rates(train),
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
