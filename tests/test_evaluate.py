@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from train_helpers import run_cli
+from train_helpers import finish, start_cli
 
 from data_tools.shapes_scoring import named_pairs, normalize_answer, score
+from vlkit.cli import main as cli_main
 from vlkit.evaluate import evaluate_vlm
 from vlkit.scoring import exact_match, multiple_choice, resolve_scorer, yes_no, yes_no_metrics
 from vlkit.scoring import normalize_answer as vqa_normalize
@@ -52,27 +53,31 @@ def test_evaluate_writes_json_markdown_png_and_baseline(tiny_vlm, shapes_dir, tm
     assert len(lines) == report["questions"] and "no_image_prediction" in json.loads(lines[0])
 
 
-def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path):
+def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path, capsys):
     model, processor = tiny_vlm
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    missing = run_cli("eval", str(tmp_path / "model"), "--data", str(tmp_path / "nope.json"), "--images", shapes_dir)
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error: data file not found")
-
     samples = json.loads(open(f"{shapes_dir}/instruct_test.json").read())[:2]
     del samples[1]["qa"][0]["answer"]
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(samples))
-    result = run_cli("eval", str(tmp_path / "model"), "--data", str(broken), "--images", shapes_dir)
-    assert result.returncode == 2 and "lacks 'type' or 'answer'" in result.stderr.strip().splitlines()[-1]
+    # A real process for one case, so that everything it prints is seen (not only what Python writes to
+    # sys.stderr); it starts first and runs while the other cases run in-process.
+    unloadable = start_cli("eval", str(tmp_path / "no-model"), "--data", str(broken), "--images", shapes_dir)
 
-    unloadable = run_cli("eval", str(tmp_path / "no-model"), "--data", str(broken), "--images", shapes_dir)
+    assert cli_main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "nope.json"), "--images", shapes_dir]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data file not found")
+
+    assert cli_main(["eval", str(tmp_path / "model"), "--data", str(broken), "--images", shapes_dir]) == 2
+    assert "lacks 'type' or 'answer'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    unloadable = finish(unloadable)
     assert unloadable.returncode == 2
     assert unloadable.stderr.strip().splitlines()[-1].startswith("error:")
     assert len([line for line in unloadable.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
-def test_free_form_llava_file_needs_no_world(tiny_vlm, shapes_dir, tmp_path):
+def test_free_form_llava_file_needs_no_world(tiny_vlm, shapes_dir, tmp_path, capsys):
     model, processor = tiny_vlm
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -83,12 +88,13 @@ def test_free_form_llava_file_needs_no_world(tiny_vlm, shapes_dir, tmp_path):
     plain.parent.mkdir()
     plain.write_text(json.dumps(samples))
     assert not (plain.parent / "world.json").exists()
-    result = run_cli("eval", str(tmp_path / "model"), "--data", str(plain), "--images", shapes_dir,
-                     "--out", str(tmp_path / "out"), "--batch-size", "8")
-    assert result.returncode == 0, result.stderr[-2000:]
+    returncode = cli_main(["eval", str(tmp_path / "model"), "--data", str(plain), "--images", shapes_dir,
+                           "--out", str(tmp_path / "out"), "--batch-size", "8"])
+    printed = capsys.readouterr()
+    assert returncode == 0, printed.err[-2000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     turns = sum(1 for s in samples for m in s["conversations"] if m["from"] == "gpt")
     assert report["questions"] == turns and set(report["by_type"]) <= {"yes/no", "multiple choice", "open"}
     if "yes/no" in report["by_type"]:
         assert set(report["yes_no"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
-        assert "Yes/no questions: accuracy" in result.stdout
+        assert "Yes/no questions: accuracy" in printed.out

@@ -31,9 +31,28 @@ def align_recipe(output_dir, vision, llm, shapes, **train) -> dict:
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
     """Run the vlkit CLI in a fresh process (as a user would)."""
+    return finish(start_cli(*args, env=env), timeout)
+
+
+def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """Start the vlkit CLI in a fresh process and return at once; `finish` waits for it.
+
+    Its seconds of torch start-up then overlap the test's other work.
+    """
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "vlkit", *args], capture_output=True, text=True, env=full_env,
-                          cwd=REPO, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-m", "vlkit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=full_env, cwd=REPO)
+
+
+def finish(process: subprocess.Popen, timeout: int = HANG_GUARD_S) -> subprocess.CompletedProcess:
+    """Wait for a started process (killed past the hang guard, as subprocess.run does) and collect its output."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def free_port() -> int:
