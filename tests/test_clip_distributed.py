@@ -101,7 +101,8 @@ import sys
 from vlkit.clip.recipe import parse_clip_recipe
 from vlkit.train.clip import train_clip
 import json
-train_clip(parse_clip_recipe(json.loads(sys.argv[1])))
+for recipe in sys.argv[1:]:  # one after another in one process: the start-up is paid once
+    train_clip(parse_clip_recipe(json.loads(recipe)))
 """
 
 
@@ -115,6 +116,7 @@ def test_trainer_ddp_step_equals_single_process_step(tmp_path):
 
     from safetensors.torch import load_file
     from test_clip_train import TINY_TEXT, TINY_VISION, write_pairs
+    from train_helpers import finish
 
     write_pairs(tmp_path / "data", n=8)
     script = tmp_path / "train.py"
@@ -130,10 +132,15 @@ def test_trainer_ddp_step_equals_single_process_step(tmp_path):
         })
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), recipe("one", 8)], check=True, env=env, capture_output=True)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    done = subprocess.run([*launcher, str(script), recipe("two", 4)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The 1-process and 2-process runs are independent: they run at once (one thread each). The 1e-12 run
+    # follows "one" in its process: train_clip seeds before it builds the model, so it starts from the same weights.
+    single = [sys.executable, str(script), recipe("one", 8), recipe("zero", 8, learning_rate=1e-12)]
+    started = {name: subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, command in (("one", single), ("two", [*launcher, str(script), recipe("two", 4)]))}
+    done = {name: finish(process) for name, process in started.items()}
+    for name, result in done.items():
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
     summaries = [json.loads((tmp_path / name / "run_summary.json").read_text()) for name in ("one", "two")]
     assert [s["world_size"] for s in summaries] == [1, 2] and [s["samples"] for s in summaries] == [8, 8]
     # The logged loss (mean over ranks) equals the single-process loss on the same 8 pairs.
@@ -142,7 +149,6 @@ def test_trainer_ddp_step_equals_single_process_step(tmp_path):
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert one.keys() == two.keys()
     # The step really moved the weights: the same run with learning rate 1e-12 keeps the initial ones.
-    subprocess.run([sys.executable, str(script), recipe("zero", 8, learning_rate=1e-12)], check=True, env=env, capture_output=True)
     initial = load_file(tmp_path / "zero" / "model.safetensors")
     assert not torch.allclose(initial["visual_projection.weight"], one["visual_projection.weight"], atol=1e-4)
     assert not torch.allclose(initial["logit_scale"], one["logit_scale"])
