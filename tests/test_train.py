@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
-from train_helpers import REPO, align_recipe, free_port, run_cli, write_recipe
+from train_helpers import REPO, align_recipe, finish, free_port, run_cli, start_cli, write_recipe
 
+from vlkit.cli import main as cli_main
 from vlkit.errors import ConfigError
 from vlkit.recipe import load_recipe
 from vlkit.train.checkpoint import load_run
@@ -127,7 +128,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,
                         logging_steps=5)
     killed = write_recipe(tmp_path / "killed.yaml", tree)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    straight_tree = {**tree, "output_dir": str(tmp_path / "straight")}
+    # The uninterrupted run is independent of the killed one: it runs meanwhile. Every run uses one thread,
+    # so that the runs compared do the same arithmetic.
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    straight = start_cli("train", write_recipe(tmp_path / "straight.yaml", straight_tree), env=one_thread)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **one_thread}
     process = subprocess.Popen([sys.executable, "-m", "vlkit", "train", killed], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json"
@@ -139,13 +145,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (tmp_path / "killed" / "run_summary.json").exists()
 
-    resumed = run_cli("train", killed, "resume=true")
+    resumed = run_cli("train", killed, "resume=true", env=one_thread)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
     assert summary["resumed_from"] and summary["steps"] == steps
 
-    tree["output_dir"] = str(tmp_path / "straight")
-    straight = run_cli("train", write_recipe(tmp_path / "straight.yaml", tree))
+    straight = finish(straight)
     assert straight.returncode == 0, straight.stderr[-2000:]
     a = load_file(tmp_path / "killed" / "trainable.safetensors")
     b = load_file(tmp_path / "straight" / "trainable.safetensors")
@@ -163,15 +168,18 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
         return [entry["loss"] for entry in history if "loss" in entry]
 
     one = align_recipe(tmp_path / "one", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=4)
-    assert run_cli("train", write_recipe(tmp_path / "one.yaml", one)).returncode == 0
     two = align_recipe(tmp_path / "two", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2)
     # The README's command, as a user types it: no environment variables of ours.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
     accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
-                             "--main_process_port", str(free_port()), "-m", "vlkit", "train", write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    launched = subprocess.Popen([str(accelerate), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+                                 "--main_process_port", str(free_port()), "-m", "vlkit", "train",
+                                 write_recipe(tmp_path / "two.yaml", two)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The 1-process run trains here while the launch starts up: it needs no fresh process of its own.
+    assert cli_main(["train", write_recipe(tmp_path / "one.yaml", one)]) == 0
+    result = finish(launched)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert summary["samples"] == 4 * 2 * 2  # 4 steps x batch 2 x 2 ranks: both ranks trained
