@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HANG_GUARD_S
-from train_helpers import REPO
+from train_helpers import REPO, finish
 
 # What `pip wheel .` reads: the build config, the readme it embeds, the packages and the recipes.
 BUILD_INPUTS = ("pyproject.toml", "README.md", "vlkit", "data_tools", "recipes")
@@ -63,11 +63,18 @@ def installed(wheel) -> Path:
 
 def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -S ARGS` seeing only the installed wheel and the venv's dependencies."""
+    return finish(start_installed(site, cwd, *args))
+
+
+def start_installed(site: Path, cwd: Path, *args: str, threads: int | None = None) -> subprocess.Popen:
+    """`run_installed` that returns at once, for runs that overlap; `finish` waits for it."""
     dependencies = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.update(PYTHONPATH=os.pathsep.join([str(site), *dependencies]), TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, "-S", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_the_wheel_holds_every_module_and_every_shipped_recipe(wheel):
@@ -98,6 +105,7 @@ print(json.dumps({
 
 
 def test_the_installed_package_works_without_the_checkout(installed, shapes_dir, tmp_path):
+    help_text = start_installed(installed, tmp_path, "-m", "vlkit", "--help")  # independent: it runs meanwhile
     result = run_installed(installed, tmp_path, "-c", CHECK, str(Path(shapes_dir) / "instruct_test.json"))
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
@@ -107,7 +115,7 @@ def test_the_installed_package_works_without_the_checkout(installed, shapes_dir,
     assert Path(found["demo_recipe"]).resolve() == (installed / "vlkit" / "shipped_recipes" / "tiny" / "align.yaml").resolve()
     assert found["scorer"] is True
 
-    help_text = run_installed(installed, tmp_path, "-m", "vlkit", "--help")
+    help_text = finish(help_text)
     assert help_text.returncode == 0, help_text.stderr
     for command in ("train", "chat", "export", "eval"):
         assert command in help_text.stdout
@@ -117,8 +125,10 @@ def test_the_installed_package_works_without_the_checkout(installed, shapes_dir,
 def test_train_export_chat_eval_from_the_installed_package(installed, tiny_vision_dir, tiny_llm_dir, shapes_dir,
                                                            tmp_path):
     def vlkit(*args: str) -> subprocess.CompletedProcess:
-        result = run_installed(installed, tmp_path, "-m", "vlkit", *args)
-        assert result.returncode == 0, f"vlkit {args[0]}: {result.stderr[-3000:]}"
+        return succeeded(args[0], run_installed(installed, tmp_path, "-m", "vlkit", *args))
+
+    def succeeded(command: str, result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+        assert result.returncode == 0, f"vlkit {command}: {result.stderr[-3000:]}"
         return result
 
     recipe = installed / "vlkit" / "shipped_recipes" / "tiny" / "align.yaml"
@@ -130,11 +140,16 @@ def test_train_export_chat_eval_from_the_installed_package(installed, tiny_visio
     assert (tmp_path / "exported" / "config.json").is_file()
     test_file = Path(shapes_dir) / "instruct_test.json"
     image = Path(shapes_dir) / json.loads(test_file.read_text())[0]["image"]
-    chat = vlkit("chat", "exported", "--image", str(image), "--prompt", "What colour is the shape?",
-                 "--max-new-tokens", "3", "--json")
+    # chat and eval both only read the export: they run at once, one thread each.
+    chat = start_installed(installed, tmp_path, "-m", "vlkit", "chat", "exported", "--image", str(image),
+                           "--prompt", "What colour is the shape?", "--max-new-tokens", "3", "--json", threads=1)
+    evaluation = start_installed(installed, tmp_path, "-m", "vlkit", "eval", "exported", "--data", str(test_file),
+                                 "--images", shapes_dir, "--out", "eval", "--max-samples", "2",
+                                 "--scorer", "data_tools.shapes_scoring:scorer_for", threads=1)
+    chat, evaluation = finish(chat), finish(evaluation)
+    succeeded("chat", chat)
+    succeeded("eval", evaluation)
     assert json.loads(chat.stdout.strip().splitlines()[-1])["new_tokens"] > 0
-    vlkit("eval", "exported", "--data", str(test_file), "--images", shapes_dir, "--out", "eval", "--max-samples", "2",
-          "--scorer", "data_tools.shapes_scoring:scorer_for")
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["questions"] > 0
 
 
