@@ -12,26 +12,59 @@ import sys
 
 import pytest
 from conftest import HANG_GUARD_S
-from train_helpers import REPO
+from train_helpers import REPO, finish
+
+# The script each test runs. The runs do not depend on one another: the `benches` fixture starts those of the
+# selected tests at once, each a process of its own as `python bench/...` is, and each test waits for its own.
+SCRIPTS = {
+    "test_train_step_bench": "train_step.py",
+    "test_generate_bench": "generate.py",
+    "test_clip_bench": "clip.py",
+    "test_gpu_bench_at_toy_size": "gpu.py",
+    "test_connector_bakeoff_at_toy_size": "connectors.py",
+    "test_data_bench": "data.py",
+}
 
 
-def run_bench(script: str, *args: str, out) -> str:
-    result = subprocess.run(
-        [sys.executable, f"bench/{script}", "--toy", "--out", str(out), *args],
-        capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
+@pytest.fixture(scope="module")
+def benches(request, tmp_path_factory, tiny_llm_dir, tiny_vision_dir, shapes_dir):
+    """script -> (its process, the --out file it was given), for the scripts of the selected tests."""
+    models = ["--llm", tiny_llm_dir, "--vision", tiny_vision_dir]
+    arguments = {
+        "train_step.py": [*models, "--data", shapes_dir],
+        "generate.py": [*models, "--no-append"],
+        "clip.py": ["--data", shapes_dir],
+        "gpu.py": ["--no-append"],
+        "connectors.py": [*models, "--data", shapes_dir],
+        "data.py": [*models, "--data", shapes_dir],
+    }
+    selected = {SCRIPTS[item.name] for item in request.session.items
+                if item.module.__name__ == __name__ and item.name in SCRIPTS}
+    # One torch thread each (the benchmarks' own default): the runs share the cores without waiting on each other.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    started = {}
+    for script in sorted(selected, key=list(arguments).index):
+        out = tmp_path_factory.mktemp(script.removesuffix(".py")) / (
+            "connectors.md" if script == "connectors.py" else "performance.md")
+        started[script] = (subprocess.Popen([sys.executable, f"bench/{script}", "--toy", "--out", str(out), *arguments[script]],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env), out)
+    yield started
+    for process, _ in started.values():  # those a failed test did not wait for
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def run_bench(benches, script: str):
+    """The script's stdout once it has exited 0, and its --out file."""
+    process, out = benches[script]
+    result = finish(process, HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return result.stdout, out
 
 
-@pytest.fixture()
-def docs(tmp_path):
-    return tmp_path / "performance.md"
-
-
-def test_train_step_bench(tiny_llm_dir, tiny_vision_dir, shapes_dir, docs):
-    out = run_bench("train_step.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=docs)
+def test_train_step_bench(benches):
+    out, docs = run_bench(benches, "train_step.py")
     for row in ("| align    | vlkit", "| align    | llava-plain", "| instruct | llava-frozen"):
         assert row in out
     assert "align: vlkit vs plain Llava loop" in out and "instruct MFU (vlkit)" in out and "goal >= 2x" in out
@@ -39,29 +72,28 @@ def test_train_step_bench(tiny_llm_dir, tiny_vision_dir, shapes_dir, docs):
     assert text.startswith("\n## Training step: vlkit vs stock Llava") and "Machine: " in text and "torch " in text
 
 
-def test_generate_bench(tiny_llm_dir, tiny_vision_dir, docs):
-    out = run_bench("generate.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--no-append", out=docs)
+def test_generate_bench(benches):
+    out, docs = run_bench(benches, "generate.py")
     assert "| first token " in out and "| decode, 4 prompts" in out and "time to first token:" in out
     assert "greedy outputs identical (1 and 4 prompts, 8 tokens): yes" in out
     assert not docs.exists()  # --no-append
 
 
-def test_clip_bench(shapes_dir, docs):
-    out = run_bench("clip.py", "--data", shapes_dir, out=docs)
+def test_clip_bench(benches):
+    out, docs = run_bench(benches, "clip.py")
     assert "| with data " in out and "| model only " in out and "CLIP stage, with data:" in out
     assert "## CLIP stage: vlkit vs plain CLIPModel loop" in docs.read_text()
 
 
-def test_gpu_bench_at_toy_size(docs):
-    out = run_bench("gpu.py", "--no-append", out=docs)
+def test_gpu_bench_at_toy_size(benches):
+    out, docs = run_bench(benches, "gpu.py")
     for variant in ("vlkit", "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
     assert "instruct MFU (vlkit)" in out and "toy, torch.float32" in out
 
 
-def test_connector_bakeoff_at_toy_size(tiny_llm_dir, tiny_vision_dir, shapes_dir, tmp_path):
-    page = tmp_path / "connectors.md"
-    run_bench("connectors.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=page)
+def test_connector_bakeoff_at_toy_size(benches):
+    _, page = run_bench(benches, "connectors.py")
     text = page.read_text()
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| connector")}
@@ -71,7 +103,7 @@ def test_connector_bakeoff_at_toy_size(tiny_llm_dir, tiny_vision_dir, shapes_dir
     assert page.with_suffix(".png").stat().st_size > 0
 
 
-def test_data_bench(tiny_llm_dir, tiny_vision_dir, shapes_dir, docs):
-    out = run_bench("data.py", "--llm", tiny_llm_dir, "--vision", tiny_vision_dir, "--data", shapes_dir, out=docs)
+def test_data_bench(benches):
+    out, docs = run_bench(benches, "data.py")
     assert "| align    |" in out and "| instruct |" in out and "instruct data path per core:" in out
     assert "## Data path: dataset + collator" in docs.read_text()
