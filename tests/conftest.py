@@ -6,6 +6,8 @@ is a small byte-level BPE trained here, with a ChatML chat template like SmolLM2
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,13 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+
+# One torch thread in the test process and, through the environment, in every process a test starts: on a
+# small machine shared with other work a second thread makes each op wait at a barrier for a preempted
+# sibling (bench/common.py measured 4.1 s against 18 s), and the toy models gain nothing from it. A thread
+# count the caller set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
