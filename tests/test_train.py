@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
-from train_helpers import REPO, align_recipe, finish, free_port, run_cli, start_cli, write_recipe
+from train_helpers import REPO, align_recipe, finish, free_port, start_cli, write_recipe
 
 from vlkit.cli import main as cli_main
 from vlkit.errors import ConfigError
@@ -128,12 +128,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,
                         logging_steps=5)
     killed = write_recipe(tmp_path / "killed.yaml", tree)
-    straight_tree = {**tree, "output_dir": str(tmp_path / "straight")}
-    # The uninterrupted run is independent of the killed one: it runs meanwhile. Every run uses one thread,
-    # so that the runs compared do the same arithmetic.
-    one_thread = {"OMP_NUM_THREADS": "1"}
-    straight = start_cli("train", write_recipe(tmp_path / "straight.yaml", straight_tree), env=one_thread)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **one_thread}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     process = subprocess.Popen([sys.executable, "-m", "vlkit", "train", killed], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json"
@@ -145,13 +140,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (tmp_path / "killed" / "run_summary.json").exists()
 
-    resumed = run_cli("train", killed, "resume=true", env=one_thread)
+    resumed = start_cli("train", killed, "resume=true")
+    # The uninterrupted run trains here meanwhile, with the thread count the processes inherit (conftest.py).
+    tree["output_dir"] = str(tmp_path / "straight")
+    assert cli_main(["train", write_recipe(tmp_path / "straight.yaml", tree)]) == 0
+    resumed = finish(resumed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
     assert summary["resumed_from"] and summary["steps"] == steps
 
-    straight = finish(straight)
-    assert straight.returncode == 0, straight.stderr[-2000:]
     a = load_file(tmp_path / "killed" / "trainable.safetensors")
     b = load_file(tmp_path / "straight" / "trainable.safetensors")
     assert a.keys() == b.keys()
