@@ -15,6 +15,9 @@ background with sensor noise. OUT_DIR is the image root of every file written:
                              else null), "count", "shape_at_left" ... "colour_at_centre" (what is at each
                              position, null where nothing is)}: labels for the linear probes
                              (python -m vlkit.probe)
+    words_{split}.jsonl      {"image", "words"}: what is at each position in one fixed layout of words
+                             ("left: small red circle. top: - - nothing. ..."), the targets of a
+                             visual_words connector's reader (vlkit.data.words)
     zeroshot_labels.json     {"classes", "templates", "prompts" (per class: its one-shape `objects` caption),
                              "heldout_classes"}
     world.json               colours, shapes, positions, held-out pairs, split sizes, seed
@@ -50,8 +53,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files;
-# 5: binding probe labels (shape and colour at each position)
-VERSION = 5
+# 5: binding probe labels (shape and colour at each position); 6: words files (visual_words)
+VERSION = 6
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -420,7 +423,21 @@ def make_example(world: World, split: str, index: int, out_dir: str | None) -> d
     probe = {"image": rel_path, "colour": single_spec and single_spec.colour, "shape": single_spec and single_spec.shape,
              "position": single_spec and single_spec.position, "count": str(len(scene.shapes))}
     probe.update(binding_labels(scene))
-    return {"clip": clip, "align": align, "instruct": instruct, "probe": probe}
+    words = {"image": rel_path, "words": layout_words(scene)}
+    return {"clip": clip, "align": align, "instruct": instruct, "probe": probe, "words": words}
+
+
+# The reading order of the words files' layout (left to right, top to bottom).
+WORDS_ORDER = ("left", "top", "centre", "bottom", "right")
+
+
+def layout_words(scene: Scene) -> str:
+    """What is at each position, in one fixed layout of words (the targets of a visual_words connector's
+    reader, vlkit.data.words): "left: small red circle. top: - - nothing. centre: ..."."""
+    at = {spec.position: spec for spec in scene.shapes}
+    parts = [f"{position}: {at[position].size} {at[position].colour} {at[position].shape}." if position in at
+             else f"{position}: - - nothing." for position in WORDS_ORDER]
+    return " ".join(parts)
 
 
 def binding_labels(scene: Scene) -> dict[str, str | None]:
@@ -484,7 +501,7 @@ def generate(
         pool.shutdown()
 
     for split, rows in records.items():
-        for kind in ("clip", "probe"):
+        for kind in ("clip", "probe", "words"):
             with open(out / f"{kind}_{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row[kind]) + "\n" for row in rows)
         for kind in ("align", "instruct"):

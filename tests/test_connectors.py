@@ -39,6 +39,9 @@ TINY = {
     "pixel_shuffle": {"type": "pixel_shuffle", "scale_factor": 2},
     "pixel_shuffle_mlp": {"type": "pixel_shuffle", "scale_factor": 2, "projection": "mlp"},
     "pixel_shuffle_3_per_block": {"type": "pixel_shuffle", "scale_factor": 2, "projection": "mlp", "tokens_per_group": 3},
+    # A fixed word, then a choice of three (one two tokens long, one empty), then of two.
+    "visual_words": {"type": "visual_words", "groups": [[[7]], [[2], [3, 4], []], [[5], [6]]], "num_patches": 16,
+                     "hidden": 16},
 }
 FIXED_OUTPUT = ["qformer", "resampler"]
 PER_PATCH = ["linear", "mlp"]
@@ -46,7 +49,9 @@ PER_PATCH = ["linear", "mlp"]
 
 def tiny(name: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return build_connector({**TINY[name], **overrides}, VISION, TEXT).eval()
+    connector = build_connector({**TINY[name], **overrides}, VISION, TEXT).eval()
+    connector.use_llm_embeddings(torch.randn(10, TEXT))  # as build_vlm does (visual_words copies rows)
+    return connector
 
 
 def test_every_registered_connector_is_covered():
@@ -81,6 +86,8 @@ def test_forward_backward(name):
         ("pixel_shuffle", {"scale_factor": 3}, 36, 4),
         ("pixel_shuffle", {"scale_factor": 3, "tokens_per_group": 4}, 9, 4),
         ("pixel_shuffle", {"scale_factor": 2, "tokens_per_group": 3}, 16, 12),
+        ("visual_words", {}, 16, 4),
+        ("visual_words", {"num_patches": 9}, 9, 4),
     ],
 )
 def test_token_counts_follow_config(name, overrides, num_patches, expected):

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlkit.compat import attention_implementation
-from vlkit.connectors.registry import build_connector, log_connector_summary
+from vlkit.connectors.registry import CONNECTORS, build_connector, connector_options, log_connector_summary
 from vlkit.errors import ConfigError
 from vlkit.feature_maps import feature_width
 from vlkit.llm import DEFAULT_LLM, load_llm
@@ -104,7 +104,11 @@ def build_vlm(
     if vision_feature_select_strategy == "full":
         patch_tokens += prefix
     vision_width = feature_width(vision_config, vision_feature_layer)  # a CNN's stages differ in width
+    kind = connector_config.get("type")
+    if kind in CONNECTORS and "num_patches" in connector_options(kind) and "num_patches" not in connector_config:
+        connector_config["num_patches"] = patch_tokens  # a reader over all patches is sized by their count
     probe = build_connector(connector_config, vision_width, text_config.hidden_size)
+    probe.use_llm_embeddings(language_model.get_input_embeddings().weight)
     image_seq_length = check_connector_fits(probe, patch_tokens, vision_width, text_config.hidden_size)
 
     config = VlkitConfig(

@@ -31,3 +31,7 @@ class Connector(nn.Module):
 
     def num_tokens(self, num_patches: int) -> int:
         raise NotImplementedError
+
+    def use_llm_embeddings(self, table: torch.Tensor) -> None:
+        """Called with the LLM's input embeddings [V, Dt] when the model is built; a connector that
+        speaks in the LLM's words (visual_words) copies the rows it needs, the others ignore it."""

@@ -315,6 +315,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
 
     plan = plan or plan_run(recipe)
+    if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
+        return train_words_stage(recipe, plan)
     started = time.time()
     output = prepare_output_dir(recipe, plan.resume_from)
     set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
@@ -352,6 +354,43 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     if trainer.is_world_process_zero():
         write_summary(recipe, plan, trainer, processor, (train_set, val_set), metrics, started)
     trainer.accelerator.wait_for_everyone()
+    return output
+
+
+def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
+    """The align stage of a visual_words connector: its reader trained on the words files, outside the
+    LLM (vlkit.train.words); the run dir written as the other stages write theirs."""
+    from transformers import set_seed
+
+    from vlkit.llm import load_tokenizer
+    from vlkit.train.checkpoint import build_manifest, save_trained
+    from vlkit.train.plots import plot_loss
+    from vlkit.train.words import fit_reader, read_words
+
+    started = time.time()
+    rows, val_rows, groups = read_words(recipe, load_tokenizer(plan.llm))
+    plan.connector = {**plan.connector, "groups": groups}
+    output = prepare_output_dir(recipe, None)
+    set_seed(recipe.train.seed)
+    model, processor = build_model(plan)
+    history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows)
+    manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, [],
+                              system_prompt=model_spec(plan).get("system_prompt"))
+    save_trained(model, output, manifest)
+    processor.save_pretrained(output / "processor")
+    plot_loss(history, output / "loss.png", title=f"{recipe.stage} (visual_words reader): {recipe.output_dir}")
+    connector = model.connector
+    summary = {
+        "stage": recipe.stage, "steps": history[-1]["step"], "samples": history[-1]["step"] * recipe.train.batch_size,
+        "train_samples_available": len(rows), "val_samples": len(val_rows),
+        "layout": {"slots": len(groups), "slots_with_a_choice": sum(len(group) > 1 for group in groups),
+                   "image_tokens": connector.num_tokens(connector.num_patches)},
+        "wall_time_s": round(time.time() - started, 1), "final_metrics": metrics, "log_history": history,
+    }
+    atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2))
+    print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, final train loss "
+          f"{metrics['train_loss']:.4f}; val: slots right {metrics.get('eval_slot_accuracy', float('nan')):.3f}, "
+          f"images with every slot right {metrics.get('eval_all_slots_right', float('nan')):.3f})")
     return output
 
 

@@ -1,0 +1,119 @@
+"""The align stage of a `visual_words` connector: its reader learns a words file's words from the frozen
+tower's features, outside the LLM (a direct loss per slot; about a minute on two CPU cores).
+
+The LLM answers from text within a few hundred steps but needs many more to learn to read an image
+token it has never seen (README, issue 18); a reader trained here gives it tokens it reads as text.
+
+Order: the layout from the train words file and the LLM's tokenizer; the model built with it; the
+tower's features of every train and val image, computed once; the reader trained with AdamW and the
+recipe's schedule, on standardised features (the standardisation is folded into its first layer
+afterwards); the run dir written as every stage writes it (manifest.json + trainable.safetensors,
+processor/, run_summary.json, loss.png), so `init_from` continues it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from vlkit.data.words import IGNORE, WordsRow, infer_layout, layout_token_ids, read_words_file, slot_targets
+from vlkit.errors import ConfigError
+
+
+@torch.no_grad()
+def tower_features(model, image_processor, rows: list[WordsRow], batch_size: int = 64, desc: str = "features") -> torch.Tensor:
+    """[rows, N, Dv] float32 features of each row's image, as the connector receives them."""
+    from vlkit.data.images import load_image
+
+    chunks = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        images = [load_image(row.image) for row in rows[start : start + batch_size]]
+        pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(model.dtype)
+        chunks.append(model.get_vision_features(pixels).float())
+    return torch.cat(chunks)
+
+
+def slot_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the slots with a choice (fixed text has one candidate) of their cross-entropy."""
+    losses = [torch.nn.functional.cross_entropy(slot, targets[:, k], ignore_index=IGNORE)
+              for k, slot in enumerate(logits) if slot.shape[1] > 1]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def slot_accuracy(connector, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Accuracy over the slots with a choice, and the share of images with every slot right."""
+    connector.eval()
+    choice = [k for k, options in enumerate(connector.options) if options > 1]
+    logits = connector.slot_logits(features)
+    predicted = torch.stack([logits[k].argmax(-1) for k in choice], dim=1)
+    wanted = targets[:, choice]
+    right = (predicted == wanted) | (wanted == IGNORE)
+    return {"slot_accuracy": round(right.float().mean().item(), 4), "all_slots_right": round(right.all(1).float().mean().item(), 4)}
+
+
+def fold_standardisation(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make `layer(x)` compute what it computed on `(x - mean) / std`."""
+    with torch.no_grad():
+        weight = layer.weight / std
+        layer.bias -= (weight * mean).sum(dim=1)
+        layer.weight.copy_(weight)
+
+
+def read_words(recipe, tokenizer) -> tuple[list[WordsRow], list[WordsRow], list[list[int]]]:
+    """(train rows, val rows, the connector's `groups`) of a recipe's words files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the visual_words align stage trains in one process (a minute on a CPU); run it without "
+                          "accelerate launch or torchrun")
+    data = recipe.data
+    rows = read_words_file(data.path(data.train_file), data.image_root_path())[: data.max_train_samples]
+    val_rows = read_words_file(data.path(data.val_file), data.image_root_path()) if data.val_file else []
+    return rows, val_rows, layout_token_ids(infer_layout(rows), tokenizer)
+
+
+def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow]) -> tuple[list[dict], dict]:
+    """Train the model's visual_words reader on the rows (train: the recipe's train section); return
+    (log history, final metrics)."""
+    from transformers import get_scheduler
+
+    model.eval()  # the tower and LLM stay as they are; only the reader trains
+    connector = model.connector
+    layout = infer_layout(rows)
+    features = tower_features(model, image_processor, rows, desc="tower features (train)")
+    targets = slot_targets(rows, layout)
+    flat = features.flatten(1)
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+    standardised = ((flat - mean) / std).view_as(features)
+
+    steps = train.max_steps or math.ceil(train.epochs * math.ceil(len(rows) / train.batch_size))
+    optimizer = torch.optim.AdamW(connector.reader.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    warmup = train.warmup_steps if train.warmup_steps is not None else math.ceil(train.warmup_ratio * steps)
+    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    generator = torch.Generator().manual_seed(train.seed)
+    history, running = [], []
+    dtype = connector.reader[0].weight.dtype
+    connector.train()
+    for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
+        batch = torch.randint(0, len(rows), (train.batch_size,), generator=generator)
+        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype)), targets[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        if train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(connector.reader.parameters(), train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        running.append(loss.item())
+        if step % train.logging_steps == 0 or step == steps:
+            history.append({"step": step, "loss": sum(running) / len(running), "learning_rate": scheduler.get_last_lr()[0]})
+            running = []
+    fold_standardisation(connector.reader[0], mean.to(dtype), std.to(dtype))
+    metrics = {"train_loss": history[-1]["loss"],
+               **{f"train_{k}": v for k, v in slot_accuracy(connector, features.to(dtype), targets).items()}}
+    if val_rows:
+        val_features = tower_features(model, image_processor, val_rows, desc="tower features (val)")
+        scores = slot_accuracy(connector, val_features.to(dtype), slot_targets(val_rows, layout))
+        metrics.update({f"eval_{k}": v for k, v in scores.items()})
+    return history, metrics
