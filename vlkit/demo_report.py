@@ -150,6 +150,13 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
     parts += ["", f"![accuracy by type, test]({_rel(out / 'eval/vqa_test/eval.png', out)})",
               f"![accuracy by type, test_heldout]({_rel(out / 'eval/vqa_test_heldout/eval.png', out)})", ""]
 
+    reader = figures.get("align", {})
+    if "eval_slot_accuracy" in reader:
+        parts += ["## The visual_words reader (align stage)", "",
+                  f"On val images, slots read right: {_fmt(reader['eval_slot_accuracy'])}; images with every slot right: "
+                  f"{_fmt(reader['eval_all_slots_right'])} (train: {_fmt(reader['train_slot_accuracy'])} / "
+                  f"{_fmt(reader['train_all_slots_right'])}). The LLM reads the image as these words.", ""]
+
     parts += ["## CLIP (stage 0)", "", "| split | zero-shot top-1 | top-5 | i2t R@1 | t2i R@1 | i2t mean rank |",
               "|---|---:|---:|---:|---:|---:|"]
     for split, metrics in figures["clip_eval"].items():

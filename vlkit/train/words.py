@@ -70,7 +70,7 @@ def read_words(recipe, tokenizer) -> tuple[list[WordsRow], list[WordsRow], list[
                           "accelerate launch or torchrun")
     data = recipe.data
     rows = read_words_file(data.path(data.train_file), data.image_root_path())[: data.max_train_samples]
-    val_rows = read_words_file(data.path(data.val_file), data.image_root_path()) if data.val_file else []
+    val_rows = read_words_file(data.path(data.val_file), data.image_root_path())[: data.max_val_samples] if data.val_file else []
     return rows, val_rows, layout_token_ids(infer_layout(rows), tokenizer)
 
 
