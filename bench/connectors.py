@@ -5,7 +5,7 @@
     python bench/connectors.py --toy --llm DIR --vision DIR --data DIR --out FILE   # tiny models (tests)
 
 Every connector gets the same vision tower, the same LLM, the same samples in the same order and
-the same steps, through vlkit's own code: the shipped recipes `recipes/tiny/align.yaml` and
+the same steps, through vlkit's own code: the shipped recipes `recipes/tiny/align_captions.yaml` and
 `recipes/tiny/instruct.yaml` with overrides (`train_vlm`), then `evaluate_vlm` on the shapes
 world's `test` split. Only `model.connector` differs.
 
@@ -63,7 +63,7 @@ def run_connector(name: str, connector: dict, args, llm: str, vision: str, data:
 
     common = [f"data.dir={data}", "data.val_file=null", "overwrite=true", "train.report_to=[]",
               f"train.batch_size={args.batch_size}", "train.save_steps=null", "train.logging_steps=4"]
-    align = load_recipe(REPO / "recipes/tiny/align.yaml", [
+    align = load_recipe(REPO / "recipes/tiny/align_captions.yaml", [
         *common, f"output_dir={workdir / name / 'align'}", f"model.vision={vision}", f"model.llm={llm}",
         f"model.connector={json.dumps(connector)}", f"train.max_steps={args.align_steps}"])
     align_dir = train_vlm(align)

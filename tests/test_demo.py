@@ -23,7 +23,7 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     size = DemoSize(
         n_train=32, n_eval=6, eval_images=4, llm=tiny_llm_dir, batch_size=4, val_samples=3, budget_minutes=600,
         clip=["train.max_steps=4", *TINY_CLIP], instruct=["train.max_steps=2"],  # the recipe sets max_steps: 3000
-        align=["train.max_steps=2", "model.connector.scale_factor=2"],  # TINY_CLIP's last map is 4 x 4, not 3 x 3
+        align=["train.max_steps=20"],  # the visual_words reader: an MLP on the tower's cached features
     )
     out = tmp_path / "demo"
     figures = run_pipeline(out, tmp_path / "shapes", size)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from train_helpers import write_recipe
 
 from data_tools.shapes import WORDS_ORDER
@@ -108,20 +109,35 @@ def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shape
     assert summary["log_history"][-1]["loss"] < summary["log_history"][0]["loss"] / 10
     assert 0 <= metrics["eval_slot_accuracy"] <= 1 and summary["val_samples"] == 5
     assert summary["layout"]["image_tokens"] == manifest["model"]["image_seq_length"]
+    assert all(name.startswith("connector.reader.") for name in load_file(align_dir / "trainable.safetensors"))
 
     instruct = {
         "stage": "instruct", "output_dir": str(tmp_path / "instruct"), "init_from": str(align_dir),
-        "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8},
+        "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8, "connector": "frozen"},
         "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
         "train": {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "report_to": []},
     }
     instruct_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+    # tune.connector: frozen kept the reader as the align stage left it; LoRA trained.
+    before, after = load_file(align_dir / "trainable.safetensors"), load_file(instruct_dir / "trainable.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert any("lora_" in name for name in after)
     model, processor = load_run(instruct_dir)
     words = model.get_input_embeddings().weight
     # The rebuilt connector speaks in the LLM's words again: its table is the LLM's embedding rows.
     first_word = model.connector.groups[0][0]
     assert torch.equal(model.connector.option_embeddings[0, : len(first_word)], words[first_word].to(torch.float32))
     assert processor.image_seq_length == manifest["model"]["image_seq_length"]
+
+
+def test_a_frozen_connector_is_for_the_instruct_stage_and_something_must_train(tmp_path, shapes_dir):
+    recipe = {"stage": "align", "output_dir": str(tmp_path / "out"), "model": {"vision": "v"},
+              "tune": {"connector": "frozen"}, "data": {"dir": shapes_dir, "train_file": "words_train.jsonl"}}
+    with pytest.raises(ConfigError, match="tune.connector: frozen is for the instruct stage"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "a.yaml", recipe)))
+    recipe.update(stage="instruct", tune={"connector": "frozen", "llm": "frozen"})
+    with pytest.raises(ConfigError, match="nothing would train"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "i.yaml", recipe)))
 
 
 def test_the_words_stage_runs_in_one_process(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, monkeypatch):

@@ -184,6 +184,8 @@ class TuneSection(StrictSection):
 
     llm: Literal["frozen", "lora", "qlora", "full"] = "frozen"
     vision: Literal["frozen", "lora", "full"] = "frozen"
+    # frozen: the instruct stage keeps the connector the align stage trained (a visual_words reader).
+    connector: Literal["trained", "frozen"] = "trained"
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)

@@ -70,7 +70,7 @@ SIZES = {
     "full": DemoSize(n_train=10000, n_eval=200, eval_images=200, budget_minutes=20,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
     "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000, targets=False,
-                     clip=["train.max_steps=150"], align=["train.max_steps=10"], instruct=["train.max_steps=12"]),
+                     clip=["train.max_steps=150"], align=["train.max_steps=300"], instruct=["train.max_steps=12"]),
 }
 
 

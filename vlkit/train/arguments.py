@@ -34,7 +34,7 @@ def dataloader_workers(requested: int | None) -> int:
 def resolve_bf16(requested: bool | str, on_cpu: bool) -> bool:
     """`train.bf16` as the Trainer takes it: `auto` is bf16 only where the hardware computes it natively.
 
-    An AVX2-only CPU (e.g. AMD Zen 3) emulates bf16: one align step of recipes/tiny/align.yaml took ~185 s
+    An AVX2-only CPU (e.g. AMD Zen 3) emulates bf16: one align step of recipes/tiny/align_captions.yaml took ~185 s
     there against 6.3 s in float32, while AVX512-BF16 cores run it ~1.8x faster than float32.
     """
     if requested == "auto":

@@ -48,7 +48,7 @@ class Plan:
         lines = [
             f"stage     {self.recipe.stage}  ->  {self.recipe.output_dir}",
             f"vision    {self.vision}  ({'LoRA' if tune.vision == 'lora' else 'frozen'})",
-            f"connector {self.connector}  (trained)",
+            f"connector {self.connector}  ({tune.connector})",
             f"llm       {self.llm}  ({tune.llm})",
             f"data      {self.recipe.data.path(self.recipe.data.train_file)}  (images: {self.recipe.data.image_root_path()})",
             f"train     {self._length()}, batch {self.recipe.train.batch_size} x {self.recipe.train.gradient_accumulation_steps}"
@@ -372,7 +372,7 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     plan.connector = {**plan.connector, "groups": groups}
     output = prepare_output_dir(recipe, None)
     set_seed(recipe.train.seed)
-    model, processor = build_model(plan)
+    model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
     history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows)
     manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, [],
                               system_prompt=model_spec(plan).get("system_prompt"))

@@ -3,7 +3,7 @@
     | stage    | vision tower        | connector | LLM                      |
     |----------|---------------------|-----------|--------------------------|
     | align    | frozen              | trained   | frozen                   |
-    | instruct | frozen / LoRA / full | trained  | LoRA / QLoRA / full      |
+    | instruct | frozen / LoRA / full | trained / frozen | LoRA / QLoRA / full / frozen |
 
 (`stage: clip` trains the towers themselves; see `vlkit.clip`.)
 """
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 # stage -> part -> the training modes a recipe may choose for it
 STAGE_TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "align": {"vision": ("frozen",), "connector": ("trained",), "llm": ("frozen",)},
-    "instruct": {"vision": ("frozen", "lora", "full"), "connector": ("trained",), "llm": ("lora", "qlora", "full", "frozen")},
+    "instruct": {"vision": ("frozen", "lora", "full"), "connector": ("trained", "frozen"),
+                 "llm": ("lora", "qlora", "full", "frozen")},
 }
 
 PARTS = ("vision_tower", "connector", "language_model")
@@ -45,14 +46,18 @@ def check_stage(recipe: VlmRecipe) -> None:
             f"stage '{recipe.stage}' keeps the vision tower {'/'.join(allowed['vision'])}, "
             f"but tune.vision is '{recipe.tune.vision}'"
         )
+    if recipe.tune.connector not in allowed["connector"]:
+        raise ConfigError(f"stage '{recipe.stage}' trains the connector; tune.connector: frozen is for the instruct stage")
+    if recipe.tune.connector == "frozen" and recipe.tune.llm == "frozen" and recipe.tune.vision == "frozen":
+        raise ConfigError("tune.connector, tune.llm and tune.vision are all frozen: nothing would train")
 
 
 def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> None:
-    """requires_grad per part: connector always; LoRA weights only; the whole LLM / tower for `full`."""
+    """requires_grad per part: the connector unless frozen; LoRA weights only; the whole LLM / tower for `full`."""
     for parameter in model.parameters():
         parameter.requires_grad = False
     for parameter in model.connector.parameters():
-        parameter.requires_grad = True
+        parameter.requires_grad = tune.connector == "trained"
     if tune.llm == "full":
         for parameter in model.language_model.parameters():
             parameter.requires_grad = True

@@ -98,7 +98,7 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
     connector.train()
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
         batch = torch.randint(0, len(rows), (train.batch_size,), generator=generator)
-        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype)), targets[batch])
+        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), targets[batch])
         optimizer.zero_grad()
         loss.backward()
         if train.max_grad_norm:
