@@ -48,19 +48,15 @@ SPLIT_FILES = ("probe_train.jsonl", ("probe_val.jsonl", "probe_test.jsonl"))  # 
 
 def read_labels(path: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """The rows of a labels file, image paths resolved against image_root (default: the file's folder)."""
+    from vlkit.data.formats import json_lines
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"probe labels file not found: {path} (JSON lines of {{\"image\": PATH, TASK: LABEL, ...}}; "
                         "python -m data_tools.shapes writes probe_{split}.jsonl)")
     root = Path(image_root) if image_root is not None else path.parent
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise DataError(f"{path}:{number}: a row needs an \"image\" path")
         labels = {task: label for task, label in row.items() if task not in ("image", "id")}

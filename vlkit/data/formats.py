@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,18 @@ def _read_json(path: Path, cache_dir: str | None) -> datasets.Dataset:
         return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as error:  # datasets wraps parse errors in several types
         raise DataError(f"cannot read {path} as JSON or JSON Lines: {error}; check the file's syntax") from None
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON Lines file; a line that is not JSON is a
+    one-line DataError naming the file and line."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
 
 
 def _first_record(path: Path) -> dict[str, Any]:

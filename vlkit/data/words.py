@@ -13,12 +13,12 @@ changes ("left:") is fixed text, and the reader chooses among the others' candid
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from vlkit.data.formats import json_lines
 from vlkit.errors import DataError
 
 IGNORE = -100  # a word the layout lacks at that slot (a val text with a word train never had): not scored
@@ -37,13 +37,7 @@ def read_words_file(path: str | Path, image_root: str | Path) -> list[WordsRow]:
         raise DataError(f"words file not found: {path} (JSON lines of {{\"image\": PATH, \"words\": TEXT}}; "
                         "python -m data_tools.shapes writes words_{split}.jsonl)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("words"), str):
             raise DataError(f"{path}:{number}: a row needs an \"image\" path and a \"words\" text")
         rows.append(WordsRow(str(Path(image_root) / row["image"]), row["words"].split()))
