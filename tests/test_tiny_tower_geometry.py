@@ -1,5 +1,5 @@
 """The shipped tiny recipes' tower geometry: its last feature map samples the image symmetrically, and
-the align connector folds that map whole.
+the align connectors read that map whole.
 
 HF's ResNet downsamples 5 times with stride-2 convolutions; on an even input each one drops the last
 row and column from its sampling grid, so the cells of the last map look up and to the left (at 64 px
@@ -50,11 +50,15 @@ def test_the_tiny_towers_last_map_samples_both_edges_alike():
     assert abs(skewed[0] + skewed[-1] - 1.0) > 0.1, skewed  # what an even input does (the former 64 px)
 
 
-def test_the_align_connector_folds_the_whole_last_map():
+def test_the_align_connectors_read_the_whole_last_map():
     model, size = shipped_tower()
-    align = load_recipe(REPO / "recipes" / "tiny" / "align.yaml")
+    captions = load_recipe(REPO / "recipes" / "tiny" / "align_captions.yaml")
     with torch.no_grad():
         side = model(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[
-            align.model.vision_feature_layer].shape[-1]
-    connector = align.model.connector
+            captions.model.vision_feature_layer].shape[-1]
+    connector = captions.model.connector
     assert connector["type"] == "pixel_shuffle" and side == connector["scale_factor"]  # one token per image
+    # The demo's visual_words reader is an MLP over every patch of the same map (its size comes from the tower).
+    words = load_recipe(REPO / "recipes" / "tiny" / "align.yaml")
+    assert words.model.connector == {"type": "visual_words"}
+    assert words.model.vision_feature_layer == captions.model.vision_feature_layer
