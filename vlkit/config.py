@@ -190,6 +190,9 @@ class TuneSection(StrictSection):
     lora_alpha: float = Field(default=32, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     lora_target_modules: list[str] | str = "all-linear"
+    # LoRA on the LLM's last N decoder layers only (None: all). The backward pass then stops at the
+    # lowest adapted layer, so a step costs less; the frozen layers below still read the image.
+    lora_layers: int | None = Field(default=None, ge=1)
     vision_lora_target_modules: list[str] | str = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
