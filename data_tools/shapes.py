@@ -7,8 +7,9 @@ Each image shows 1-3 coloured shapes (one of 5 positions, small or large) on a t
 background with sensor noise. OUT_DIR is the image root of every file written:
 
     images/{split}_{i:06d}.png
-    clip_{split}.jsonl       {"id", "image", "caption", "objects", "label" (single-shape images) | null, "labels"}
-                             ("objects": a caption naming only colour and shape, "a red circle and a blue star")
+    clip_{split}.jsonl       {"id", "image", "caption", "objects", "shapes", "label" (single-shape images) | null, "labels"}
+                             ("objects": a caption naming only colour and shape, "a red circle and a blue star";
+                             "shapes": the same without colours, "a circle and a star")
     align_{split}.json       LLaVA format, one caption turn per image
     instruct_{split}.json    LLaVA format, multi-turn Q&A; "qa" holds each answer's type and exact answer
     probe_{split}.jsonl      {"image", "colour", "shape", "position" (the one shape of single-shape images,
@@ -54,8 +55,8 @@ from tqdm import tqdm
 
 # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files;
 # 5: binding probe labels (shape and colour at each position); 6: words files (visual_words);
-# 7: words files start with the number of shapes
-VERSION = 7
+# 7: words files start with the number of shapes; 8: CLIP pairs carry `shapes` captions (no colours)
+VERSION = 8
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -293,6 +294,13 @@ def objects_caption(scene: Scene) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def shapes_caption(scene: Scene) -> str:
+    """The `objects` caption without colours ("a circle and a star"): what a greyscale copy of the image
+    shows (recipes/tiny/clip.yaml's `augment.grayscale`)."""
+    parts = [f"{_article(spec.shape)} {spec.shape}" for spec in scene.shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def class_prompt(colour: str, shape: str) -> str:
     """The zero-shot prompt of a colour x shape class: exactly the `objects` caption of an image showing
     only that shape. A text tower trained from scratch on these captions never saw template words such
@@ -399,6 +407,7 @@ def make_example(world: World, split: str, index: int, out_dir: str | None) -> d
         "image": rel_path,
         "caption": varied_caption(rng, scene),
         "objects": objects_caption(scene),
+        "shapes": shapes_caption(scene),
         "label": scene.labels[0] if single else None,
         "labels": scene.labels,
     }

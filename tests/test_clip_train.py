@@ -17,7 +17,7 @@ from transformers import AutoProcessor, CLIPModel
 from vlkit.clip.augment import Augment, color_jitter, random_resized_crop
 from vlkit.clip.evaluate import evaluate_clip, is_clip_folder, retrieval, zero_shot
 from vlkit.clip.recipe import AugmentSection, load_clip_recipe, parse_clip_recipe
-from vlkit.errors import ConfigError
+from vlkit.errors import ConfigError, DataError
 from vlkit.train.clip import train_clip
 
 COLOURS = {"red": (220, 35, 35), "green": (40, 165, 60), "blue": (40, 85, 225), "yellow": (240, 220, 30)}
@@ -200,6 +200,37 @@ def test_augmentation_is_off_by_default_and_shape_preserving():
     assert jittered.shape == image.shape and 0 <= float(jittered.min()) and float(jittered.max()) <= 1
     grey = color_jitter(image, 0.0, 0.0, 0.0)
     assert torch.equal(grey, image)
+
+
+def test_greyscale_images_get_the_colourless_caption(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from vlkit.clip.data import ClipPairDataset, read_pairs
+
+    pairs_file = write_pairs(tmp_path)
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    for row in rows:
+        row["shapes"] = "a " + row["label"].split()[1]
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    section = AugmentSection(grayscale=0.5, grayscale_caption_column="shapes")
+    dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
+    torch.manual_seed(0)
+    items = [dataset[index % 8] for index in range(64)]
+    mean, std = torch.tensor(processor.image_mean)[:, None, None], torch.tensor(processor.image_std)[:, None, None]
+    greys = 0
+    for item in items:
+        pixels = item["pixel_values"] * std + mean
+        grey = torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
+        greys += grey
+        row = rows[int(item["id"])]
+        assert item["caption"] == (row["shapes"] if grey else row["caption"])
+    assert 16 < greys < 48  # about half
+    with pytest.raises(DataError, match="has no column 'nope'"):
+        recipe = recipe_dict(tmp_path, tmp_path / "run")
+        recipe["data"]["train_file"] = "pairs.jsonl"
+        recipe["augment"] = {"grayscale": 0.5, "grayscale_caption_column": "nope"}
+        train_clip(parse_clip_recipe(recipe))
 
 
 def test_retrieval_and_zero_shot_metrics_on_known_embeddings():

@@ -42,7 +42,7 @@ def test_writes_every_file_with_the_documented_rows(data_world):
     for split, n in sizes.items():
         clip_rows = [json.loads(line) for line in (data_world / f"clip_{split}.jsonl").read_text().splitlines()]
         assert len(clip_rows) == n
-        assert set(clip_rows[0]) == {"id", "image", "caption", "objects", "label", "labels"}
+        assert set(clip_rows[0]) == {"id", "image", "caption", "objects", "shapes", "label", "labels"}
         for kind in ("align", "instruct"):
             rows = json.loads((data_world / f"{kind}_{split}.json").read_text())
             assert [r["id"] for r in rows] == [r["id"] for r in clip_rows]
@@ -53,6 +53,9 @@ def test_writes_every_file_with_the_documented_rows(data_world):
             # "objects" names each shape's colour and kind, and nothing else.
             assert row["objects"].replace(" and ", ", ").split(", ") == [
                 f"{'an' if label[0] in 'aeiou' else 'a'} {label}" for label in row["labels"]]
+            # "shapes" is the same without the colours (what a greyscale copy shows).
+            assert row["shapes"].replace(" and ", ", ").split(", ") == [
+                f"{'an' if label.split()[1][0] in 'aeiou' else 'a'} {label.split()[1]}" for label in row["labels"]]
             if row["label"]:
                 assert row["labels"] == [row["label"]]
     assert len(list((data_world / "images").glob("*.png"))) == sum(sizes.values())

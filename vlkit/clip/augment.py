@@ -72,10 +72,16 @@ class Augment:
     @property
     def enabled(self) -> bool:
         s = self.section
-        return s.random_resized_crop or s.color_jitter or s.horizontal_flip
+        return s.random_resized_crop or s.color_jitter or s.horizontal_flip or s.grayscale > 0
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def draw_grayscale(self) -> bool:
+        """Whether the next image is shown in greyscale (drawn before the caption is chosen)."""
+        return self.section.grayscale > 0 and bool(torch.rand(()) < self.section.grayscale)
+
+    def __call__(self, image: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
         s = self.section
+        if grayscale:
+            image = _luma(image).expand_as(image).clone()
         if s.random_resized_crop:
             image = random_resized_crop(image, s.crop_scale, s.crop_ratio)
         if s.horizontal_flip and bool(torch.rand(()) < 0.5):

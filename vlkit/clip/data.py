@@ -115,9 +115,11 @@ class ClipPairDataset(SkippingDataset):
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = self._image_uint8(sample["image"]).float() / 255.0
+        grayscale = self.augment is not None and self.augment.draw_grayscale()
         if self.augment is not None:
-            image = self.augment(image)
-        captions = captions_of(sample)
+            image = self.augment(image, grayscale=grayscale)
+        grey_column = self.augment.section.grayscale_caption_column if grayscale else None
+        captions = captions_of(sample, grey_column or "caption")
         caption = captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
         return {"id": sample["id"], "pixel_values": (image - self.mean) / self.std, "caption": caption}
 

@@ -83,6 +83,11 @@ class AugmentSection(StrictSection):
     contrast: float = Field(default=0.4, ge=0)
     saturation: float = Field(default=0.4, ge=0)
     horizontal_flip: bool = False  # off by default: flips swap "left" and "right" in captions
+    # The share of images shown in greyscale, each paired with its caption from `grayscale_caption_column`
+    # (a caption without colour words, such as the shapes world's `shapes` column) when that is set, else
+    # with its usual caption. Shape must then be read without colour's help.
+    grayscale: float = Field(default=0.0, ge=0, le=1)
+    grayscale_caption_column: str | None = None
 
 
 class TrainSection(BaseTrainSection):

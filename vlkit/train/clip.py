@@ -127,7 +127,16 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     pairs = read_pairs(data.path(data.train_file), data.image_column, data.caption_column)
     problems = check_pairs(pairs, data.image_root_path(), data.allow_images_outside_root)
     usable = [index for index, problem in enumerate(problems) if problem is None][: data.max_train_samples]
-    captions = [caption for row in pairs.select(usable).select_columns(["caption"]) for caption in captions_of(row)]
+    columns = ["caption"]
+    grey_column = recipe.augment.grayscale_caption_column
+    if grey_column:
+        if grey_column not in pairs.column_names:
+            raise DataError(f"augment.grayscale_caption_column: {data.train_file} has no column '{grey_column}' "
+                            f"(columns: {pairs.column_names})")
+        columns.append(grey_column)
+    # The tokenizer learns every caption it will be given, greyscale images' included.
+    captions = [caption for row in pairs.select(usable).select_columns(columns)
+                for column in columns for caption in captions_of(row, column)]
     labels_file = _labels_file(recipe)
     tokenizer = build_tokenizer(recipe, captions, _zero_shot_texts(labels_file))
     clip = build_clip_model(recipe, tokenizer)
