@@ -280,10 +280,15 @@ def _plural(shape: str) -> str:
     return PLURALS.get(shape, shape + "s")
 
 
+def listed(parts: list[str]) -> str:
+    """Phrases as every caption and description lists its shapes: a / a and b / a, b and c."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def canonical_description(scene: Scene) -> str:
     """The fixed one-sentence description used as the exact answer of description questions."""
     parts = [f"{_article(s.size)} {s.size} {s.colour} {s.shape} {POSITION_PHRASES[s.position][0]}" for s in scene.shapes]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = listed(parts)
     return text[0].upper() + text[1:] + "."
 
 
@@ -291,14 +296,14 @@ def objects_caption(scene: Scene) -> str:
     """Only what each shape is: in a contrastive batch, position, size and background already tell most
     images apart, so captions that name them let a tower skip learning shapes."""
     parts = [class_prompt(spec.colour, spec.shape) for spec in scene.shapes]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return listed(parts)
 
 
 def shapes_caption(scene: Scene) -> str:
     """The `objects` caption without colours ("a circle and a star"): what a greyscale copy of the image
-    shows (recipes/tiny/clip.yaml's `augment.grayscale`)."""
+    shows (a CLIP recipe's `augment.grayscale_caption_column: shapes`)."""
     parts = [f"{_article(spec.shape)} {spec.shape}" for spec in scene.shapes]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return listed(parts)
 
 
 def class_prompt(colour: str, shape: str) -> str:
@@ -321,7 +326,7 @@ def varied_caption(rng: np.random.Generator, scene: Scene) -> str:
             words.insert(0, _pick(rng, SIZE_WORDS[spec.size]))
         noun = " ".join(words)
         parts.append(f"{_article(noun)} {noun} {_pick(rng, POSITION_PHRASES[spec.position])}")
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    body = listed(parts)
     if len(parts) > 1 and rng.random() < 0.3:
         body = f"{NUMBER_WORDS[len(parts)]} shapes: {body}"
     text = _pick(rng, CAPTION_OPENERS) + body
