@@ -22,6 +22,16 @@ def is_convolutional(vision_config: PretrainedConfig) -> bool:
     return vision_config.model_type in CONVOLUTIONAL_TOWERS
 
 
+def tower_input(pixel_values: torch.Tensor, vision_config: PretrainedConfig, dtype: torch.dtype) -> torch.Tensor:
+    """pixel_values as the tower reads them fastest: its dtype, and for a CNN the channels-last layout,
+    in which oneDNN's CPU convolutions (and cuDNN's tensor-core ones) run; the weights stay as they are,
+    so saved checkpoints are unchanged (bench/clip.py measures the step)."""
+    pixel_values = pixel_values.to(dtype)
+    if is_convolutional(vision_config) and pixel_values.dim() == 4:
+        return pixel_values.contiguous(memory_format=torch.channels_last)
+    return pixel_values
+
+
 def feature_width(vision_config: PretrainedConfig, layer: int) -> int:
     """Width of the tower's hidden_states[layer]: a ViT's hidden_size, a CNN stage's channels."""
     if not is_convolutional(vision_config):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vlkit.data.images import load_image
 from vlkit.errors import ImageError
-from vlkit.feature_maps import as_tokens
+from vlkit.feature_maps import as_tokens, tower_input
 from vlkit.llm import vlkit_home
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ def tower_features(
     tower: torch.nn.Module, pixel_values: torch.Tensor, feature_layer: int, select_strategy: str, num_prefix_tokens: int
 ) -> torch.Tensor:
     """The tower's patch features [I, N, Dv], selected exactly as `VlkitForConditionalGeneration.get_vision_features`."""
-    dtype = next(tower.parameters()).dtype
-    hidden = tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True).hidden_states[feature_layer]
+    pixels = tower_input(pixel_values, tower.config, next(tower.parameters()).dtype)
+    hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
     hidden = as_tokens(hidden)  # a CNN's feature map [I, C, h, w] -> h*w tokens
     return hidden[:, num_prefix_tokens:] if select_strategy == "default" else hidden
 

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlkit.compat import cache_argument, cache_keyword, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
-from vlkit.feature_maps import as_tokens, feature_width
+from vlkit.feature_maps import as_tokens, feature_width, tower_input
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
     # --- images ---------------------------------------------------------------------------------
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch features the connector consumes: [I, 3, H, W] -> [I, N, Dv]."""
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        outputs = self.vision_tower(pixel_values=pixel_values.to(tower_dtype), output_hidden_states=True)
+        pixels = tower_input(pixel_values, self.vision_tower.config, next(self.vision_tower.parameters()).dtype)
+        outputs = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
         features = as_tokens(outputs.hidden_states[self.config.vision_feature_layer])  # a CNN's map: h*w tokens
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, self.config.vision_num_prefix_tokens :]

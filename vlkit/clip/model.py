@@ -45,7 +45,7 @@ from vlkit.clip.loss import build_loss
 from vlkit.clip.recipe import ClipRecipe, TowerSection
 from vlkit.clip.tokenizer import build_word_tokenizer
 from vlkit.errors import ConfigError, ModelLoadError
-from vlkit.feature_maps import CONVOLUTIONAL_TOWERS, is_convolutional
+from vlkit.feature_maps import CONVOLUTIONAL_TOWERS, is_convolutional, tower_input
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,9 @@ def image_embeds(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Te
     A ResNet pools to [B, C, 1, 1]; flattened here, because the dual encoder's own
     `get_image_features` would project it along the wrong axis.
     """
-    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output.flatten(1))
+    vision = model.vision_model
+    pixels = tower_input(pixel_values, vision.config, pixel_values.dtype)
+    return model.visual_projection(vision(pixel_values=pixels).pooler_output.flatten(1))
 
 
 def text_embeds(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
