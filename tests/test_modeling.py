@@ -154,6 +154,38 @@ def test_logits_at_labels_only_matches_the_full_loss_and_gradients(tiny_vlm):
         model.zero_grad()
 
 
+def test_turn_weights_give_every_answer_turn_the_same_total():
+    from vlkit.modeling import turn_weights
+
+    supervised = torch.tensor([[False, True, True, False, True], [True, False, False, True, True]])
+    # Row 1 starts a new turn although row 0 ends with a supervised position.
+    assert turn_weights(supervised).tolist() == [0.5, 0.5, 1.0, 1.0, 0.5, 0.5]
+
+
+def test_the_turn_average_weighs_a_one_word_reply_like_a_long_one(tiny_vlm):
+    model, processor = tiny_vlm
+    batch = collate(processor, [
+        (conversation("Describe.", "A large red circle at the top and a small blue star.", images=1), [random_image(5)]),
+        (conversation("Colour?", "red", images=1), [random_image(6)]),
+    ])
+    model.logits_at_labels_only = True
+    try:
+        with torch.no_grad():
+            token_mean = model(**batch).loss
+            model.loss_per_turn = True
+            turn_mean = model(**batch).loss
+            # The same figure from the full logits: the mean of each turn's own mean.
+            model.logits_at_labels_only = model.loss_per_turn = False
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        per_turn = [torch.nn.functional.cross_entropy(logits[row][targets[row] != -100], targets[row][targets[row] != -100])
+                    for row in range(2)]  # one answer turn per row
+        assert torch.allclose(turn_mean, torch.stack(per_turn).mean(), atol=1e-5)
+        assert not torch.allclose(turn_mean, token_mean, atol=1e-3)  # the long reply no longer dominates
+    finally:
+        model.logits_at_labels_only = model.loss_per_turn = False
+
+
 def vlm_on(text_config) -> VlkitForConditionalGeneration:
     """A random VLM around any causal LM config (tiny CLIP tower, mlp connector)."""
     from conftest import tiny_clip_vision_config

@@ -86,6 +86,15 @@ class VlkitConfig(PretrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
+def turn_weights(supervised: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool of supervised positions -> a weight per supervised position (row-major): 1 / the length
+    of its run of consecutive supervised positions (one answer turn), so each turn weighs 1 in all."""
+    starts = supervised.clone()
+    starts[:, 1:] &= ~supervised[:, :-1]
+    turn = starts.flatten().cumsum(0)[supervised.flatten()]  # 1-based turn id of each supervised position
+    return 1.0 / torch.bincount(turn)[turn].float()
+
+
 @dataclass
 class VlkitCausalLMOutputWithPast(CausalLMOutputWithPast):
     """The LLM's own output fields (whatever transformers names them), plus the image tokens."""
@@ -137,6 +146,8 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         # Training-only: apply the LM head at supervised positions only. Off unless the training code
         # turns it on with `use_loss_at_labels()`, which first checks that the loss stays the LLM's own.
         self.logits_at_labels_only = False
+        # Training-only too (`train.loss_average: turn`): the labels-only loss averages over answer turns.
+        self.loss_per_turn = False
         self.post_init()
 
     # --- embeddings: the LLM's ------------------------------------------------------------------
@@ -305,6 +316,15 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
+        if self.loss_per_turn:
+            losses = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none")
+            weights = turn_weights(supervised)
+            loss = (losses * weights).sum() / weights.sum()
+            if num_items_in_batch is None:
+                return loss
+            # Accumulated or gathered batches: each part in proportion to its supervised tokens, as the
+            # token average weighs them (the Trainer sums the parts).
+            return loss * supervised.sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
         if num_items_in_batch is None:
             return torch.nn.functional.cross_entropy(logits, targets[supervised])
         loss = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")

@@ -335,7 +335,12 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
     pack = recipe.data.packing and packing_supported(model)
-    model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
+    labels_only = model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
+    if recipe.train.loss_average == "turn":
+        if not labels_only:
+            raise ConfigError("train.loss_average: turn needs vlkit's labels-only loss, which this LLM does not "
+                              "allow (it changes its logits after the head); use train.loss_average: token")
+        model.loss_per_turn = True
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(
