@@ -17,8 +17,8 @@ background with sensor noise. OUT_DIR is the image root of every file written:
                              position, null where nothing is)}: labels for the linear probes
                              (python -m vlkit.probe)
     words_{split}.jsonl      {"image", "words"}: how many shapes and what is at each position, in one fixed
-                             layout of words ("shapes: 2. left: small red circle. top: - - nothing. ..."), the targets of a
-                             visual_words connector's reader (vlkit.data.words)
+                             layout of words ("shapes: 2. left: small red circle at left. top: - - nothing
+                             at top. ..."), the targets of a visual_words connector's reader (vlkit.data.words)
     zeroshot_labels.json     {"classes", "templates", "prompts" (per class: its one-shape `objects` caption),
                              "heldout_classes"}
     world.json               colours, shapes, positions, held-out pairs, split sizes, seed
@@ -55,8 +55,9 @@ from tqdm import tqdm
 
 # 2: balanced count answers; 3: zero-shot prompts worded like the `objects` captions; 4: probe files;
 # 5: binding probe labels (shape and colour at each position); 6: words files (visual_words);
-# 7: words files start with the number of shapes; 8: CLIP pairs carry `shapes` captions (no colours)
-VERSION = 8
+# 7: words files start with the number of shapes; 8: CLIP pairs carry `shapes` captions (no colours);
+# 9: words files name each position after its shape too ("left: small red circle at left.")
+VERSION = 9
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -448,13 +449,19 @@ WORDS_ORDER = ("left", "top", "centre", "bottom", "right")
 
 def layout_words(scene: Scene) -> str:
     """How many shapes there are and what is at each position, in one fixed layout of words (the targets
-    of a visual_words connector's reader, vlkit.data.words): "shapes: 2. left: small red circle. top: - -
-    nothing. centre: ...". The number is read from the image like every other word: without it, an LLM
-    that reads the layout for 136 LoRA steps answered "How many shapes are there?" right 35 times of 57,
-    by counting the filled positions."""
+    of a visual_words connector's reader, vlkit.data.words): "shapes: 2. left: small red circle at left.
+    top: - - nothing at top. centre: ...".
+
+    - The number is read from the image like every other word: without it, an LLM that reads the layout
+      for 136 LoRA steps answered "How many shapes are there?" right 35 times of 57, by counting the
+      filled positions.
+    - The position comes before the shape ("What shape is on the left?" reads on from "left:") and after
+      it ("Where is the red circle?" reads on from "red circle at"): an LLM copies the words that follow
+      the ones it finds. Same recipes and machine, 200 test images: position 0.869 -> 0.972, existence
+      0.564 -> 0.968 (README, "Measured so far")."""
     at = {spec.position: spec for spec in scene.shapes}
-    parts = [f"{position}: {at[position].size} {at[position].colour} {at[position].shape}." if position in at
-             else f"{position}: - - nothing." for position in WORDS_ORDER]
+    parts = [f"{position}: {at[position].size} {at[position].colour} {at[position].shape} at {position}."
+             if position in at else f"{position}: - - nothing at {position}." for position in WORDS_ORDER]
     return " ".join([f"shapes: {len(scene.shapes)}.", *parts])
 
 

@@ -38,6 +38,7 @@ def shipped_tower(image_size: int | None = None) -> tuple[torch.nn.Module, int]:
     size = image_size or settings.pop("image_size")
     settings.pop("image_size", None)
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)  # the same random tower whichever tests ran before
     return AutoModel.from_config(config).eval(), size
 
 
@@ -50,15 +51,15 @@ def test_the_tiny_towers_last_map_samples_both_edges_alike():
     assert abs(skewed[0] + skewed[-1] - 1.0) > 0.1, skewed  # what an even input does (the former 64 px)
 
 
-def test_the_align_connectors_read_the_whole_last_map():
+def test_the_align_connectors_read_the_maps_their_comments_name():
     model, size = shipped_tower()
-    captions = load_recipe(REPO / "recipes" / "tiny" / "align_captions.yaml")
     with torch.no_grad():
-        side = model(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states[
-            captions.model.vision_feature_layer].shape[-1]
+        maps = model(pixel_values=torch.zeros(1, 3, size, size), output_hidden_states=True).hidden_states
+    captions = load_recipe(REPO / "recipes" / "tiny" / "align_captions.yaml")
     connector = captions.model.connector
-    assert connector["type"] == "pixel_shuffle" and side == connector["scale_factor"]  # one token per image
-    # The demo's visual_words reader is an MLP over every patch of the same map (its size comes from the tower).
+    side = maps[captions.model.vision_feature_layer].shape[-1]
+    assert connector["type"] == "pixel_shuffle" and side == connector["scale_factor"] == 3  # one token per image
+    # The demo's visual_words reader is an MLP over every patch of the finer 5 x 5 map before it.
     words = load_recipe(REPO / "recipes" / "tiny" / "align.yaml")
     assert words.model.connector == {"type": "visual_words"}
-    assert words.model.vision_feature_layer == captions.model.vision_feature_layer
+    assert maps[words.model.vision_feature_layer].shape[-2:] == (5, 5)

@@ -83,10 +83,11 @@ def test_the_shapes_world_writes_one_layout(shapes_dir):
     rows = read_words_file(f"{shapes_dir}/words_train.jsonl", shapes_dir)
     layout = infer_layout(rows)
     fixed = [words[0] for words in layout if len(words) == 1]
-    assert fixed == ["shapes:", *(f"{position}:" for position in WORDS_ORDER)]
+    # Each position is named before its shape and after it: "left: small red circle at left."
+    assert fixed == ["shapes:", *(word for position in WORDS_ORDER for word in (f"{position}:", "at", f"{position}."))]
     assert all(len(words) > 1 for words in layout if words[0] not in fixed)  # every other slot is a choice
     for row in rows:  # "shapes: N." counts the positions that hold a shape
-        assert row.words[1] == f"{len(WORDS_ORDER) - row.words.count('nothing.')}."
+        assert row.words[1] == f"{len(WORDS_ORDER) - row.words.count('nothing')}."
 
 
 def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
@@ -103,7 +104,7 @@ def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shape
         assert (align_dir / name).is_file(), name
     manifest = json.loads((align_dir / "manifest.json").read_text())
     connector = manifest["model"]["connector"]
-    assert connector["num_patches"] == 16 and len(connector["groups"]) == 2 + 4 * len(WORDS_ORDER)  # "shapes: 2." "left: small red circle."
+    assert connector["num_patches"] == 16 and len(connector["groups"]) == 2 + 6 * len(WORDS_ORDER)  # "shapes: 2." "left: small red circle at left."
     summary = json.loads((align_dir / "run_summary.json").read_text())
     metrics = summary["final_metrics"]
     # The 24 train images are learned by heart (a random tiny tower still tells them apart); the loss fell.

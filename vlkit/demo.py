@@ -67,7 +67,9 @@ class DemoSize:
 SIZES = {
     # On 2 idle AVX512-BF16 cores SmolLM2 trains (bf16) ~8 captions or ~3.5 conversations per second: ~500 captions,
     # ~2200 conversations. AVX2-only cores train in float32 (`bf16: auto`), ~2.5 captions per second.
-    "full": DemoSize(n_train=10000, n_eval=200, eval_images=200, budget_minutes=20,
+    # 30,000 train images against 10,000, same steps: CLIP zero-shot on test_heldout 0.794 -> 0.873, the
+    # reader's images with every slot right on val 0.840 -> 0.935 (README, "Measured so far").
+    "full": DemoSize(n_train=30000, n_eval=200, eval_images=200, budget_minutes=20, probe_train=1500,
                      clip=[], align=[], instruct=[]),  # the recipes as shipped
     "fast": DemoSize(n_train=1000, n_eval=50, eval_images=10, batch_size=8, val_samples=8, budget_minutes=5, probe_train=1000, targets=False,
                      clip=["train.max_steps=150"], align=["train.max_steps=300"], instruct=["train.max_steps=12"]),

@@ -3,7 +3,7 @@
 
 A words file is JSON lines, one image each:
 
-    {"image": "images/train_000000.png", "words": "shapes: 1. left: - - nothing. top: small green circle. ..."}
+    {"image": "images/train_000000.png", "words": "shapes: 1. left: - - nothing at left. top: small green circle at top. ..."}
 
 Every text has the same number of words (split at whitespace). Word k of every text is slot k of the
 layout; its candidates are the distinct words the train file has there, so a slot whose word never
