@@ -160,6 +160,9 @@ def test_turn_weights_give_every_answer_turn_the_same_total():
     supervised = torch.tensor([[False, True, True, False, True], [True, False, False, True, True]])
     # Row 1 starts a new turn although row 0 ends with a supervised position.
     assert turn_weights(supervised).tolist() == [0.5, 0.5, 1.0, 1.0, 0.5, 0.5]
+    # Square averaging: a turn of n tokens weighs sqrt(n) in all.
+    four = torch.tensor([[True, True, True, True, False, True]])
+    assert turn_weights(four, power=0.5).tolist() == [0.5, 0.5, 0.5, 0.5, 1.0]
 
 
 def test_the_turn_average_weighs_a_one_word_reply_like_a_long_one(tiny_vlm):
@@ -172,18 +175,23 @@ def test_the_turn_average_weighs_a_one_word_reply_like_a_long_one(tiny_vlm):
     try:
         with torch.no_grad():
             token_mean = model(**batch).loss
-            model.loss_per_turn = True
+            model.loss_turn_power = 1.0
             turn_mean = model(**batch).loss
-            # The same figure from the full logits: the mean of each turn's own mean.
-            model.logits_at_labels_only = model.loss_per_turn = False
+            model.loss_turn_power = 0.5
+            square_mean = model(**batch).loss
+            # The same figures from the full logits: the mean of each turn's own mean, and the mean
+            # weighted by the square root of each turn's length.
+            model.logits_at_labels_only, model.loss_turn_power = False, None
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         per_turn = [torch.nn.functional.cross_entropy(logits[row][targets[row] != -100], targets[row][targets[row] != -100])
                     for row in range(2)]  # one answer turn per row
         assert torch.allclose(turn_mean, torch.stack(per_turn).mean(), atol=1e-5)
         assert not torch.allclose(turn_mean, token_mean, atol=1e-3)  # the long reply no longer dominates
+        lengths = torch.tensor([float((targets[row] != -100).sum()) for row in range(2)]).sqrt()
+        assert torch.allclose(square_mean, (torch.stack(per_turn) * lengths).sum() / lengths.sum(), atol=1e-5)
     finally:
-        model.logits_at_labels_only = model.loss_per_turn = False
+        model.logits_at_labels_only, model.loss_turn_power = False, None
 
 
 def vlm_on(text_config) -> VlkitForConditionalGeneration:

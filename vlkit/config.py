@@ -215,9 +215,10 @@ class TrainSection(BaseTrainSection):
     save_total_limit: int | None = Field(default=2, ge=1)
     eval_steps: int | None = Field(default=None, ge=1)
     gradient_checkpointing: bool = False
-    # How the LLM's loss averages: over answer tokens (the LLM's own loss), or over answer turns, so that
-    # a one-word reply weighs as much as a twenty-token description in the same batch.
-    loss_average: Literal["token", "turn"] = "token"
+    # How the LLM's loss averages: over answer tokens (the LLM's own loss); over answer turns, so that a
+    # one-word reply weighs as much as a twenty-token description in the same batch; or `square`
+    # (InternVL 2.5's square averaging), each turn weighing the square root of its length.
+    loss_average: Literal["token", "turn", "square"] = "token"
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
 
 

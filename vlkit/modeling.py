@@ -86,13 +86,14 @@ class VlkitConfig(PretrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
-def turn_weights(supervised: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool of supervised positions -> a weight per supervised position (row-major): 1 / the length
-    of its run of consecutive supervised positions (one answer turn), so each turn weighs 1 in all."""
+def turn_weights(supervised: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """[B, T] bool of supervised positions -> a weight per supervised position (row-major): 1 / n ** power,
+    n the length of its run of consecutive supervised positions (one answer turn). Power 1: each turn
+    weighs 1 in all; 0.5 (InternVL 2.5's square averaging): a turn of n tokens weighs sqrt(n)."""
     starts = supervised.clone()
     starts[:, 1:] &= ~supervised[:, :-1]
     turn = starts.flatten().cumsum(0)[supervised.flatten()]  # 1-based turn id of each supervised position
-    return 1.0 / torch.bincount(turn)[turn].float()
+    return torch.bincount(turn)[turn].float().pow(-power)
 
 
 @dataclass
@@ -146,8 +147,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         # Training-only: apply the LM head at supervised positions only. Off unless the training code
         # turns it on with `use_loss_at_labels()`, which first checks that the loss stays the LLM's own.
         self.logits_at_labels_only = False
-        # Training-only too (`train.loss_average: turn`): the labels-only loss averages over answer turns.
-        self.loss_per_turn = False
+        # Training-only too (`train.loss_average: turn | square`): the labels-only loss weighs each answer
+        # turn's tokens by 1 / length ** this power (None: the plain token average).
+        self.loss_turn_power: float | None = None
         self.post_init()
 
     # --- embeddings: the LLM's ------------------------------------------------------------------
@@ -316,9 +318,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
-        if self.loss_per_turn:
+        if self.loss_turn_power is not None:
             losses = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none")
-            weights = turn_weights(supervised)
+            weights = turn_weights(supervised, self.loss_turn_power)
             loss = (losses * weights).sum() / weights.sum()
             if num_items_in_batch is None:
                 return loss

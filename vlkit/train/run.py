@@ -30,6 +30,8 @@ from vlkit.train.stages import STAGE_TABLE, check_stage
 logger = logging.getLogger("vlkit.train")
 
 SUMMARY = "run_summary.json"
+# train.loss_average -> the power of a turn's length its tokens are divided by (vlkit.modeling.turn_weights)
+TURN_POWERS = {"turn": 1.0, "square": 0.5}
 
 
 @dataclass
@@ -336,11 +338,11 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
     pack = recipe.data.packing and packing_supported(model)
     labels_only = model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
-    if recipe.train.loss_average == "turn":
+    if recipe.train.loss_average != "token":
         if not labels_only:
-            raise ConfigError("train.loss_average: turn needs vlkit's labels-only loss, which this LLM does not "
-                              "allow (it changes its logits after the head); use train.loss_average: token")
-        model.loss_per_turn = True
+            raise ConfigError(f"train.loss_average: {recipe.train.loss_average} needs vlkit's labels-only loss, which "
+                              "this LLM does not allow (it changes its logits after the head); use train.loss_average: token")
+        model.loss_turn_power = TURN_POWERS[recipe.train.loss_average]
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(
