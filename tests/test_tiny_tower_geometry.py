@@ -59,7 +59,7 @@ def test_the_align_connectors_read_the_maps_their_comments_name():
     connector = captions.model.connector
     side = maps[captions.model.vision_feature_layer].shape[-1]
     assert connector["type"] == "pixel_shuffle" and side == connector["scale_factor"] == 3  # one token per image
-    # The demo's visual_words reader is an MLP over every patch of the finer 5 x 5 map before it.
+    # The demo's visual_words reader is an MLP over every patch of the finer 9 x 9 map two stages before it.
     words = load_recipe(REPO / "recipes" / "tiny" / "align.yaml")
     assert words.model.connector == {"type": "visual_words"}
-    assert maps[words.model.vision_feature_layer].shape[-2:] == (5, 5)
+    assert maps[words.model.vision_feature_layer].shape[-2:] == (9, 9)
