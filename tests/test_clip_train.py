@@ -233,6 +233,38 @@ def test_greyscale_images_get_the_colourless_caption(tmp_path):
         train_clip(parse_clip_recipe(recipe))
 
 
+def test_caption_swap_draws_the_other_column_and_keeps_the_image(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from vlkit.clip.data import ClipPairDataset, read_pairs
+
+    pairs_file = write_pairs(tmp_path)
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    for row in rows:
+        row["shapes"] = "a " + row["label"].split()[1]
+    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    plain = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor)
+    section = AugmentSection(caption_swap=0.25, caption_swap_column="shapes")
+    dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
+    torch.manual_seed(0)
+    swapped = 0
+    for index in range(160):
+        item = dataset[index % 8]
+        row = rows[int(item["id"])]
+        assert torch.equal(item["pixel_values"], plain[index % 8]["pixel_values"])  # the image is untouched
+        assert item["caption"] in (row["caption"], row["shapes"])
+        swapped += item["caption"] == row["shapes"]
+    assert 20 < swapped < 60  # about a quarter of 160
+    with pytest.raises(ConfigError, match="set augment.caption_swap_column"):
+        parse_clip_recipe({**recipe_dict(tmp_path, tmp_path / "run"), "augment": {"caption_swap": 0.3}})
+    with pytest.raises(DataError, match="caption_swap_column: pairs.jsonl has no column 'nope'"):
+        recipe = recipe_dict(tmp_path, tmp_path / "run")
+        recipe["data"]["train_file"] = "pairs.jsonl"
+        recipe["augment"] = {"caption_swap": 0.5, "caption_swap_column": "nope"}
+        train_clip(parse_clip_recipe(recipe))
+
+
 def test_retrieval_and_zero_shot_metrics_on_known_embeddings():
     eye = torch.eye(4)
     positives = torch.eye(4, dtype=torch.bool)

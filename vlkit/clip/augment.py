@@ -72,11 +72,21 @@ class Augment:
     @property
     def enabled(self) -> bool:
         s = self.section
-        return s.random_resized_crop or s.color_jitter or s.horizontal_flip or s.grayscale > 0
+        return s.random_resized_crop or s.color_jitter or s.horizontal_flip or s.grayscale > 0 or s.caption_swap > 0
 
     def draw_grayscale(self) -> bool:
         """Whether the next image is shown in greyscale (drawn before the caption is chosen)."""
         return self.section.grayscale > 0 and bool(torch.rand(()) < self.section.grayscale)
+
+    def caption_column(self, grayscale: bool) -> str | None:
+        """The column the next caption comes from, None for the usual one: the greyscale column for a
+        greyscale image, else `caption_swap_column` for a `caption_swap` share of the images."""
+        s = self.section
+        if grayscale and s.grayscale_caption_column:
+            return s.grayscale_caption_column
+        if not grayscale and s.caption_swap > 0 and bool(torch.rand(()) < s.caption_swap):
+            return s.caption_swap_column
+        return None
 
     def __call__(self, image: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
         s = self.section

@@ -118,8 +118,8 @@ class ClipPairDataset(SkippingDataset):
         grayscale = self.augment is not None and self.augment.draw_grayscale()
         if self.augment is not None:
             image = self.augment(image, grayscale=grayscale)
-        grey_column = self.augment.section.grayscale_caption_column if grayscale else None
-        captions = captions_of(sample, grey_column or "caption")
+        column = self.augment.caption_column(grayscale) if self.augment is not None else None
+        captions = captions_of(sample, column or "caption")
         caption = captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
         return {"id": sample["id"], "pixel_values": (image - self.mean) / self.std, "caption": caption}
 

@@ -88,6 +88,18 @@ class AugmentSection(StrictSection):
     # with its usual caption. Shape must then be read without colour's help.
     grayscale: float = Field(default=0.0, ge=0, le=1)
     grayscale_caption_column: str | None = None
+    # The share of the other pairs whose caption comes from `caption_swap_column` instead, the image
+    # unchanged (the shapes world's `shapes`: "a circle and a star" for a red circle and a blue star).
+    # Such a caption is told apart from the batch's other captions by shape alone, and is true of the
+    # image in any colour, so the tower cannot lean on colour to tell the shapes apart.
+    caption_swap: float = Field(default=0.0, ge=0, le=1)
+    caption_swap_column: str | None = None
+
+    @model_validator(mode="after")
+    def _swap_needs_column(self) -> AugmentSection:
+        if self.caption_swap > 0 and not self.caption_swap_column:
+            raise ValueError("caption_swap draws captions from another column; set augment.caption_swap_column")
+        return self
 
 
 class TrainSection(BaseTrainSection):

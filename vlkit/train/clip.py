@@ -128,13 +128,14 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     problems = check_pairs(pairs, data.image_root_path(), data.allow_images_outside_root)
     usable = [index for index, problem in enumerate(problems) if problem is None][: data.max_train_samples]
     columns = ["caption"]
-    grey_column = recipe.augment.grayscale_caption_column
-    if grey_column:
-        if grey_column not in pairs.column_names:
-            raise DataError(f"augment.grayscale_caption_column: {data.train_file} has no column '{grey_column}' "
-                            f"(columns: {pairs.column_names})")
-        columns.append(grey_column)
-    # The tokenizer learns every caption it will be given, greyscale images' included.
+    augment = recipe.augment
+    for key, column in (("grayscale_caption_column", augment.grayscale_caption_column),
+                        ("caption_swap_column", augment.caption_swap_column)):
+        if column and column not in pairs.column_names:
+            raise DataError(f"augment.{key}: {data.train_file} has no column '{column}' (columns: {pairs.column_names})")
+        if column and column not in columns:
+            columns.append(column)
+    # The tokenizer learns every caption it will be given, the other columns' included.
     captions = [caption for row in pairs.select(usable).select_columns(columns)
                 for column in columns for caption in captions_of(row, column)]
     labels_file = _labels_file(recipe)
