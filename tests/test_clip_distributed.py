@@ -35,17 +35,26 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=generator), torch.randn(WORLD * LOCAL_BATCH, IN_DIM, generator=generator)
 
 
-def loss_and_grads(towers, images, texts, loss_type: str, gather_with_grad: bool) -> tuple[torch.Tensor, dict]:
+# Caption keys of the global batch (vlkit.clip.loss.text_keys): copies within rank 0 (rows 0 and 3)
+# and across the ranks (rows 1 and 4), which SigLIP's same-caption positives must find wherever they are.
+KEYS = torch.tensor([10, 11, 12, 10, 11, 15, 16, 17])
+
+
+def loss_and_grads(towers, images, texts, loss_type: str, gather_with_grad: bool, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     image_embeds = F.normalize(towers["image"](images), dim=-1)
     text_embeds = F.normalize(towers["text"](texts), dim=-1)
-    loss = build_loss(loss_type, gather_with_grad)(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias)
+    loss_fn = build_loss(loss_type, gather_with_grad)
+    if keys is None:
+        loss = loss_fn(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias)
+    else:
+        loss = loss_fn(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias, keys)
     loss.backward()
     # The CLIP loss does not use the bias: its gradient is None, stored as zeros.
     grads = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for name, p in towers.named_parameters()}
     return loss.detach(), grads
 
 
-CASES = [("clip", True), ("siglip", True), ("clip", False)]  # (loss type, gather_with_grad)
+CASES = [("clip", True, False), ("siglip", True, False), ("clip", False, False), ("siglip", True, True)]  # (loss type, gather_with_grad, keys)
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -53,13 +62,14 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         images, texts = global_batch()
         local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        for loss_type, gather_with_grad in CASES:
-            loss, grads = loss_and_grads(make_towers(), images[local], texts[local], loss_type, gather_with_grad)
+        for loss_type, gather_with_grad, with_keys in CASES:
+            keys = KEYS[local] if with_keys else None
+            loss, grads = loss_and_grads(make_towers(), images[local], texts[local], loss_type, gather_with_grad, keys)
             # What DDP does to gradients (and what logging does to the loss): average over ranks.
             for tensor in [loss, *grads.values()]:
                 dist.all_reduce(tensor)
                 tensor /= WORLD
-            name = f"{loss_type}_{gather_with_grad}_rank{rank}.safetensors"
+            name = f"{loss_type}_{gather_with_grad}_{with_keys}_rank{rank}.safetensors"
             save_file({"loss": loss.reshape(1), **grads}, os.path.join(out_dir, name))
     finally:
         dist.destroy_process_group()
@@ -71,15 +81,16 @@ def two_process_results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("clip_dist")
     mp.start_processes(worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
     return {
-        case: [load_file(out / f"{case[0]}_{case[1]}_rank{rank}.safetensors") for rank in range(WORLD)] for case in CASES
+        case: [load_file(out / f"{case[0]}_{case[1]}_{case[2]}_rank{rank}.safetensors") for rank in range(WORLD)] for case in CASES
     }
 
 
-@pytest.mark.parametrize("loss_type", ["clip", "siglip"])
-def test_two_processes_equal_one_process_with_doubled_batch(two_process_results, loss_type):
+@pytest.mark.parametrize(("loss_type", "with_keys"), [("clip", False), ("siglip", False), ("siglip", True)])
+def test_two_processes_equal_one_process_with_doubled_batch(two_process_results, loss_type, with_keys):
     images, texts = global_batch()
-    expected_loss, expected_grads = loss_and_grads(make_towers(), images, texts, loss_type, gather_with_grad=True)
-    for result in two_process_results[(loss_type, True)]:
+    keys = KEYS if with_keys else None
+    expected_loss, expected_grads = loss_and_grads(make_towers(), images, texts, loss_type, True, keys)
+    for result in two_process_results[(loss_type, True, with_keys)]:
         assert torch.allclose(result["loss"][0], expected_loss, atol=1e-5), (result["loss"], expected_loss)
         for name, grad in expected_grads.items():
             assert torch.allclose(result[name], grad, atol=1e-5), name
@@ -91,7 +102,7 @@ def test_gather_without_grad_does_not_give_full_gradients(two_process_results):
     # catch a gather that silently lost its gradient.
     images, texts = global_batch()
     expected_loss, expected_grads = loss_and_grads(make_towers(), images, texts, "clip", gather_with_grad=True)
-    result = two_process_results[("clip", False)][0]
+    result = two_process_results[("clip", False, False)][0]
     assert torch.allclose(result["loss"][0], expected_loss, atol=1e-5)  # the forward is the same
     assert not torch.allclose(result["image.weight"], expected_grads["image.weight"], atol=1e-5)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.clip import modeling_clip
 
-from vlkit.clip.loss import LOGIT_SCALE_INIT, ClipLoss, SigLipLoss, build_loss, clamp_logit_scale
+from vlkit.clip.loss import LOGIT_SCALE_INIT, ClipLoss, SigLipLoss, build_loss, clamp_logit_scale, text_keys
 from vlkit.train.clip import ClipTrainer, LogitScaleClamp
 
 # transformers 5 renamed `clip_loss` to `image_text_contrastive_loss`; same function.
@@ -108,6 +108,40 @@ def test_siglip_loss_sanity():
     assert scale_p.grad is not None and bias_p.grad is not None and bias_p.grad.abs() > 0
 
 
+def test_siglip_counts_every_copy_of_a_caption_as_positive():
+    # Rows 0 and 2 carry the same caption, padded to different lengths in different batches.
+    ids = torch.tensor([[5, 6, 7, 0], [5, 8, 7, 0], [5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
+    keys = text_keys(ids, mask)
+    assert keys[0] == keys[2] != keys[1]
+    assert text_keys(torch.tensor([[5, 6, 7, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))[0] == keys[0]
+    image, text = normalised(3, 16, seed=4), normalised(3, 16, seed=5)
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-1.0)
+    logits = scale.exp() * image @ text.T + bias
+    signs = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]])
+    expected = -F.logsigmoid(signs * logits).sum() / 3
+    assert torch.allclose(SigLipLoss()(image, text, scale, bias, keys), expected, atol=1e-6)
+    assert not torch.allclose(SigLipLoss()(image, text, scale, bias), expected, atol=1e-3)
+
+
 def test_build_loss_by_name():
     assert isinstance(build_loss("clip"), ClipLoss)
     assert isinstance(build_loss("siglip", gather_with_grad=False), SigLipLoss)
+
+
+def test_contrastive_model_passes_caption_keys_to_siglip(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    from vlkit.clip.model import ContrastiveModel
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, clip.config.vision_config.image_size, clip.config.vision_config.image_size)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [1, 5, 6, 2]])  # rows 0 and 2: one caption
+    outputs = {flag: ContrastiveModel(clip, "siglip", same_caption_positive=flag).eval()(pixels, ids, torch.ones_like(ids))
+               for flag in (False, True)}
+    image, text = outputs[True].image_embeds, outputs[True].text_embeds
+    with_copies = SigLipLoss()(image, text, clip.logit_scale, torch.tensor(-10.0), text_keys(ids))
+    assert torch.allclose(outputs[True].loss, with_copies) and not torch.allclose(outputs[False].loss, with_copies)
+    # The clip loss is the same either way, so the flag does nothing there.
+    assert not ContrastiveModel(clip, "clip", same_caption_positive=True).same_caption_positive

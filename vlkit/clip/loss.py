@@ -76,13 +76,37 @@ class ClipLoss(nn.Module):
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One int64 per row, equal for rows with the same tokens [B, T] -> [B] (padding ignored), so that
+    ranks can compare captions whose batches were padded to different lengths."""
+    if attention_mask is not None:
+        input_ids = input_ids * attention_mask
+    # Fixed odd multipliers per position; int64 products wrap, which keeps the key deterministic.
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randint(1, 2**40, (input_ids.shape[1],), generator=generator, dtype=torch.int64) * 2 + 1
+    return (input_ids.long() * weights.to(input_ids.device)).sum(dim=1)
+
+
+def gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """All ranks' text keys in rank order (no gradient): [B] -> [world * B]."""
+    if not is_distributed():
+        return keys
+    gathered = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, keys.contiguous())
+    return torch.cat(gathered)
+
+
 class SigLipLoss(nn.Module):
     """SigLIP pairwise sigmoid loss (Zhai et al. 2023), local-loss variant.
 
-    forward(image_embeds[B, D], text_embeds[B, D], logit_scale, logit_bias) -> loss scalar.
+    forward(image_embeds[B, D], text_embeds[B, D], logit_scale, logit_bias, text_keys[B]?) -> loss scalar.
     Local images are scored against all gathered texts; the matching pair is +1, every other pair
     -1; the sum over pairs is divided by the local batch size, as in the paper. (The paper passes
     text blocks round a ring instead of gathering; the result is the same, the gather is simpler.)
+    With `text_keys` (`text_keys(input_ids, attention_mask)`), an image is also +1 with every other
+    copy of its caption in the batch: templated captions repeat ("a red circle"), and the paper's -1
+    would then push an image away from its own caption. (Softmax InfoNCE needs no such care: copies of
+    a caption have equal scores, and its loss is the same either way.)
     """
 
     def __init__(self, gather_with_grad: bool = True) -> None:
@@ -90,7 +114,8 @@ class SigLipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None, text_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         all_text = gather_features(text_embeds, self.gather_with_grad)  # [N*B, D]
         logits = logit_scale.exp() * image_embeds @ all_text.T  # [B, N*B]
@@ -100,6 +125,8 @@ class SigLipLoss(nn.Module):
         signs = -torch.ones_like(logits)
         columns = torch.arange(batch, device=logits.device) + _rank() * batch
         signs[torch.arange(batch, device=logits.device), columns] = 1.0
+        if text_keys is not None:
+            signs[text_keys[:, None] == gather_keys(text_keys)[None, :]] = 1.0
         return -F.logsigmoid(signs * logits).sum() / batch
 
 

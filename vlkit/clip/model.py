@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ModelOutput
 
-from vlkit.clip.loss import build_loss
+from vlkit.clip.loss import build_loss, text_keys
 from vlkit.clip.recipe import ClipRecipe, TowerSection
 from vlkit.clip.tokenizer import build_word_tokenizer
 from vlkit.errors import ConfigError, ModelLoadError
@@ -219,10 +219,12 @@ class ContrastiveModel(nn.Module):
     Computing the loss inside forward keeps the gather inside DDP's forward/backward.
     """
 
-    def __init__(self, clip: PreTrainedModel, loss_type: str = "clip", gather_with_grad: bool = True, siglip_bias_init: float = -10.0):
+    def __init__(self, clip: PreTrainedModel, loss_type: str = "clip", gather_with_grad: bool = True, siglip_bias_init: float = -10.0,
+                 same_caption_positive: bool = False):
         super().__init__()
         self.clip = clip
         self.loss_fn = build_loss(loss_type, gather_with_grad)
+        self.same_caption_positive = same_caption_positive and loss_type == "siglip"
         self.logit_bias = nn.Parameter(torch.tensor(siglip_bias_init)) if loss_type == "siglip" else None
         self.config = clip.config  # Trainer reads model.config in a few places
 
@@ -252,7 +254,10 @@ class ContrastiveModel(nn.Module):
         )
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias)
+        if self.same_caption_positive:
+            loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias, text_keys(input_ids, attention_mask))
+        else:
+            loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias)
         return ModelOutput(loss=loss, image_embeds=image, text_embeds=text)
 
 

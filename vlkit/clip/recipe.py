@@ -69,6 +69,9 @@ class LossSection(StrictSection):
     gather_with_grad: bool = True  # exact multi-process gradients (open_clip's local loss)
     logit_scale_max: float = Field(default=LOGIT_SCALE_MAX, gt=1)
     siglip_bias_init: float = -10.0
+    # siglip: an image is a positive of every copy of its caption in the batch, not a negative of the
+    # copies (templated captions such as the shapes world's repeat within a batch). clip: no effect.
+    same_caption_positive: bool = False
 
 
 class AugmentSection(StrictSection):

@@ -142,7 +142,8 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     tokenizer = build_tokenizer(recipe, captions, _zero_shot_texts(labels_file))
     clip = build_clip_model(recipe, tokenizer)
     image_processor = build_image_processor(recipe, clip.config.vision_config)
-    model = ContrastiveModel(clip, recipe.loss.type, recipe.loss.gather_with_grad, recipe.loss.siglip_bias_init)
+    model = ContrastiveModel(clip, recipe.loss.type, recipe.loss.gather_with_grad, recipe.loss.siglip_bias_init,
+                             recipe.loss.same_caption_positive)
     train_set = ClipPairDataset(
         pairs,
         data.image_root_path(),
