@@ -202,17 +202,22 @@ def test_augmentation_is_off_by_default_and_shape_preserving():
     assert torch.equal(grey, image)
 
 
-def test_greyscale_images_get_the_colourless_caption(tmp_path):
+def pairs_with_colourless_captions(tmp_path):
+    """(pairs file whose rows also carry a `shapes` caption without colours, its rows, a 32 px processor)."""
     from transformers import CLIPImageProcessor
-
-    from vlkit.clip.data import ClipPairDataset, read_pairs
 
     pairs_file = write_pairs(tmp_path)
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     for row in rows:
         row["shapes"] = "a " + row["label"].split()[1]
     pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return pairs_file, rows, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def test_greyscale_images_get_the_colourless_caption(tmp_path):
+    from vlkit.clip.data import ClipPairDataset, read_pairs
+
+    pairs_file, rows, processor = pairs_with_colourless_captions(tmp_path)
     section = AugmentSection(grayscale=0.5, grayscale_caption_column="shapes")
     dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
     torch.manual_seed(0)
@@ -234,16 +239,9 @@ def test_greyscale_images_get_the_colourless_caption(tmp_path):
 
 
 def test_caption_swap_draws_the_other_column_and_keeps_the_image(tmp_path):
-    from transformers import CLIPImageProcessor
-
     from vlkit.clip.data import ClipPairDataset, read_pairs
 
-    pairs_file = write_pairs(tmp_path)
-    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
-    for row in rows:
-        row["shapes"] = "a " + row["label"].split()[1]
-    pairs_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pairs_file, rows, processor = pairs_with_colourless_captions(tmp_path)
     plain = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor)
     section = AugmentSection(caption_swap=0.25, caption_swap_column="shapes")
     dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
