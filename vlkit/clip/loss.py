@@ -77,8 +77,8 @@ class ClipLoss(nn.Module):
 
 
 def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One int64 per row, equal for rows with the same tokens [B, T] -> [B] (padding ignored), so that
-    ranks can compare captions whose batches were padded to different lengths."""
+    """One int64 per row, equal for rows with the same tokens [B, T] -> [B] (right padding ignored, as
+    CLIP tokenizers pad), so that ranks can compare captions whose batches were padded to different lengths."""
     if attention_mask is not None:
         input_ids = input_ids * attention_mask
     # Fixed odd multipliers per position; int64 products wrap, which keeps the key deterministic.
