@@ -43,11 +43,7 @@ KEYS = torch.tensor([10, 11, 12, 10, 11, 15, 16, 17])
 def loss_and_grads(towers, images, texts, loss_type: str, gather_with_grad: bool, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     image_embeds = F.normalize(towers["image"](images), dim=-1)
     text_embeds = F.normalize(towers["text"](texts), dim=-1)
-    loss_fn = build_loss(loss_type, gather_with_grad)
-    if keys is None:
-        loss = loss_fn(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias)
-    else:
-        loss = loss_fn(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias, keys)
+    loss = build_loss(loss_type, gather_with_grad)(image_embeds, text_embeds, towers.logit_scale, towers.logit_bias, keys)
     loss.backward()
     # The CLIP loss does not use the bias: its gradient is None, stored as zeros.
     grads = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for name, p in towers.named_parameters()}

@@ -64,8 +64,11 @@ class ClipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None, text_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # text_keys is taken and unused: copies of a caption score alike, so the softmax loss is the
+        # same whichever copy is the target (SigLipLoss uses them).
         scale = logit_scale.exp()
         all_image = gather_features(image_embeds, self.gather_with_grad)  # [N*B, D]
         all_text = gather_features(text_embeds, self.gather_with_grad)  # [N*B, D]
@@ -85,15 +88,6 @@ def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = Non
     generator = torch.Generator().manual_seed(0)
     weights = torch.randint(1, 2**40, (input_ids.shape[1],), generator=generator, dtype=torch.int64) * 2 + 1
     return (input_ids.long() * weights.to(input_ids.device)).sum(dim=1)
-
-
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """All ranks' text keys in rank order (no gradient): [B] -> [world * B]."""
-    if not is_distributed():
-        return keys
-    gathered = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, keys.contiguous())
-    return torch.cat(gathered)
 
 
 class SigLipLoss(nn.Module):
@@ -126,7 +120,7 @@ class SigLipLoss(nn.Module):
         columns = torch.arange(batch, device=logits.device) + _rank() * batch
         signs[torch.arange(batch, device=logits.device), columns] = 1.0
         if text_keys is not None:
-            signs[text_keys[:, None] == gather_keys(text_keys)[None, :]] = 1.0
+            signs[text_keys[:, None] == gather_features(text_keys, with_grad=False)[None, :]] = 1.0
         return -F.logsigmoid(signs * logits).sum() / batch
 
 

@@ -254,10 +254,8 @@ class ContrastiveModel(nn.Module):
         )
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
-        if self.same_caption_positive:
-            loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias, text_keys(input_ids, attention_mask))
-        else:
-            loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias)
+        keys = text_keys(input_ids, attention_mask) if self.same_caption_positive else None
+        loss = self.loss_fn(image, text, clip.logit_scale, self.logit_bias, keys)
         return ModelOutput(loss=loss, image_embeds=image, text_embeds=text)
 
 
