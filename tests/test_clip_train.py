@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
 
-from vlkit.clip.augment import Augment, color_jitter, random_resized_crop
+from vlkit.clip.augment import Augment, color_jitter, hue_rotate, random_resized_crop
 from vlkit.clip.evaluate import evaluate_clip, is_clip_folder, retrieval, zero_shot
 from vlkit.clip.recipe import AugmentSection, load_clip_recipe, parse_clip_recipe
 from vlkit.errors import ConfigError, DataError
@@ -236,6 +236,37 @@ def test_greyscale_images_get_the_colourless_caption(tmp_path):
         recipe["data"]["train_file"] = "pairs.jsonl"
         recipe["augment"] = {"grayscale": 0.5, "grayscale_caption_column": "nope"}
         train_clip(parse_clip_recipe(recipe))
+
+
+def test_hue_rotation_turns_colours_round_the_grey_axis():
+    torch.manual_seed(0)
+    image = torch.rand(3, 5, 5) * 0.5 + 0.25  # inside the cube whatever the angle: nothing is clamped
+    # A third of a turn takes red to green, green to blue and blue to red.
+    assert torch.allclose(hue_rotate(image, 2 * math.pi / 3), image[[2, 0, 1]], atol=1e-6)
+    assert torch.allclose(hue_rotate(image, 0.0), image, atol=1e-6)
+    turned = hue_rotate(image, 1.0)
+    assert not torch.allclose(turned, image, atol=1e-2)
+    assert torch.allclose(turned.mean(0), image.mean(0), atol=1e-6)  # the grey level of every pixel is kept
+    grey = torch.rand(1, 5, 5).expand(3, -1, -1)
+    assert torch.allclose(hue_rotate(grey, 1.0), grey, atol=1e-6)
+
+
+def test_hue_rotated_images_get_the_colourless_caption(tmp_path):
+    from vlkit.clip.data import ClipPairDataset, read_pairs
+
+    pairs_file, rows, processor = pairs_with_colourless_captions(tmp_path)
+    plain = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor)
+    section = AugmentSection(hue_rotation=0.5, colourless_caption_column="shapes")
+    dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
+    torch.manual_seed(0)
+    turned = 0
+    for index in range(64):
+        item = dataset[index % 8]
+        row = rows[int(item["id"])]
+        kept = torch.allclose(item["pixel_values"], plain[index % 8]["pixel_values"], atol=1e-5)
+        turned += not kept
+        assert item["caption"] == (row["caption"] if kept else row["shapes"])
+    assert 16 < turned < 48  # about half
 
 
 def test_caption_swap_draws_the_other_column_and_keeps_the_image(tmp_path):

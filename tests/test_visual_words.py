@@ -94,7 +94,9 @@ def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shape
     align = {
         "stage": "align", "output_dir": str(tmp_path / "align"),
         "model": {"vision": tiny_vision_dir, "llm": tiny_llm_dir, "connector": {"type": "visual_words", "hidden": 64}},
-        "data": {"dir": shapes_dir, "train_file": "words_train.jsonl", "val_file": "words_val.jsonl", "max_val_samples": 5},
+        "data": {"dir": shapes_dir, "train_file": "words_train.jsonl", "val_file": "words_val.jsonl", "max_val_samples": 5,
+                 "hue_rotated_copies": 1, "colour_words": ["red", "orange", "yellow", "green", "blue", "purple", "pink",
+                                                           "brown"]},
         "train": {"batch_size": 24, "max_steps": 300, "learning_rate": 3e-3, "logging_steps": 50, "report_to": [],
                   "warmup_ratio": 0.0, "weight_decay": 0.0},
     }
@@ -152,3 +154,52 @@ def test_the_words_stage_runs_in_one_process(tmp_path, shapes_dir, tiny_vision_d
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="trains in one process"):
         train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
+
+
+class ChannelMeans:
+    """A stand-in tower whose one feature vector is the image's mean per channel."""
+
+    dtype = torch.float32
+
+    def get_vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.mean(dim=(2, 3))[:, None, :]
+
+
+def test_hue_rotated_copies_leave_the_colour_slots_unscored(shapes_dir):
+    from transformers import CLIPImageProcessor
+
+    from vlkit.train.words import colour_slots, tower_features, training_pool
+
+    rows = read_words_file(f"{shapes_dir}/words_train.jsonl", shapes_dir)
+    layout = infer_layout(rows)
+    targets = slot_targets(rows, layout)
+    colours = colour_slots(layout, ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"])
+    assert len(colours) == len(WORDS_ORDER)  # "left: small red circle at left.": one colour slot per position
+    # Equal mean and std on every channel, so the features keep hue rotation's sums.
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    model = ChannelMeans()
+    features = tower_features(model, processor, rows)
+    pool, pool_targets = training_pool(model, processor, rows, features, targets, 2, colours, seed=0)
+    assert pool.shape == (3 * len(rows), 1, 3) and pool_targets.shape == (3 * len(rows), targets.shape[1])
+    assert torch.equal(pool[: len(rows)], features) and torch.equal(pool_targets[: len(rows)], targets)
+    others = [slot for slot in range(targets.shape[1]) if slot not in colours]
+    for copy in (1, 2):
+        part = slice(copy * len(rows), (copy + 1) * len(rows))
+        assert (pool_targets[part][:, colours] == IGNORE).all()
+        assert torch.equal(pool_targets[part][:, others], targets[:, others])
+        # The copies are turned (their channels differ), and each pixel's grey level is kept (up to the
+        # clamp into [0, 1] and 8-bit rounding).
+        assert (pool[part] - features).abs().amax() > 0.02
+        assert torch.allclose(pool[part].sum(-1), features.sum(-1), atol=0.02)
+    assert not torch.equal(pool[len(rows) : 2 * len(rows)], pool[2 * len(rows) :])  # each copy draws its angles
+
+
+def test_hue_rotated_copies_need_colour_words_and_a_words_stage(tmp_path, shapes_dir):
+    recipe = {"stage": "align", "output_dir": str(tmp_path / "out"), "model": {"vision": "v"},
+              "data": {"dir": shapes_dir, "train_file": "words_train.jsonl", "hue_rotated_copies": 1}}
+    with pytest.raises(ConfigError, match="list them in data.colour_words"):
+        load_recipe(write_recipe(tmp_path / "a.yaml", recipe))
+    recipe["data"].update(train_file="align_train.json", colour_words=["red"])
+    with pytest.raises(ConfigError, match="only the align stage of a visual_words connector reads it"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "b.yaml", recipe)))

@@ -206,6 +206,19 @@ class DataSection(BaseDataSection):
     # The text every sample of a batch starts with (system turn, user header) run once per batch, when
     # that takes fewer token slots than packing (vlkit.data.prefix); same loss and gradients.
     share_prefix: bool = True
+    # visual_words align stage: this many more copies of every train image, each with its hue turned by a
+    # random angle (vlkit.clip.augment.hue_rotate). On those copies the slots whose words include one of
+    # `colour_words` are not scored, so every other slot (shape, size, count) is learnt in all hues and
+    # cannot lean on colour: the reader then names shapes of colour x shape pairs it never trained on.
+    hue_rotated_copies: int = Field(default=0, ge=0)
+    colour_words: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _copies_need_colour_words(self) -> DataSection:
+        if self.hue_rotated_copies and not self.colour_words:
+            raise ValueError("hue_rotated_copies change the colours the words name; list them in data.colour_words "
+                             "so those slots go unscored on the copies")
+        return self
 
 
 class TrainSection(BaseTrainSection):

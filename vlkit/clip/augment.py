@@ -2,7 +2,8 @@
 
 Written by hand because torchvision (which has these transforms) is not a vlkit dependency;
 the three transforms follow torchvision's definitions (RandomResizedCrop's area/ratio sampling,
-ColorJitter's brightness/contrast/saturation blends). Everything is off unless the recipe turns
+ColorJitter's brightness/contrast/saturation blends). Greyscale and hue rotation take an image's colours
+away, so they come with a caption that names none (`Augment.caption_column`). Everything is off unless the recipe turns
 it on (see `AugmentSection`).
 """
 
@@ -47,6 +48,19 @@ def _luma(image: torch.Tensor) -> torch.Tensor:
     return (image * _GREY.to(image)[:, None, None]).sum(0, keepdim=True)  # [1, H, W]
 
 
+def hue_rotation_matrix(angle: float) -> torch.Tensor:
+    """[3, 3] rotation by `angle` radians about the grey axis (1, 1, 1): greys stay grey, and every
+    colour keeps its distance from grey while its hue turns (Rodrigues' formula)."""
+    axis = torch.full((3,), 1 / math.sqrt(3))
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return torch.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def hue_rotate(image: torch.Tensor, angle: float) -> torch.Tensor:
+    """A [3, H, W] image in [0, 1] with its hue turned by `angle` radians."""
+    return torch.einsum("ij,jhw->ihw", hue_rotation_matrix(angle).to(image), image).clamp(0.0, 1.0)
+
+
 def color_jitter(image: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
     """Random brightness, contrast and saturation factors in [1 - s, 1 + s], applied in random order."""
     blends = {
@@ -72,26 +86,35 @@ class Augment:
     @property
     def enabled(self) -> bool:
         s = self.section
-        return s.random_resized_crop or s.color_jitter or s.horizontal_flip or s.grayscale > 0 or s.caption_swap > 0
+        return (s.random_resized_crop or s.color_jitter or s.horizontal_flip or s.grayscale > 0 or s.hue_rotation > 0
+                or s.caption_swap > 0)
 
-    def draw_grayscale(self) -> bool:
-        """Whether the next image is shown in greyscale (drawn before the caption is chosen)."""
-        return self.section.grayscale > 0 and bool(torch.rand(()) < self.section.grayscale)
-
-    def caption_column(self, grayscale: bool) -> str | None:
-        """The column the next caption comes from, None for the usual one: the greyscale column for a
-        greyscale image, else `caption_swap_column` for a `caption_swap` share of the images."""
+    def draw_recolour(self) -> str | None:
+        """How the next image loses its colours, drawn before its caption is chosen: "grayscale", "hue"
+        (hue turned at random) or None (kept)."""
         s = self.section
-        if grayscale and s.grayscale_caption_column:
-            return s.grayscale_caption_column
-        if not grayscale and s.caption_swap > 0 and bool(torch.rand(()) < s.caption_swap):
+        if s.grayscale > 0 and bool(torch.rand(()) < s.grayscale):
+            return "grayscale"
+        if s.hue_rotation > 0 and bool(torch.rand(()) < s.hue_rotation):
+            return "hue"
+        return None
+
+    def caption_column(self, recolour: str | None) -> str | None:
+        """The column the next caption comes from, None for the usual one: the colourless column for a
+        recoloured image, else `caption_swap_column` for a `caption_swap` share of the images."""
+        s = self.section
+        if recolour and s.colourless_caption_column:
+            return s.colourless_caption_column
+        if not recolour and s.caption_swap > 0 and bool(torch.rand(()) < s.caption_swap):
             return s.caption_swap_column
         return None
 
-    def __call__(self, image: torch.Tensor, grayscale: bool = False) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, recolour: str | None = None) -> torch.Tensor:
         s = self.section
-        if grayscale:
+        if recolour == "grayscale":
             image = _luma(image).expand_as(image).clone()
+        elif recolour == "hue":
+            image = hue_rotate(image, _uniform(0.0, 2 * math.pi))
         if s.random_resized_crop:
             image = random_resized_crop(image, s.crop_scale, s.crop_ratio)
         if s.horizontal_flip and bool(torch.rand(()) < 0.5):

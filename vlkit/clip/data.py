@@ -115,10 +115,10 @@ class ClipPairDataset(SkippingDataset):
 
     def load(self, sample: dict[str, Any]) -> dict[str, Any]:
         image = self._image_uint8(sample["image"]).float() / 255.0
-        grayscale = self.augment is not None and self.augment.draw_grayscale()
+        recolour = self.augment.draw_recolour() if self.augment is not None else None
         if self.augment is not None:
-            image = self.augment(image, grayscale=grayscale)
-        column = self.augment.caption_column(grayscale) if self.augment is not None else None
+            image = self.augment(image, recolour=recolour)
+        column = self.augment.caption_column(recolour) if self.augment is not None else None
         captions = captions_of(sample, column or "caption")
         caption = captions[int(torch.randint(len(captions), ()))] if len(captions) > 1 else captions[0]
         return {"id": sample["id"], "pixel_values": (image - self.mean) / self.std, "caption": caption}

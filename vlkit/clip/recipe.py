@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from vlkit.clip.loss import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX
 from vlkit.config import (
@@ -86,11 +86,16 @@ class AugmentSection(StrictSection):
     contrast: float = Field(default=0.4, ge=0)
     saturation: float = Field(default=0.4, ge=0)
     horizontal_flip: bool = False  # off by default: flips swap "left" and "right" in captions
-    # The share of images shown in greyscale, each paired with its caption from `grayscale_caption_column`
+    # The share of images shown in greyscale, and of the others whose hue is turned by a random angle
+    # about the grey axis (greys stay grey; every colour moves round the colour wheel, with its lightness
+    # and saturation kept). Each such image is paired with its caption from `colourless_caption_column`
     # (a caption without colour words, such as the shapes world's `shapes` column) when that is set, else
-    # with its usual caption. Shape must then be read without colour's help.
+    # with its usual caption. Shape must then be read without colour's help. The column was called
+    # `grayscale_caption_column` before hue rotation came; that name still reads.
     grayscale: float = Field(default=0.0, ge=0, le=1)
-    grayscale_caption_column: str | None = None
+    hue_rotation: float = Field(default=0.0, ge=0, le=1)
+    colourless_caption_column: str | None = Field(
+        default=None, validation_alias=AliasChoices("colourless_caption_column", "grayscale_caption_column"))
     # The share of the other pairs whose caption comes from `caption_swap_column` instead, the image
     # unchanged (the shapes world's `shapes`: "a circle and a star" for a red circle and a blue star).
     # Such a caption is told apart from the batch's other captions by shape alone, and is true of the

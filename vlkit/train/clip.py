@@ -129,7 +129,7 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     usable = [index for index, problem in enumerate(problems) if problem is None][: data.max_train_samples]
     columns = ["caption"]
     augment = recipe.augment
-    for key, column in (("grayscale_caption_column", augment.grayscale_caption_column),
+    for key, column in (("colourless_caption_column", augment.colourless_caption_column),
                         ("caption_swap_column", augment.caption_swap_column)):
         if column and column not in pairs.column_names:
             raise DataError(f"augment.{key}: {data.train_file} has no column '{column}' (columns: {pairs.column_names})")

@@ -319,6 +319,9 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     plan = plan or plan_run(recipe)
     if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
         return train_words_stage(recipe, plan)
+    if recipe.data.hue_rotated_copies:
+        raise ConfigError("data.hue_rotated_copies: only the align stage of a visual_words connector reads it (its "
+                          "reader trains on the copies); remove it from this recipe")
     started = time.time()
     output = prepare_output_dir(recipe, plan.resume_from)
     set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
@@ -380,7 +383,8 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     output = prepare_output_dir(recipe, None)
     set_seed(recipe.train.seed)
     model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
-    history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows)
+    history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows,
+                                  recipe.data.hue_rotated_copies, recipe.data.colour_words)
     manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, [],
                               system_prompt=model_spec(plan).get("system_prompt"))
     save_trained(model, output, manifest)

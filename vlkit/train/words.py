@@ -5,7 +5,8 @@ The LLM answers from text within a few hundred steps but needs many more to lear
 token it has never seen (README, issue 18); a reader trained here gives it tokens it reads as text.
 
 Order: the layout from the train words file and the LLM's tokenizer; the model built with it; the
-tower's features of every train and val image, computed once; the reader trained with AdamW and the
+tower's features of every train and val image, computed once (and of `data.hue_rotated_copies` copies of
+the train images with their hue turned, whose colour slots go unscored); the reader trained with AdamW and the
 recipe's schedule, on standardised features (the standardisation is folded into its first layer
 afterwards); the run dir written as every stage writes it (manifest.json + trainable.safetensors,
 processor/, run_summary.json, loss.png), so `init_from` continues it.
@@ -16,7 +17,9 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlkit.data.words import IGNORE, WordsRow, infer_layout, layout_token_ids, read_words_file, slot_targets
@@ -24,16 +27,36 @@ from vlkit.errors import ConfigError
 
 
 @torch.no_grad()
-def tower_features(model, image_processor, rows: list[WordsRow], batch_size: int = 64, desc: str = "features") -> torch.Tensor:
-    """[rows, N, Dv] float32 features of each row's image, as the connector receives them."""
+def tower_features(model, image_processor, rows: list[WordsRow], batch_size: int = 64, desc: str = "features",
+                   hue_seed: int | None = None) -> torch.Tensor:
+    """[rows, N, Dv] float32 features of each row's image, as the connector receives them; with `hue_seed`,
+    of each image with its hue turned by an angle drawn from a generator of that seed."""
     from vlkit.data.images import load_image
 
+    generator = torch.Generator().manual_seed(hue_seed) if hue_seed is not None else None
     chunks = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         images = [load_image(row.image) for row in rows[start : start + batch_size]]
+        if generator is not None:
+            images = [hue_rotated(image, float(torch.rand((), generator=generator)) * 2 * math.pi) for image in images]
         pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(model.dtype)
         chunks.append(model.get_vision_features(pixels).float())
     return torch.cat(chunks)
+
+
+def hue_rotated(image: Image.Image, angle: float) -> Image.Image:
+    """An RGB image with its hue turned by `angle` radians (vlkit.clip.augment.hue_rotate), back in 8 bits."""
+    from vlkit.clip.augment import hue_rotate
+
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    turned = hue_rotate(pixels, angle).permute(1, 2, 0).mul(255.0).round().to(torch.uint8).numpy()
+    return Image.fromarray(turned, mode="RGB")
+
+
+def colour_slots(layout: list[list[str]], colour_words: list[str]) -> list[int]:
+    """The slots whose candidates include a colour word: unscored on hue-rotated copies."""
+    colours = set(colour_words)
+    return [slot for slot, words in enumerate(layout) if colours & set(words)]
 
 
 def slot_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -74,9 +97,25 @@ def read_words(recipe, tokenizer) -> tuple[list[WordsRow], list[WordsRow], list[
     return rows, val_rows, layout_token_ids(infer_layout(rows), tokenizer)
 
 
-def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow]) -> tuple[list[dict], dict]:
-    """Train the model's visual_words reader on the rows (train: the recipe's train section); return
-    (log history, final metrics)."""
+def training_pool(model, image_processor, rows: list[WordsRow], features: torch.Tensor, targets: torch.Tensor,
+                  copies: int, unscored_slots: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, targets) the reader draws its batches from: the rows' own, then `copies` hue-rotated
+    copies of them whose `unscored_slots` targets are IGNORE."""
+    pool_features, pool_targets = [features], [targets]
+    for copy in range(copies):
+        pool_features.append(tower_features(model, image_processor, rows, hue_seed=seed * 1000 + copy,
+                                            desc=f"tower features (hue-rotated copy {copy + 1})"))
+        colourless = targets.clone()
+        colourless[:, unscored_slots] = IGNORE
+        pool_targets.append(colourless)
+    return torch.cat(pool_features), torch.cat(pool_targets)
+
+
+def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow],
+               hue_rotated_copies: int = 0, colour_words: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Train the model's visual_words reader on the rows (train: the recipe's train section), and on
+    `hue_rotated_copies` hue-rotated copies of them with the slots of `colour_words` unscored; return
+    (log history, final metrics, on the rows as they are)."""
     from transformers import get_scheduler
 
     model.eval()  # the tower and LLM stay as they are; only the reader trains
@@ -84,9 +123,12 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
     layout = infer_layout(rows)
     features = tower_features(model, image_processor, rows, desc="tower features (train)")
     targets = slot_targets(rows, layout)
-    flat = features.flatten(1)
+    pool, pool_targets = training_pool(model, image_processor, rows, features, targets,
+                                       hue_rotated_copies, colour_slots(layout, colour_words or []), train.seed)
+    flat = pool.flatten(1)
     mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
-    standardised = ((flat - mean) / std).view_as(features)
+    standardised = ((flat - mean) / std).view_as(pool)
+    del flat, pool  # keep only the standardised pool (0.6 GB a copy of 30,000 images)
 
     steps = train.max_steps or math.ceil(train.epochs * math.ceil(len(rows) / train.batch_size))
     optimizer = torch.optim.AdamW(connector.reader.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -97,8 +139,8 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
     dtype = connector.reader[0].weight.dtype
     connector.train()
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
-        batch = torch.randint(0, len(rows), (train.batch_size,), generator=generator)
-        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), targets[batch])
+        batch = torch.randint(0, len(standardised), (train.batch_size,), generator=generator)
+        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), pool_targets[batch])
         optimizer.zero_grad()
         loss.backward()
         if train.max_grad_norm:
