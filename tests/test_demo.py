@@ -46,6 +46,11 @@ def test_demo_pipeline_at_toy_size(tmp_path, tiny_llm_dir):
     assert len(figures["export"]["heldout_answers"]) == 3
     assert figures["export"]["format"] == "vlkit"  # stock Llava reads token-sequence towers only
     assert "| colour |" in text or "| shape |" in text
+    # What the visual_words reader reads by itself: every test_heldout image holds an unseen colour x shape pair.
+    read = figures["reader"]
+    assert read["test"]["unseen_pair_shapes"] == 0 and read["test_heldout"]["images"] == 6
+    assert read["test_heldout"]["unseen_pair_shapes"] >= 6 and 0 <= read["test_heldout"]["unseen_pair_shape_accuracy"] <= 1
+    assert "| test_heldout | 6 |" in text and "shapes of unseen colour x shape pairs" in text
     # The linear probes of the tower and the connector are in the report and in eval/probe.json.
     tasks = set(figures["probe"]["tasks"])
     assert {"colour", "shape", "position", "count"} <= tasks and {task for task in tasks if "_at_" in task}

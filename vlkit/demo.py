@@ -173,6 +173,7 @@ def run_pipeline(out: Path, data_dir: Path, size: DemoSize) -> dict[str, Any]:
     stage_started = time.time()
     figures["clip_eval"] = evaluate_clip_stage(out, data_dir)
     figures["vqa"] = evaluate_vlm_stage(out, data_dir, size)
+    figures["reader"] = reader_stage(out, data_dir)
     if size.probe_train:
         figures["probe"] = probe_stage(out, data_dir, size)
     figures["timings"]["eval"] = round(time.time() - stage_started, 1)
@@ -219,6 +220,42 @@ def evaluate_vlm_stage(out: Path, data_dir: Path, size: DemoSize) -> dict[str, A
                                       out / "eval" / f"vqa_{split}", batch_size=EVAL_BATCH, max_samples=size.eval_images,
                                       no_image_baseline=split == "test", model_name=str(out / "instruct"),
                                       scorer="data_tools.shapes_scoring:scorer_for")
+    return results
+
+
+def reader_stage(out: Path, data_dir: Path) -> dict[str, Any]:
+    """What a visual_words align run's reader reads on test and test_heldout ({} for other connectors):
+    slots and images read right, shapes read right, and the shapes of unseen colour x shape pairs."""
+    from vlkit.data.words import infer_layout, read_words_file
+    from vlkit.train.checkpoint import load_run
+    from vlkit.train.words import predicted_words
+
+    manifest = json.loads((out / "align" / "manifest.json").read_text())
+    if manifest["model"]["connector"].get("type") != "visual_words":
+        return {}
+    log("eval: the visual_words reader on test and test_heldout")
+    model, processor = load_run(out / "align")
+    layout = infer_layout(read_words_file(data_dir / "words_train.jsonl", data_dir))
+    world = json.loads((data_dir / "world.json").read_text())
+    shapes, unseen = set(world["shapes"]), {tuple(pair) for pair in world["heldout_pairs"]}
+    choice = [slot for slot, words in enumerate(layout) if len(words) > 1]
+    results = {}
+    for split in ("test", "test_heldout"):
+        rows = read_words_file(data_dir / f"words_{split}.jsonl", data_dir)
+        read = predicted_words(model, processor.image_processor, rows, layout)
+        right = [[row.words[slot] == words[slot] for slot in choice] for row, words in zip(rows, read)]
+        # A shape slot follows its colour word: "left: small red circle at left."
+        shape_slots = [((row.words[slot - 1], row.words[slot]), row.words[slot] == words[slot])
+                       for row, words in zip(rows, read) for slot in choice if row.words[slot] in shapes]
+        unseen_slots = [ok for pair, ok in shape_slots if pair in unseen]
+        results[split] = {
+            "images": len(rows),
+            "slot_accuracy": sum(map(sum, right)) / sum(map(len, right)),
+            "all_slots_right": sum(all(row) for row in right) / len(right),
+            "shape_accuracy": sum(ok for _, ok in shape_slots) / max(1, len(shape_slots)),
+            "unseen_pair_shapes": len(unseen_slots),
+            "unseen_pair_shape_accuracy": sum(unseen_slots) / len(unseen_slots) if unseen_slots else None,
+        }
     return results
 
 

@@ -156,6 +156,15 @@ def render_report(out: Path, figures: dict[str, Any], size_name: str) -> str:
                   f"On val images, slots read right: {_fmt(reader['eval_slot_accuracy'])}; images with every slot right: "
                   f"{_fmt(reader['eval_all_slots_right'])} (train: {_fmt(reader['train_slot_accuracy'])} / "
                   f"{_fmt(reader['train_all_slots_right'])}). The LLM reads the image as these words.", ""]
+    if figures.get("reader"):
+        parts += ["| split | images | slots read right | images with every slot right | shapes read right | "
+                  "shapes of unseen colour x shape pairs |", "|---|---:|---:|---:|---:|---:|"]
+        for split, read in figures["reader"].items():
+            unseen = (f"{_fmt(read['unseen_pair_shape_accuracy'])} ({read['unseen_pair_shapes']})"
+                      if read["unseen_pair_shapes"] else "-")
+            parts.append(f"| {split} | {read['images']} | {_fmt(read['slot_accuracy'])} | {_fmt(read['all_slots_right'])} | "
+                         f"{_fmt(read['shape_accuracy'])} | {unseen} |")
+        parts.append("")
 
     parts += ["## CLIP (stage 0)", "", "| split | zero-shot top-1 | top-5 | i2t R@1 | t2i R@1 | i2t mean rank |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -78,6 +78,16 @@ def slot_accuracy(connector, features: torch.Tensor, targets: torch.Tensor) -> d
     return {"slot_accuracy": round(right.float().mean().item(), 4), "all_slots_right": round(right.all(1).float().mean().item(), 4)}
 
 
+@torch.no_grad()
+def predicted_words(model, image_processor, rows: list[WordsRow], layout: list[list[str]]) -> list[list[str]]:
+    """The word the model's reader chooses at every slot of each row's image (layout: the train file's)."""
+    connector = model.connector.eval()
+    features = tower_features(model, image_processor, rows, desc="reader")
+    logits = connector.slot_logits(features.to(connector.reader[0].weight.dtype))
+    choices = torch.stack([slot.argmax(-1) for slot in logits], dim=1).tolist()
+    return [[layout[slot][index] for slot, index in enumerate(row)] for row in choices]
+
+
 def fold_standardisation(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Make `layer(x)` compute what it computed on `(x - mean) / std`."""
     with torch.no_grad():
