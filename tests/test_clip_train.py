@@ -251,37 +251,33 @@ def test_hue_rotation_turns_colours_round_the_grey_axis():
     assert torch.allclose(hue_rotate(grey, 1.0), grey, atol=1e-6)
 
 
-def test_hue_rotated_images_get_the_colourless_caption(tmp_path):
+def augmented_draws(tmp_path, section: AugmentSection, draws: int) -> list[tuple[dict, dict, torch.Tensor]]:
+    """(item, its pairs row, the item's pixels without augmentation) for `draws` draws over 8 pairs."""
     from vlkit.clip.data import ClipPairDataset, read_pairs
 
     pairs_file, rows, processor = pairs_with_colourless_captions(tmp_path)
     plain = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor)
-    section = AugmentSection(hue_rotation=0.5, colourless_caption_column="shapes")
     dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
     torch.manual_seed(0)
+    items = [dataset[index % 8] for index in range(draws)]
+    return [(item, rows[int(item["id"])], plain[index % 8]["pixel_values"]) for index, item in enumerate(items)]
+
+
+def test_hue_rotated_images_get_the_colourless_caption(tmp_path):
+    section = AugmentSection(hue_rotation=0.5, colourless_caption_column="shapes")
     turned = 0
-    for index in range(64):
-        item = dataset[index % 8]
-        row = rows[int(item["id"])]
-        kept = torch.allclose(item["pixel_values"], plain[index % 8]["pixel_values"], atol=1e-5)
+    for item, row, plain in augmented_draws(tmp_path, section, 64):
+        kept = torch.allclose(item["pixel_values"], plain, atol=1e-5)
         turned += not kept
         assert item["caption"] == (row["caption"] if kept else row["shapes"])
     assert 16 < turned < 48  # about half
 
 
 def test_caption_swap_draws_the_other_column_and_keeps_the_image(tmp_path):
-    from vlkit.clip.data import ClipPairDataset, read_pairs
-
-    pairs_file, rows, processor = pairs_with_colourless_captions(tmp_path)
-    plain = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor)
     section = AugmentSection(caption_swap=0.25, caption_swap_column="shapes")
-    dataset = ClipPairDataset(read_pairs(pairs_file), tmp_path, processor, Augment(section))
-    torch.manual_seed(0)
     swapped = 0
-    for index in range(160):
-        item = dataset[index % 8]
-        row = rows[int(item["id"])]
-        assert torch.equal(item["pixel_values"], plain[index % 8]["pixel_values"])  # the image is untouched
+    for item, row, plain in augmented_draws(tmp_path, section, 160):
+        assert torch.equal(item["pixel_values"], plain)  # the image is untouched
         assert item["caption"] in (row["caption"], row["shapes"])
         swapped += item["caption"] == row["shapes"]
     assert 20 < swapped < 60  # about a quarter of 160
