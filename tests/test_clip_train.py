@@ -323,10 +323,14 @@ def test_zero_shot_prompts_per_class_replace_the_templates(trained):
     assert torch.allclose(class_embeddings(model, tokenizer, spec["classes"][:1], spec["templates"]), ensembled[:1], atol=1e-5)
 
 
-def test_shipped_tiny_recipe_is_valid_and_keeps_augmentation_off():
+def test_shipped_tiny_recipe_is_valid_and_no_augmentation_changes_what_a_caption_says():
     recipe = load_clip_recipe(Path(__file__).parents[1] / "recipes" / "tiny" / "clip.yaml")
     assert recipe.stage == "clip" and recipe.loss.type == "clip" and recipe.loss.gather_with_grad
-    assert not Augment(recipe.augment).enabled  # colour is the label in the shapes world
+    augment = recipe.augment
+    # Colour is the label and positions are in the captions: no crops, jitter or flips; an image whose
+    # hue is turned is paired with a caption that names no colour.
+    assert not (augment.random_resized_crop or augment.color_jitter or augment.horizontal_flip)
+    assert augment.hue_rotation > 0 and augment.colourless_caption_column == "shapes"
     # The shapes world's 64 px read at 65: an odd size samples both image edges alike
     # (tests/test_tiny_tower_geometry.py).
     assert recipe.model.vision.config["image_size"] == 65
