@@ -228,7 +228,7 @@ def reader_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     slots and images read right, shapes read right, and the shapes of unseen colour x shape pairs."""
     from vlkit.data.words import infer_layout, read_words_file
     from vlkit.train.checkpoint import load_run
-    from vlkit.train.words import predicted_words
+    from vlkit.train.words import read_back
 
     manifest = json.loads((out / "align" / "manifest.json").read_text())
     if manifest["model"]["connector"].get("type") != "visual_words":
@@ -238,20 +238,17 @@ def reader_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     layout = infer_layout(read_words_file(data_dir / "words_train.jsonl", data_dir))
     world = json.loads((data_dir / "world.json").read_text())
     shapes, unseen = set(world["shapes"]), {tuple(pair) for pair in world["heldout_pairs"]}
-    choice = [slot for slot, words in enumerate(layout) if len(words) > 1]
     results = {}
     for split in ("test", "test_heldout"):
         rows = read_words_file(data_dir / f"words_{split}.jsonl", data_dir)
-        read = predicted_words(model, processor.image_processor, rows, layout)
-        right = [[row.words[slot] == words[slot] for slot in choice] for row, words in zip(rows, read)]
+        read, scores = read_back(model, processor.image_processor, rows, layout)
         # A shape slot follows its colour word: "left: small red circle at left."
         shape_slots = [((row.words[slot - 1], row.words[slot]), row.words[slot] == words[slot])
-                       for row, words in zip(rows, read) for slot in choice if row.words[slot] in shapes]
+                       for row, words in zip(rows, read) for slot in range(len(layout)) if row.words[slot] in shapes]
         unseen_slots = [ok for pair, ok in shape_slots if pair in unseen]
         results[split] = {
             "images": len(rows),
-            "slot_accuracy": sum(map(sum, right)) / sum(map(len, right)),
-            "all_slots_right": sum(all(row) for row in right) / len(right),
+            **scores,
             "shape_accuracy": sum(ok for _, ok in shape_slots) / max(1, len(shape_slots)),
             "unseen_pair_shapes": len(unseen_slots),
             "unseen_pair_shape_accuracy": sum(unseen_slots) / len(unseen_slots) if unseen_slots else None,

@@ -67,25 +67,29 @@ def slot_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def slot_accuracy(connector, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """Accuracy over the slots with a choice, and the share of images with every slot right."""
+def slot_choices(connector, features: torch.Tensor) -> torch.Tensor:
+    """[rows, slots] index of the candidate the reader chooses at every slot."""
     connector.eval()
-    choice = [k for k, options in enumerate(connector.options) if options > 1]
-    logits = connector.slot_logits(features)
-    predicted = torch.stack([logits[k].argmax(-1) for k in choice], dim=1)
+    return torch.stack([slot.argmax(-1) for slot in connector.slot_logits(features)], dim=1)
+
+
+def slot_accuracy(options: list[int], choices: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Accuracy of `slot_choices` over the slots with a choice (options: candidates per slot), and the
+    share of images with every slot right."""
+    choice = [k for k, count in enumerate(options) if count > 1]
     wanted = targets[:, choice]
-    right = (predicted == wanted) | (wanted == IGNORE)
+    right = (choices[:, choice] == wanted) | (wanted == IGNORE)
     return {"slot_accuracy": round(right.float().mean().item(), 4), "all_slots_right": round(right.all(1).float().mean().item(), 4)}
 
 
-@torch.no_grad()
-def predicted_words(model, image_processor, rows: list[WordsRow], layout: list[list[str]]) -> list[list[str]]:
-    """The word the model's reader chooses at every slot of each row's image (layout: the train file's)."""
-    connector = model.connector.eval()
+def read_back(model, image_processor, rows: list[WordsRow], layout: list[list[str]]) -> tuple[list[list[str]], dict]:
+    """(the word the model's reader chooses at every slot of each row's image, `slot_accuracy` of those
+    choices against the rows' words); layout: the train file's."""
+    connector = model.connector
     features = tower_features(model, image_processor, rows, desc="reader")
-    logits = connector.slot_logits(features.to(connector.reader[0].weight.dtype))
-    choices = torch.stack([slot.argmax(-1) for slot in logits], dim=1).tolist()
-    return [[layout[slot][index] for slot, index in enumerate(row)] for row in choices]
+    choices = slot_choices(connector, features.to(connector.reader[0].weight.dtype))
+    words = [[layout[slot][index] for slot, index in enumerate(row)] for row in choices.tolist()]
+    return words, slot_accuracy(connector.options, choices, slot_targets(rows, layout))
 
 
 def fold_standardisation(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -163,9 +167,11 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
             running = []
     fold_standardisation(connector.reader[0], mean.to(dtype), std.to(dtype))
     metrics = {"train_loss": history[-1]["loss"],
-               **{f"train_{k}": v for k, v in slot_accuracy(connector, features.to(dtype), targets).items()}}
+               **{f"train_{k}": v for k, v in slot_accuracy(connector.options, slot_choices(connector, features.to(dtype)),
+                                                            targets).items()}}
     if val_rows:
         val_features = tower_features(model, image_processor, val_rows, desc="tower features (val)")
-        scores = slot_accuracy(connector, val_features.to(dtype), slot_targets(val_rows, layout))
+        scores = slot_accuracy(connector.options, slot_choices(connector, val_features.to(dtype)),
+                               slot_targets(val_rows, layout))
         metrics.update({f"eval_{k}": v for k, v in scores.items()})
     return history, metrics
