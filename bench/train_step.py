@@ -14,6 +14,9 @@ AdamW step, on:
   while the LLM is frozen), tower run every step (the default:
   `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
 - vlkit-packed (align): the same without the shared prefix (packed rows only), to show what it buys.
+- vlkit-masked (instruct): vlkit's batch with the padding after each row's last sample restarting its
+  positions, as packing laid rows out before 2026-12-03: transformers then builds a block mask even
+  when every row holds one sample, instead of running sdpa's causal kernel. What the causal path buys.
 - Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
   batch, forward(labels)/backward, AdamW on the projector (+ LoRA via peft for instruct).
 - Llava, frozen: the same, with the tower and LLM set `requires_grad_(False)` by hand, as
@@ -59,7 +62,7 @@ def recipe_lora() -> dict[str, float]:
 
 
 LORA = recipe_lora()
-VARIANTS = ("vlkit", "vlkit-packed", "llava-plain", "llava-frozen")
+VARIANTS = ("vlkit", "vlkit-packed", "vlkit-masked", "llava-plain", "llava-frozen")
 
 
 @dataclass
@@ -76,6 +79,20 @@ class Variant:
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def restarting_padding(batch: dict, lengths: list[int]) -> dict | None:
+    """A packed batch with each row's padding restarting its positions (None: not a packed batch)."""
+    from vlkit.data.packing import pack_rows
+
+    if "position_ids" not in batch or "prefix_ids" in batch:
+        return None
+    positions = batch["position_ids"].clone()
+    capacity = positions.shape[1]
+    for row, members in enumerate(pack_rows(lengths, capacity)):
+        used = sum(lengths[i] for i in members)
+        positions[row, used:] = torch.arange(capacity - used)
+    return {**batch, "position_ids": positions}
 
 
 class Bench:
@@ -127,6 +144,7 @@ class Bench:
             "shared_prefix": prefix,
         }
         facts["packed_batch"] = packed_batch
+        facts["masked_batch"] = restarting_padding(vlkit_batch, facts["lengths"])
         return vlkit_batch, llava_batch, facts
 
     def stage(self, stage: str, names=VARIANTS) -> tuple[dict[str, Variant], dict]:
@@ -146,12 +164,14 @@ class Bench:
             if stage == "instruct":
                 lora_on_llava(llava, LORA["r"], LORA["alpha"], LORA["dropout"])  # freezes the LLM's base weights
         vlkit_batch, llava_batch, facts = self.batches(stage, cache)
-        packed_batch = facts.pop("packed_batch")
+        packed_batch, masked_batch = facts.pop("packed_batch"), facts.pop("masked_batch")
         variants = {}
         if "vlkit" in names:
             variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
         if "vlkit-packed" in names and stage == "align":
             variants["vlkit-packed"] = Variant(self.model, packed_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+        if "vlkit-masked" in names and stage == "instruct" and masked_batch is not None:
+            variants["vlkit-masked"] = Variant(self.model, masked_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
         for name, llava in twins.items():
             if name == "llava-plain":
                 params = [*llava.model.multi_modal_projector.parameters(),
@@ -226,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             if "vlkit-packed" in times:
                 lines.append(f"- {stage}: the shared prefix vs packed rows only: "
                              f"{median_ratio(times['vlkit-packed'], times['vlkit']):.2f}x")
+            if "vlkit-masked" in times:
+                lines.append(f"- {stage}: the causal kernel (no mask) vs a block mask: "
+                             f"{median_ratio(times['vlkit-masked'], times['vlkit']):.2f}x")
             if stage == "instruct":
                 lines.append(f"- instruct MFU (vlkit): {verdict(100 * mfu, 100 * MFU_GOAL, '%')}")
             parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in facts["flops"].items() if v)

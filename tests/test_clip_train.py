@@ -69,13 +69,16 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clip_run") / "run"
-    return train_clip(parse_clip_recipe(recipe_dict(data_dir, out)))
+    recipe = recipe_dict(data_dir, out)
+    recipe["train"]["profile_step"] = 2
+    return train_clip(parse_clip_recipe(recipe))
 
 
 def test_train_clip_writes_a_loadable_hf_clip_folder(trained):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
-                 "recipe.yaml", "run_summary.json", "loss.png"):
+                 "recipe.yaml", "run_summary.json", "loss.png", "profile_trace.json"):
         assert (trained / name).is_file(), name
+    assert (trained / "profile.txt").read_text().startswith("step 2: ")  # train.profile_step
     assert is_clip_folder(trained)
     summary = json.loads((trained / "run_summary.json").read_text())
     assert summary["steps"] == 3 and summary["samples"] == 24

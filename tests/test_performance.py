@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S, random_image
 from train_helpers import REPO, align_recipe, write_recipe
+from transformers.masking_utils import find_packed_sequence_indices
 
 from vlkit import build_vlm
 from vlkit.compat import set_attention_implementation
@@ -295,6 +296,40 @@ def test_packed_and_padded_batches_give_the_same_loss_and_grads(vlm, image_dir, 
                 assert any(s.shape == alone.shape and torch.allclose(alone, s, atol=1e-5) for s in segments)
     finally:
         model.logits_at_labels_only = True
+
+
+def test_packed_rows_of_one_sample_run_sdpa_causal_without_a_mask(vlm, image_dir, monkeypatch):
+    """The padding after a row's last sample continues its positions, so rows that each hold one sample
+    give transformers no restart: sdpa gets no mask (its causal kernel), and loss and grads stay the
+    padded batch's. A row holding two samples still gets its block mask."""
+    model, processor = vlm
+    set_attention_implementation(model.language_model.config, "sdpa")
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    pad = processor.tokenizer.pad_token_id
+    longest_two = sorted(items, key=lambda item: -len(item["input_ids"]))[:2]
+    one_per_row = VlkitCollator(pad, pack=True)(longest_two)
+    assert one_per_row["input_ids"].shape[0] == 2  # neither fits beside the other
+    assert find_packed_sequence_indices(one_per_row["position_ids"]) is None
+    two_in_a_row = VlkitCollator(pad, pack=True)(items)
+    assert find_packed_sequence_indices(two_in_a_row["position_ids"]) is not None
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((query.shape[-2], attn_mask is None, is_causal))
+        return sdpa(query, *args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    padded = VlkitCollator(pad)(longest_two)
+    assert_same(loss_and_grads(model, padded), loss_and_grads(model, one_per_row), atol=1e-5)
+    length = padded["input_ids"].shape[1]
+    assert one_per_row["input_ids"].shape[1] == length
+    llm_calls = [(no_mask, causal) for seq, no_mask, causal in calls if seq == length]  # not the tower's
+    layers = model.language_model.config.get_text_config().num_hidden_layers
+    assert len(llm_calls) == 2 * layers
+    assert all(not no_mask for no_mask, _ in llm_calls[:layers])  # the padded batch masks its padding
+    assert all(no_mask and causal for no_mask, causal in llm_calls[layers:])
 
 
 def test_shared_prefix_stops_before_images_answers_and_the_last_token():

@@ -46,9 +46,12 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
         "stage": "instruct", "output_dir": str(tmp_path / "instruct"), "init_from": str(align_dir),
         "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8},
         "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
-        "train": {"batch_size": 4, "max_steps": 3, "logging_steps": 1, "report_to": [], "llm_learning_rate": 5e-4},
+        "train": {"batch_size": 4, "max_steps": 3, "logging_steps": 1, "report_to": [], "llm_learning_rate": 5e-4,
+                  "profile_step": 2},
     }
     instruct_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+    profile = (instruct_dir / "profile.txt").read_text()  # train.profile_step: where step 2's time went
+    assert profile.startswith("step 2: ") and "aten::mm" in profile and (instruct_dir / "profile_trace.json").is_file()
     saved = load_file(instruct_dir / "trainable.safetensors")
     assert any("lora_" in name for name in saved) and any(name.startswith("connector.") for name in saved)
     assert all(name.startswith("connector.") or "lora_" in name for name in saved)

@@ -98,9 +98,10 @@ def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shape
                  "hue_rotated_copies": 1, "colour_words": ["red", "orange", "yellow", "green", "blue", "purple", "pink",
                                                            "brown"]},
         "train": {"batch_size": 24, "max_steps": 300, "learning_rate": 3e-3, "logging_steps": 50, "report_to": [],
-                  "warmup_ratio": 0.0, "weight_decay": 0.0},
+                  "warmup_ratio": 0.0, "weight_decay": 0.0, "profile_step": 7},
     }
     align_dir = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
+    assert (align_dir / "profile.txt").read_text().startswith("step 7: ")  # the reader's own loop profiles too
     for name in ("recipe.yaml", "manifest.json", "trainable.safetensors", "run_summary.json", "loss.png",
                  "processor/processor_config.json"):
         assert (align_dir / name).is_file(), name

@@ -140,6 +140,9 @@ class BaseTrainSection(StrictSection):
     # time of a float32 step (vlkit/train/arguments.py).
     bf16: bool | Literal["auto"] = False
     report_to: list[str] = Field(default_factory=list)  # e.g. [tensorboard]
+    # Profile this optimizer step (1-based) with torch.profiler: profile.txt (wall time, GPU busy share,
+    # top operators) and profile_trace.json (the timeline) in the output dir (vlkit/train/profile.py).
+    profile_step: int | None = Field(default=None, ge=1)
 
     @field_validator("warmup_steps", mode="before")
     @classmethod

@@ -49,7 +49,10 @@ def pack_batch(
 
     The first label of every sample is ignored: in a packed row it would be predicted from the end
     of the previous sample (padded, it is never predicted at all). Leftover space is padding with
-    its own restarting positions and ignored labels.
+    ignored labels whose positions continue the row's last sample: a row that holds one sample then
+    has no restart, and when no row has one transformers builds no mask and sdpa runs its causal
+    kernel (1.05-1.12x a LoRA instruct step on CPU, bench/train_step.py). The padding attends only to
+    tokens before it, and nothing attends to it, so the loss does not change.
     """
     rows = pack_rows([len(x) for x in ids], capacity)
     input_ids = torch.full((len(rows), capacity), pad_token_id, dtype=torch.long)
@@ -57,7 +60,7 @@ def pack_batch(
     position_ids = torch.zeros((len(rows), capacity), dtype=torch.long)
     order: list[int] = []
     for row, members in enumerate(rows):
-        start = 0
+        start = n = 0
         for index in members:
             n = len(ids[index])
             input_ids[row, start : start + n] = ids[index]
@@ -66,7 +69,7 @@ def pack_batch(
             position_ids[row, start : start + n] = torch.arange(n)
             start += n
             order.append(index)
-        position_ids[row, start:] = torch.arange(capacity - start)
+        position_ids[row, start:] = torch.arange(n, n + capacity - start)
     # use_cache=False: transformers reads restarting positions only when no cache is being built.
     return {"input_ids": input_ids, "labels": batch_labels, "position_ids": position_ids, "use_cache": False}, order
 

@@ -42,6 +42,7 @@ from vlkit.config import dump_recipe
 from vlkit.errors import DataError
 from vlkit.train.arguments import training_arguments
 from vlkit.train.plots import plot_loss
+from vlkit.train.profile import profile_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ def train_clip(recipe: ClipRecipe) -> Path:
         args=args,
         train_dataset=parts.train_set,
         data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
-        callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max)],
+        callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
+                   *profile_callbacks(recipe.train, run_dir)],
     )
     result = trainer.train()
     if not trainer.is_world_process_zero():

@@ -314,6 +314,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     from vlkit.data.collate import VlkitCollator
     from vlkit.data.packing import packing_supported
     from vlkit.train.checkpoint import build_manifest
+    from vlkit.train.profile import profile_callbacks
     from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
 
     plan = plan or plan_run(recipe)
@@ -355,7 +356,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
             else None,
         ),
         manifest=manifest, part_learning_rates=part_learning_rates(train),
-        callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size)],
+        callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size),
+                   *profile_callbacks(train, output)],
     )
     metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     if val_set is not None:
@@ -375,6 +377,7 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     from vlkit.llm import load_tokenizer
     from vlkit.train.checkpoint import build_manifest, save_trained
     from vlkit.train.plots import plot_loss
+    from vlkit.train.profile import StepProfiler
     from vlkit.train.words import fit_reader, read_words
 
     started = time.time()
@@ -383,8 +386,9 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     output = prepare_output_dir(recipe, None)
     set_seed(recipe.train.seed)
     model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
+    profiler = StepProfiler(recipe.train.profile_step, output) if recipe.train.profile_step else None
     history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows,
-                                  recipe.data.hue_rotated_copies, recipe.data.colour_words)
+                                  recipe.data.hue_rotated_copies, recipe.data.colour_words, profiler)
     manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, [],
                               system_prompt=model_spec(plan).get("system_prompt"))
     save_trained(model, output, manifest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from tqdm.auto import tqdm
 
 from vlkit.data.words import IGNORE, WordsRow, infer_layout, layout_token_ids, read_words_file, slot_targets
 from vlkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlkit.train.profile import StepProfiler
 
 
 @torch.no_grad()
@@ -126,10 +130,11 @@ def training_pool(model, image_processor, rows: list[WordsRow], features: torch.
 
 
 def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow],
-               hue_rotated_copies: int = 0, colour_words: list[str] | None = None) -> tuple[list[dict], dict]:
+               hue_rotated_copies: int = 0, colour_words: list[str] | None = None,
+               profiler: StepProfiler | None = None) -> tuple[list[dict], dict]:
     """Train the model's visual_words reader on the rows (train: the recipe's train section), and on
     `hue_rotated_copies` hue-rotated copies of them with the slots of `colour_words` unscored; return
-    (log history, final metrics, on the rows as they are)."""
+    (log history, final metrics, on the rows as they are). `profiler`: told the end of every step."""
     from transformers import get_scheduler
 
     model.eval()  # the tower and LLM stay as they are; only the reader trains
@@ -152,6 +157,8 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
     history, running = [], []
     dtype = connector.reader[0].weight.dtype
     connector.train()
+    if profiler:
+        profiler.step_ended(0)
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
         batch = torch.randint(0, len(standardised), (train.batch_size,), generator=generator)
         loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), pool_targets[batch])
@@ -165,6 +172,10 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
         if step % train.logging_steps == 0 or step == steps:
             history.append({"step": step, "loss": sum(running) / len(running), "learning_rate": scheduler.get_last_lr()[0]})
             running = []
+        if profiler:
+            profiler.step_ended(step)
+    if profiler:
+        profiler.abandon()
     fold_standardisation(connector.reader[0], mean.to(dtype), std.to(dtype))
     metrics = {"train_loss": history[-1]["loss"],
                **{f"train_{k}": v for k, v in slot_accuracy(connector.options, slot_choices(connector, features.to(dtype)),

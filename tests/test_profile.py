@@ -1,0 +1,62 @@
+"""`train.profile_step`: one step under torch.profiler, written to the run folder (vlkit/train/profile.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import torch
+
+from vlkit.train.profile import PROFILE_TABLE, PROFILE_TRACE, ProfileStepCallback, StepProfiler
+
+
+def work(step: int) -> None:
+    """Step k multiplies k times, so the profiled window's calls tell which steps it covered."""
+    x = torch.randn(16, 16)
+    for _ in range(step):
+        x = x @ x
+
+
+def test_the_profile_covers_exactly_its_step(tmp_path):
+    profiler = StepProfiler(3, tmp_path)
+    profiler.step_ended(0)
+    for step in range(1, 6):
+        work(step)
+        written = profiler.step_ended(step)
+        assert (written is not None) == (step == 3)
+    table = (tmp_path / PROFILE_TABLE).read_text()
+    assert table.startswith("step 3: ") and "s wall" in table and "aten::mm" in table
+    events = json.loads((tmp_path / PROFILE_TRACE).read_text())["traceEvents"]
+    assert sum(event.get("name") == "aten::mm" for event in events) == 3  # step 3's calls, no other step's
+
+
+def test_the_callback_profiles_from_a_resumed_step_and_writes_on_the_first_rank_only(tmp_path):
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)  # resumed at a checkpoint of step 4
+    callback = ProfileStepCallback(5, tmp_path / "rank0")
+    callback.on_train_begin(None, state, None)
+    work(5)
+    state.global_step = 5
+    callback.on_step_end(None, state, None)
+    assert (tmp_path / "rank0" / PROFILE_TABLE).read_text().startswith("step 5: ")
+
+    other_rank = SimpleNamespace(global_step=4, is_world_process_zero=False)
+    callback = ProfileStepCallback(5, tmp_path / "rank1")
+    callback.on_train_begin(None, other_rank, None)
+    other_rank.global_step = 5
+    callback.on_step_end(None, other_rank, None)
+    assert callback.profiler.done and not (tmp_path / "rank1").exists()
+
+
+def test_a_run_that_ends_before_the_step_says_so(tmp_path, caplog):
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    callback = ProfileStepCallback(9, tmp_path)
+    callback.on_train_begin(None, state, None)
+    for step in (1, 2, 3, 4, 5, 6, 7, 8):  # the window opens after step 8, and the run ends there
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+    assert callback.profiler.profiler is not None
+    with caplog.at_level(logging.WARNING, logger="vlkit.train.profile"):
+        callback.on_train_end(None, state, None)
+    assert "train.profile_step=9: the run ended at step 8" in caplog.text
+    assert callback.profiler.profiler is None and not (tmp_path / PROFILE_TABLE).exists()
