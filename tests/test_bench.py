@@ -23,6 +23,7 @@ SCRIPTS = {
     "test_gpu_bench_at_toy_size": "gpu.py",
     "test_connector_bakeoff_at_toy_size": "connectors.py",
     "test_data_bench": "data.py",
+    "test_recipes_bench_at_toy_size": "recipes.py",
 }
 
 
@@ -37,6 +38,7 @@ def benches(request, tmp_path_factory, tiny_llm_dir, tiny_vision_dir, shapes_dir
         "gpu.py": ["--no-append"],
         "connectors.py": [*models, "--data", shapes_dir],
         "data.py": [*models, "--data", shapes_dir],
+        "recipes.py": ["--llm", tiny_llm_dir, "--data", shapes_dir],  # the CLIP stage trains the tower
     }
     selected = {SCRIPTS[item.name] for item in request.session.items
                 if item.module.__name__ == __name__ and item.name in SCRIPTS}
@@ -107,3 +109,13 @@ def test_data_bench(benches):
     out, docs = run_bench(benches, "data.py")
     assert "| align    |" in out and "| instruct |" in out and "instruct data path per core:" in out
     assert "## Data path: dataset + collator" in docs.read_text()
+
+
+def test_recipes_bench_at_toy_size(benches):
+    out, docs = run_bench(benches, "recipes.py")
+    for stage in ("clip", "align", "instruct"):
+        assert f"| {stage} " in out and f"**{stage}**" in out
+    assert out.count("profile.txt") == 3 and out.count("s wall; operators") == 3  # a profile of every stage
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.splitlines() if line.startswith("| ")}
+    assert float(rows["clip"]) > 0 and float(rows["instruct"]) > 0  # steady samples/s from the Trainer stages' logs
+    assert "aten::" in out and "## Tiny recipes at GPU size" in docs.read_text()

@@ -36,6 +36,8 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
     summary = json.loads((align_dir / "run_summary.json").read_text())
     assert summary["steps"] == 5 and summary["skipped_samples"] == 0 and "eval_loss" in summary["final_metrics"]
     assert summary["val_samples"] == 3  # data.max_val_samples keeps the end-of-run loss cheap
+    rates = [entry.get("samples_per_s") for entry in summary["log_history"] if "loss" in entry]
+    assert len(rates) == 5 and all(rate > 0 for rate in rates)  # every logged step's throughput is kept
     assert sorted(p.name for p in (align_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-4", "checkpoint-5"]  # rotation keeps the last two; the final step is saved too
     # A checkpoint is megabytes-small: the trained weights, not the bases.

@@ -43,6 +43,7 @@ from vlkit.errors import DataError
 from vlkit.train.arguments import training_arguments
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import profile_callbacks
+from vlkit.train.trainer import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def train_clip(recipe: ClipRecipe) -> Path:
         train_dataset=parts.train_set,
         data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
         callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
+                   ThroughputCallback(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
                    *profile_callbacks(recipe.train, run_dir)],
     )
     result = trainer.train()

@@ -112,12 +112,16 @@ class VlkitTrainer(Trainer):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds samples/s to every log line, so the progress bar and TensorBoard show it."""
+    """Adds samples/s to every log line, so the progress bar, TensorBoard and the run's log history
+    (run_summary.json) show it."""
 
     def __init__(self, samples_per_step: int) -> None:
         self.samples_per_step = samples_per_step
         self.last_time = time.perf_counter()
         self.last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.last_time, self.last_step = time.perf_counter(), state.global_step  # a resumed run starts mid-way
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs is None or "loss" not in logs:
@@ -126,6 +130,8 @@ class ThroughputCallback(TrainerCallback):
         steps = state.global_step - self.last_step
         if steps > 0:
             logs["samples_per_s"] = round(steps * self.samples_per_step / (now - self.last_time), 2)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1]["samples_per_s"] = logs["samples_per_s"]  # the Trainer copied logs there
         self.last_time, self.last_step = now, state.global_step
 
 
