@@ -51,7 +51,8 @@ def pack_batch(
     of the previous sample (padded, it is never predicted at all). Leftover space is padding with
     ignored labels whose positions continue the row's last sample: a row that holds one sample then
     has no restart, and when no row has one transformers builds no mask and sdpa runs its causal
-    kernel (1.05-1.12x a LoRA instruct step on CPU, bench/train_step.py). The padding attends only to
+    kernel; on a GPU that is the flash kernel, on CPU the gain is within allocator noise
+    (bench/train_step.py, vlkit-masked). The padding attends only to
     tokens before it, and nothing attends to it, so the loss does not change.
     """
     rows = pack_rows([len(x) for x in ids], capacity)

@@ -306,6 +306,16 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: 
           f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
 
 
+def set_loss_average(model: Any, loss_average: str) -> None:
+    """Weight the loss per turn (train.loss_average) where vlkit's labels-only loss can: it alone sees turns."""
+    if loss_average == "token":
+        return
+    if not model.use_loss_at_labels():
+        raise ConfigError(f"train.loss_average: {loss_average} needs vlkit's labels-only loss, which "
+                          "this LLM does not allow (it changes its logits after the head); use train.loss_average: token")
+    model.loss_turn_power = TURN_POWERS[loss_average]
+
+
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
     from accelerate import PartialState
@@ -341,12 +351,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
     pack = recipe.data.packing and packing_supported(model)
-    labels_only = model.use_loss_at_labels()  # labels-only logits where they give the LLM's own loss
-    if recipe.train.loss_average != "token":
-        if not labels_only:
-            raise ConfigError(f"train.loss_average: {recipe.train.loss_average} needs vlkit's labels-only loss, which "
-                              "this LLM does not allow (it changes its logits after the head); use train.loss_average: token")
-        model.loss_turn_power = TURN_POWERS[recipe.train.loss_average]
+    set_loss_average(model, recipe.train.loss_average)
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(
