@@ -483,3 +483,81 @@ def test_align_run_with_cache_and_packing_matches_the_plain_run(tmp_path, shapes
     assert len(plain_losses) == 3 and torch.allclose(torch.tensor(plain_losses), torch.tensor(fast_losses), atol=1e-5)
     for name, tensor in plain_weights.items():
         assert torch.allclose(tensor, fast_weights[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)])
+def test_compiled_decoder_layers_give_the_eager_loss_and_grads(vlm, image_dir, tune):
+    """train.compile: the same loss and gradients as eager, on the batch layout the stage trains on
+    (align: the shared prefix through a key/value cache; instruct: packed rows with LoRA)."""
+    from torch._dynamo.utils import counters
+
+    from vlkit.train.compile import compile_decoder_layers, decoder_layers, takes_cache
+
+    model, processor = vlm
+    items = tuned_items(model, processor, image_dir, tune)
+    frozen = tune.llm == "frozen"
+    collate = VlkitCollator(processor.tokenizer.pad_token_id, pack=not frozen,
+                            share_prefix_before=processor.image_token_id if frozen else None)
+    batch = collate(items)
+    assert ("prefix_ids" in batch) == frozen
+    names = list(model.state_dict())
+    layers = decoder_layers(model)
+    assert len(layers) == model.language_model.config.num_hidden_layers
+    torch._dynamo.reset()  # graphs another test compiled would be reused and not counted
+    regions = compile_decoder_layers(model, around_cache=frozen)
+    if frozen:  # the layers' parts that take no cache: a compiled layer would recompile for each cache slot
+        assert regions and not any(takes_cache(region) for region in regions)
+        assert all(any(region is part for layer in layers for part in layer.children()) for region in regions)
+    else:
+        assert regions == layers
+    assert list(model.state_dict()) == names  # compiled in place: checkpoints and exports keep their names
+    with torch.compiler.set_stance("force_eager"):
+        reference = loss_and_grads(model, batch)
+    counters.clear()
+    assert_same(reference, loss_and_grads(model, batch), atol=1e-5)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0  # the compiled code ran, not eager
+    # Shapes are dynamic: the batch 3 tokens shorter (the rows' ends are answer text) compiles nothing new.
+    shorter = {key: value[:, :-3] if key in ("input_ids", "labels", "position_ids", "attention_mask") else value
+               for key, value in batch.items()}
+    with torch.compiler.set_stance("force_eager"):
+        reference = loss_and_grads(model, shorter)
+    assert_same(reference, loss_and_grads(model, shorter), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_compiled_run_trains_as_the_eager_one(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, monkeypatch):
+    """train.compile through the Trainer: the same losses and weights as eager, the same names saved."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    from vlkit.train.checkpoint import load_run
+    from vlkit.train.run import train_vlm
+
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        torch._dynamo.reset()  # graphs an earlier test compiled would be reused and not counted
+        counters.clear()
+        tree = align_recipe(tmp_path / name, tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=3, batch_size=4,
+                            compile=compiled)
+        run_dir = train_vlm(load_recipe(write_recipe(tmp_path / f"{name}.yaml", tree)))
+        summary = json.loads((run_dir / "run_summary.json").read_text())
+        runs[name] = ([e["loss"] for e in summary["log_history"] if "loss" in e],
+                      load_file(run_dir / "trainable.safetensors"))
+        assert bool(counters["stats"]["unique_graphs"]) == compiled  # the compiled run ran compiled code
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs["eager"], runs["compiled"]
+    assert len(eager_losses) == 3
+    assert torch.allclose(torch.tensor(eager_losses), torch.tensor(compiled_losses), atol=1e-5)
+    assert eager_weights.keys() == compiled_weights.keys()
+    for name, tensor in eager_weights.items():
+        assert torch.allclose(tensor, compiled_weights[name], atol=1e-5), name
+    load_run(tmp_path / "compiled")  # loads as any run does
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    tree = align_recipe(tmp_path / "fsdp", tiny_vision_dir, tiny_llm_dir, shapes_dir, compile=True)
+    with pytest.raises(ConfigError, match="train.compile is untested under FSDP"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "fsdp.yaml", tree)))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    tree.update(stage="instruct", tune={"llm": "qlora"})
+    with pytest.raises(ConfigError, match="4-bit layers"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "qlora.yaml", tree)))

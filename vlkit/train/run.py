@@ -226,6 +226,14 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
+    if recipe.train.compile:
+        from vlkit.train.compile import compile_decoder_layers
+
+        if launched_with("FSDP") or launched_with("DEEPSPEED"):
+            raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
+                              "or launch with DDP (recipes/accelerate/ddp.yaml)")
+        # The shared prefix reaches the decoder as a key/value cache (frozen LLM only).
+        compile_decoder_layers(model, around_cache=recipe.data.share_prefix and recipe.tune.llm == "frozen")
     logger.info("trainable parameters (stage %s):\n%s", recipe.stage, trainable_table(model))
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor
@@ -386,6 +394,8 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     from vlkit.train.words import fit_reader, read_words
 
     started = time.time()
+    if recipe.train.compile:
+        logger.warning("train.compile: the visual_words reader trains outside the LLM; nothing is compiled")
     rows, val_rows, groups = read_words(recipe, load_tokenizer(plan.llm))
     plan.connector = {**plan.connector, "groups": groups}
     output = prepare_output_dir(recipe, None)
