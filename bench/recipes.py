@@ -2,6 +2,7 @@
 
     python bench/recipes.py                       # GPU: CLIP, align (the visual_words reader), LoRA instruct on SmolLM2
     python bench/recipes.py --instruct-batch 128 --steps 60
+    python bench/recipes.py --stages instruct --keep runs/bench --compile   # again, with train.compile
     python bench/recipes.py --toy --llm DIR --vision DIR --data DIR --no-append   # CPU, tiny models (tests)
 
 Each stage is `recipes/tiny/<stage>.yaml` as `make demo` runs it (vlkit.demo.stage_recipe), with a
@@ -45,7 +46,8 @@ def stage_overrides(args, stage: str, data_dir: Path, out: Path) -> list[str]:
     if stage == "align":
         vision = args.vision or out / "clip"
         return [*common, f"model.vision={vision}", f"model.llm={args.llm}"]
-    return [*common, f"init_from={out / 'align'}"]
+    # The tiny align stage is the visual_words reader, outside the LLM: only instruct has layers to compile.
+    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else [])]
 
 
 def steady_samples_per_s(summary: dict) -> float | None:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-batch", type=int, default=1024)
     parser.add_argument("--align-batch", type=int, default=1024)
     parser.add_argument("--instruct-batch", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="train.compile on the instruct stage")
     parser.add_argument("--keep", default=None, help="write the runs here instead of a temporary folder")
     parser.add_argument("--toy", action="store_true", help="a few small steps on CPU (tests)")
     add_run_options(parser)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep or tmp)
         data_dir = Path(args.data) if args.data else out / "shapes"
-        if not args.data:
+        if not args.data and not (data_dir / "world.json").is_file():  # a kept folder's world is reused
             from data_tools.shapes import generate
 
             generate(data_dir, n_train=args.images, n_val=64, n_test=64, seed=0)
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             profiles += [f"**{stage}** (`{out / stage / 'profile.txt'}`):", "", "```",
                          *profile_head(out / stage, TOP_OPERATORS_SHOWN), "```", ""]
     table = markdown_table(["stage", "steps", "batch", "samples/s (steady)", "samples/s (whole run)"], rows)
-    body = "\n".join([f"{device}; LLM {args.llm}; {args.steps} steps a stage, step {args.profile_step} profiled.", "",
+    body = "\n".join([f"{device}; LLM {args.llm}; {args.steps} steps a stage, step {args.profile_step} profiled"
+                      f"{'; instruct with train.compile' if args.compile else ''}.", "",
                       table, "", *lines, "", *profiles])
     publish("Tiny recipes at GPU size: samples/s and one step's profile", body, args)
     return 0

@@ -13,6 +13,9 @@ AdamW step, on:
   on the connector). Instruct: the same with LoRA on the LLM, packed (the prefix is shared only
   while the LLM is frozen), tower run every step (the default:
   `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
+- vlkit-compiled: the same with `train.compile` (vlkit/train/compile.py): the LLM's decoder layers
+  compiled in place; every other variant runs eager (`torch.compiler.set_stance("force_eager")`).
+  Its compile falls in the warm-up round, and so does its peak RSS.
 - vlkit-packed (align): the same without the shared prefix (packed rows only), to show what it buys.
 - vlkit-masked (instruct): vlkit's batch with the padding after each row's last sample restarting its
   positions, as packing laid rows out before 2026-12-03: transformers then builds a block mask even
@@ -30,6 +33,7 @@ shared weights count in every row). Speed-ups are medians of per-round ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -62,7 +66,7 @@ def recipe_lora() -> dict[str, float]:
 
 
 LORA = recipe_lora()
-VARIANTS = ("vlkit", "vlkit-packed", "vlkit-masked", "llava-plain", "llava-frozen")
+VARIANTS = ("vlkit", "vlkit-compiled", "vlkit-packed", "vlkit-masked", "llava-plain", "llava-frozen")
 
 
 @dataclass
@@ -70,11 +74,13 @@ class Variant:
     model: torch.nn.Module
     batch: dict
     optimizer: torch.optim.Optimizer
+    compiled: bool = False  # the others run eager even where vlkit-compiled compiled the shared layers
 
     def step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model(**self.batch).loss.backward()
-        self.optimizer.step()
+        with contextlib.nullcontext() if self.compiled else torch.compiler.set_stance("force_eager"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model(**self.batch).loss.backward()
+            self.optimizer.step()
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -168,6 +174,13 @@ class Bench:
         variants = {}
         if "vlkit" in names:
             variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+        if "vlkit-compiled" in names:
+            from vlkit.train.compile import compile_decoder_layers
+
+            # As train.compile does in the recipes: the shared prefix (align) passes the decoder a cache.
+            compile_decoder_layers(self.model, around_cache="prefix_ids" in vlkit_batch)
+            variants["vlkit-compiled"] = Variant(self.model, vlkit_batch,
+                                                 torch.optim.AdamW(trainable(self.model), lr=1e-4), compiled=True)
         if "vlkit-packed" in names and stage == "align":
             variants["vlkit-packed"] = Variant(self.model, packed_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
         if "vlkit-masked" in names and stage == "instruct" and masked_batch is not None:
@@ -243,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             mfu = flops / statistics.median(times["vlkit"]) / peak
             lines.append(f"- {stage}: vlkit vs plain Llava loop {verdict(plain, GOALS[stage])}; "
                          f"vs hand-frozen Llava {frozen:.2f}x")
+            if "vlkit-compiled" in times:
+                compiled = median_ratio(times["llava-plain"], times["vlkit-compiled"])
+                lines.append(f"- {stage}: train.compile vs eager: "
+                             f"{median_ratio(times['vlkit'], times['vlkit-compiled']):.2f}x; compiled vs plain Llava "
+                             f"{verdict(compiled, GOALS[stage])}")
             if "vlkit-packed" in times:
                 lines.append(f"- {stage}: the shared prefix vs packed rows only: "
                              f"{median_ratio(times['vlkit-packed'], times['vlkit']):.2f}x")

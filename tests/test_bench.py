@@ -38,7 +38,8 @@ def benches(request, tmp_path_factory, tiny_llm_dir, tiny_vision_dir, shapes_dir
         "gpu.py": ["--no-append"],
         "connectors.py": [*models, "--data", shapes_dir],
         "data.py": [*models, "--data", shapes_dir],
-        "recipes.py": ["--llm", tiny_llm_dir, "--data", shapes_dir],  # the CLIP stage trains the tower
+        # The CLIP stage trains the tower; the instruct stage compiles its LLM's layers.
+        "recipes.py": ["--llm", tiny_llm_dir, "--data", shapes_dir, "--compile"],
     }
     selected = {SCRIPTS[item.name] for item in request.session.items
                 if item.module.__name__ == __name__ and item.name in SCRIPTS}
@@ -70,6 +71,7 @@ def test_train_step_bench(benches):
     for row in ("| align    | vlkit", "| align    | llava-plain", "| instruct | llava-frozen"):
         assert row in out
     assert "align: vlkit vs plain Llava loop" in out and "instruct MFU (vlkit)" in out and "goal >= 2x" in out
+    assert "| instruct | vlkit-compiled" in out and "instruct: train.compile vs eager: " in out
     text = docs.read_text()
     assert text.startswith("\n## Training step: vlkit vs stock Llava") and "Machine: " in text and "torch " in text
 
@@ -119,3 +121,4 @@ def test_recipes_bench_at_toy_size(benches):
     rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.splitlines() if line.startswith("| ")}
     assert float(rows["clip"]) > 0 and float(rows["instruct"]) > 0  # steady samples/s from the Trainer stages' logs
     assert "aten::" in out and "## Tiny recipes at GPU size" in docs.read_text()
+    assert "instruct with train.compile" in out
