@@ -71,16 +71,22 @@ def timed(fn: Callable[[], object]) -> float:
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                 between: Callable[[], None] | None = None,
-                peak_rss: dict[str, float] | None = None) -> dict[str, list[float]]:
+                peak_rss: dict[str, float] | None = None, settle: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each variant, one call each per round, variants alternating.
 
     With `peak_rss`, each variant's highest peak RSS (MiB) during its own calls is stored there.
+    `settle`: untimed calls of a variant right before its timed one. A training loop repeats one
+    step, so the memory allocator is in that step's steady state; right after another variant's
+    step it is not (a stock Llava align step measured 1.3x slower right after a compiled vlkit step
+    than after its own).
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(warmup + rounds):
         for name, fn in variants.items():
             if peak_rss is not None:
                 reset_peak_rss()
+            for _ in range(settle if round_index >= warmup else 0):
+                fn()
             seconds = timed(fn)
             if peak_rss is not None:
                 peak_rss[name] = max(peak_rss.get(name, 0.0), rss_mb())

@@ -11,6 +11,8 @@ dropout 0.05 on every linear layer of the LLM (recipes/llava-1.5-7b/instruct.yam
 supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + LoRA):
 
 - vlkit: packed batch, LM head at labelled positions only, frozen weights build no gradients;
+- vlkit-compiled: the same with `train.compile` (the LLM's decoder layers compiled in place,
+  vlkit/train/compile.py); the other variants run eager;
 - llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
@@ -22,6 +24,7 @@ measured in this process. Goal: MFU >= 45% on an H100.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", default="vlkit,llava-frozen,llava-plain")
+    parser.add_argument("--variants", default="vlkit,vlkit-compiled,llava-frozen,llava-plain")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
     add_run_options(parser)
     args = parser.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.variants.split(",") if n]
     lora = LORA_TOY if args.toy else LORA
     model = build_model(args.toy, device, dtype)
-    twins = {name: llava_twin(model) for name in names if name != "vlkit"}
+    twins = {name: llava_twin(model) for name in names if name.startswith("llava")}
     tune = TuneSection(llm="lora", lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
     apply_adapters(model, tune)
     set_trainable(model, tune)
@@ -139,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     padded = to_device(VlkitCollator(0)(items), device, dtype)
     packed = to_device(VlkitCollator(0, pack=True)(items), device, dtype)
 
-    def step_of(module, batch, optimizer):
+    def step_of(module, batch, optimizer, compiled=False):
         def step():
-            optimizer.zero_grad(set_to_none=True)
-            module(**batch).loss.backward()
-            optimizer.step()
+            with contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager"):
+                optimizer.zero_grad(set_to_none=True)
+                module(**batch).loss.backward()
+                optimizer.step()
         return step
 
     # Same weights, same samples: the same loss on every side (checked before timing).
@@ -161,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = {}
     if "vlkit" in names:
         steps["vlkit"] = step_of(model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    if "vlkit-compiled" in names:
+        from vlkit.train.compile import compile_decoder_layers
+
+        compile_decoder_layers(model, around_cache=False)  # LoRA trains the LLM: no shared prefix, no cache
+        steps["vlkit-compiled"] = step_of(
+            model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), compiled=True)
     for name, llava in twins.items():
         params = [p for n, p in llava.named_parameters() if "lora_" in n or "multi_modal_projector" in n]
         steps[name] = step_of(llava, padded, torch.optim.AdamW(params))
@@ -186,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     size = "toy" if args.toy else "LLaVA-1.5-7B-shaped"
     lines = [f"{size}, {dtype}, batch {args.batch_size} ({sum(lengths)} tokens, padded {padded['input_ids'].numel()}, "
              f"packed {packed['input_ids'].numel()}), matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e12:.2f} TFLOP/step."]
-    if reference:
-        lines.append(f"- instruct MFU (vlkit): {verdict(100 * flops / statistics.median(reference) / peak, 100 * MFU_GOAL, '%')}")
+    for name in ("vlkit", "vlkit-compiled"):
+        if name in times:
+            mfu = 100 * flops / statistics.median(times[name]) / peak
+            lines.append(f"- instruct MFU ({name}): {verdict(mfu, 100 * MFU_GOAL, '%')}")
     body = "\n".join([lines[0], "", table, "", *lines[1:]])
     publish(f"GPU instruct step ({size}): vlkit vs stock Llava", body, args)
     return 0

@@ -27,7 +27,9 @@ AdamW step, on:
 
 MFU = the FLOPs the step must do (`parts.train_step_flops`, vlkit's work) / step time / the best
 fp32 matmul rate measured in this process between rounds. Peak RSS: see bench/common.py (the
-shared weights count in every row). Speed-ups are medians of per-round ratios.
+shared weights count in every row). Speed-ups are medians of per-round ratios. Each timed step
+follows `--settle` untimed steps of the same variant (default 1), as in a training loop: right after
+another variant's step, a stock Llava step measured up to 1.3x slower.
 """
 
 from __future__ import annotations
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stages", default="align,instruct")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed steps of a variant right before each timed one (bench/common.py interleaved)")
     parser.add_argument("--toy", action="store_true", help="quick settings for tests (1 round)")
     add_run_options(parser)
     args = parser.parse_args(argv)
@@ -242,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             peaks: list[float] = [matmul_peak()]
             rss: dict[str, float] = {}
             times = interleaved({name: v.step for name, v in variants.items()}, rounds=args.rounds,
-                                between=lambda: peaks.append(matmul_peak()), peak_rss=rss)  # noqa: B023
+                                between=lambda: peaks.append(matmul_peak()), peak_rss=rss,  # noqa: B023
+                                settle=args.settle)
             peak = statistics.median(peaks)
             flops = sum(facts["flops"].values())
             for name in variants:

@@ -91,9 +91,9 @@ def test_clip_bench(benches):
 
 def test_gpu_bench_at_toy_size(benches):
     out, docs = run_bench(benches, "gpu.py")
-    for variant in ("vlkit", "llava-frozen", "llava-plain"):
+    for variant in ("vlkit ", "vlkit-compiled", "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
-    assert "instruct MFU (vlkit)" in out and "toy, torch.float32" in out
+    assert "instruct MFU (vlkit)" in out and "instruct MFU (vlkit-compiled)" in out and "toy, torch.float32" in out
 
 
 def test_connector_bakeoff_at_toy_size(benches):

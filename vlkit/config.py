@@ -232,7 +232,7 @@ class TrainSection(BaseTrainSection):
     eval_steps: int | None = Field(default=None, ge=1)
     gradient_checkpointing: bool = False
     # torch.compile the LLM's decoder layers, one region per layer (vlkit/train/compile.py): the same
-    # results, a compile on the first step, then faster steps (1.04x align, 1.17x LoRA instruct on CPU).
+    # results, a compile on the first step, then faster steps (1.02-1.05x align, 1.16-1.21x LoRA instruct on CPU).
     compile: bool = False
     # How the LLM's loss averages: over answer tokens (the LLM's own loss); over answer turns, so that a
     # one-word reply weighs as much as a twenty-token description in the same batch; or `square`
