@@ -164,13 +164,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     assert torch.equal(untrained["connector.layers.0.weight"], a["connector.layers.0.weight"])
 
 
-def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+@pytest.mark.parametrize("compiled", [False, True])  # train.compile under DDP too
+def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, compiled):
     def losses(run_dir: Path) -> list[float]:
         history = json.loads((run_dir / "run_summary.json").read_text())["log_history"]
         return [entry["loss"] for entry in history if "loss" in entry]
 
-    one = align_recipe(tmp_path / "one", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=4)
-    two = align_recipe(tmp_path / "two", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2)
+    one = align_recipe(tmp_path / "one", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=4,
+                       compile=compiled)
+    two = align_recipe(tmp_path / "two", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=4, batch_size=2,
+                       compile=compiled)
     # The README's command, as a user types it: no environment variables of ours.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_CPU", None)
@@ -183,6 +186,7 @@ def test_two_processes_match_one_with_double_batch(tmp_path, shapes_dir, tiny_vi
     assert cli_main(["train", write_recipe(tmp_path / "one.yaml", one)]) == 0
     result = finish(launched)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("regions compiled") == (2 if compiled else 0)  # each rank compiled its layers
     summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert summary["samples"] == 4 * 2 * 2  # 4 steps x batch 2 x 2 ranks: both ranks trained
     single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
