@@ -1,6 +1,7 @@
 """LLaVA-1.5-7B-shaped instruct step on one GPU: vlkit versus stock Llava, steps/s and MFU.
 
     python bench/gpu.py                 # CLIP ViT-L/14-336 + Llama-2-7B configs, random weights, bf16, cuda
+    python bench/gpu.py --qlora         # also the QLoRA step and its peak GPU memory (saves the 7B LLM: ~13.5 GB of disk)
     python bench/gpu.py --toy --no-append        # the same code at toy size on CPU (tests)
 
 Random weights (the speed of a model does not depend on its values), built from configs:
@@ -16,6 +17,10 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
 - llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
+- vlkit-qlora (with `--qlora`, after the others, which are freed first): the LLM saved and loaded
+  back in 4-bit with vlkit's one quantization config (NF4, double quantization;
+  `vlkit.run_folder.quantization_config`), LoRA as above on top (`tune.llm: qlora`). Its row gives
+  the peak GPU memory of its own steps: whether a 24 GB card fits the recipe.
 
 MFU = the FLOPs the step must do (`parts.train_step_flops`) / step time / the best bf16 matmul rate
 measured in this process. Goal: MFU >= 45% on an H100.
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import shutil
 import statistics
 import sys
+import tempfile
 
 import torch
 from common import (
@@ -84,6 +92,28 @@ def build_model(toy: bool, device: torch.device, dtype: torch.dtype):
     return model
 
 
+def qlora_model(config, tower: torch.nn.Module, llm_folder: str, lora: dict, device: torch.device,
+                dtype: torch.dtype):
+    """The VLM with its LLM loaded from `llm_folder` in 4-bit, as a `tune.llm: qlora` stage loads it (vlkit's
+    one quantization config), the tower shared, a new connector, and LoRA through `apply_adapters`."""
+    from transformers import AutoModelForCausalLM
+
+    from vlkit.config import TuneSection
+    from vlkit.modeling import VlkitForConditionalGeneration
+    from vlkit.run_folder import quantization_config
+    from vlkit.train.stages import apply_adapters, set_trainable
+
+    llm = AutoModelForCausalLM.from_pretrained(llm_folder, dtype=dtype, quantization_config=quantization_config(dtype),
+                                               device_map={"": device})
+    model = VlkitForConditionalGeneration(config, vision_tower=tower, language_model=llm)
+    model.connector.to(device=device, dtype=dtype)
+    model.use_loss_at_labels()
+    tune = TuneSection(llm="qlora", lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    return model  # LoRA weights in float32, as peft makes them: the step runs under autocast, as the Trainer's
+
+
 def samples(model, batch_size: int, toy: bool, generator: torch.Generator) -> list[dict]:
     """LLaVA-instruct-like token sequences: system/user prompt, image tokens, question, answer (supervised)."""
     config = model.config
@@ -110,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", default="vlkit,vlkit-compiled,llava-frozen,llava-plain")
+    parser.add_argument("--qlora", action="store_true", help="also time vlkit-qlora and report its peak memory")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
     add_run_options(parser)
     args = parser.parse_args(argv)
@@ -127,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.variants.split(",") if n]
     lora = LORA_TOY if args.toy else LORA
     model = build_model(args.toy, device, dtype)
+    llm_folder = tempfile.mkdtemp() if args.qlora else None
+    if llm_folder:  # the base a qlora stage would load in 4-bit, before LoRA wraps it
+        model.language_model.save_pretrained(llm_folder)
     twins = {name: llava_twin(model) for name in names if name.startswith("llava")}
     tune = TuneSection(llm="lora", lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
     apply_adapters(model, tune)
@@ -142,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     padded = to_device(VlkitCollator(0)(items), device, dtype)
     packed = to_device(VlkitCollator(0, pack=True)(items), device, dtype)
 
-    def step_of(module, batch, optimizer, compiled=False):
+    def step_of(module, batch, optimizer, compiled=False, autocast=False):
         def step():
-            with contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager"):
+            with contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager"), \
+                    torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 optimizer.zero_grad(set_to_none=True)
                 module(**batch).loss.backward()
                 optimizer.step()
@@ -186,6 +221,28 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name, "out of memory", "", "", ""])
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    notes = []
+    if llm_folder:
+        config, tower = model.config, model.vision_tower
+        model = twins = steps = llava = None  # the bf16 LLM leaves the GPU: the peak below is the QLoRA step's own
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        quantized = qlora_model(config, tower, llm_folder, lora, device, dtype)
+        shutil.rmtree(llm_folder)
+        step = step_of(quantized, packed, torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad]),
+                       autocast=dtype != torch.float32)
+        peak_rss: dict[str, float] = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            times.update(interleaved({"vlkit-qlora": step}, rounds=args.rounds, peak_rss=peak_rss))
+            memory = (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda"
+                      else f"peak RSS {peak_rss['vlkit-qlora'] / 1024:.2f} GiB (CPU)")
+            notes.append(f"- vlkit-qlora (4-bit NF4 LLM, LoRA r={lora['r']}, batch {args.batch_size}): {memory}, "
+                         "tower, connector, LoRA, AdamW state and activations included")
+        except torch.OutOfMemoryError:
+            rows.append(["vlkit-qlora", "out of memory", "", "", ""])
     reference = times.get("vlkit")
     for name, series in times.items():
         seconds = statistics.median(series)
@@ -200,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in times:
             mfu = 100 * flops / statistics.median(times[name]) / peak
             lines.append(f"- instruct MFU ({name}): {verdict(mfu, 100 * MFU_GOAL, '%')}")
-    body = "\n".join([lines[0], "", table, "", *lines[1:]])
+    body = "\n".join([lines[0], "", table, "", *lines[1:], *notes])
     publish(f"GPU instruct step ({size}): vlkit vs stock Llava", body, args)
     return 0
 

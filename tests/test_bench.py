@@ -35,7 +35,7 @@ def benches(request, tmp_path_factory, tiny_llm_dir, tiny_vision_dir, shapes_dir
         "train_step.py": [*models, "--data", shapes_dir],
         "generate.py": [*models, "--no-append"],
         "clip.py": ["--data", shapes_dir],
-        "gpu.py": ["--no-append"],
+        "gpu.py": ["--no-append", "--qlora"],
         "connectors.py": [*models, "--data", shapes_dir],
         "data.py": [*models, "--data", shapes_dir],
         # The CLIP stage trains the tower; the instruct stage compiles its LLM's layers.
@@ -94,6 +94,7 @@ def test_gpu_bench_at_toy_size(benches):
     for variant in ("vlkit ", "vlkit-compiled", "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
     assert "instruct MFU (vlkit)" in out and "instruct MFU (vlkit-compiled)" in out and "toy, torch.float32" in out
+    assert "| vlkit-qlora" in out and "vlkit-qlora (4-bit NF4 LLM, LoRA r=4, batch 4): peak RSS " in out
 
 
 def test_connector_bakeoff_at_toy_size(benches):
