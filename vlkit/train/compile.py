@@ -23,6 +23,7 @@ import logging
 import torch
 
 from vlkit.compat import CACHE_ARGUMENT_NAMES, no_split_module_names
+from vlkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def compile_decoder_layers(model: torch.nn.Module, around_cache: bool) -> list[t
     """
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError(f"train.compile: found no decoder layers in {type(model.language_model).__name__} "
+        raise ConfigError(f"train.compile: found no decoder layers in {type(model.language_model).__name__} "
                          "(no _no_split_modules); turn train.compile off for this LLM")
     regions = [part for layer in layers for part in layer.children() if not takes_cache(part)] if around_cache \
         else layers
