@@ -91,9 +91,11 @@ def test_clip_bench(benches):
 
 def test_gpu_bench_at_toy_size(benches):
     out, docs = run_bench(benches, "gpu.py")
-    for variant in ("vlkit ", "vlkit-compiled", "llava-frozen", "llava-plain"):
+    for variant in ("vlkit ", "vlkit-compiled ", "vlkit-compiled-flat ", "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
+    assert "failed:" not in out and "out of memory" not in out  # the script reports a failing variant in its row
     assert "instruct MFU (vlkit)" in out and "instruct MFU (vlkit-compiled)" in out and "toy, torch.float32" in out
+    assert "- vlkit-compiled-flat vs llava-frozen: " in out and "- vlkit vs llava-plain: " in out
     assert "| vlkit-qlora" in out and "vlkit-qlora (4-bit NF4 LLM, LoRA r=4, batch 4): peak RSS " in out
 
 

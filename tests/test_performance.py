@@ -209,6 +209,27 @@ def test_recipe_switch_defaults_and_errors(tmp_path, shapes_dir, tiny_vision_dir
         plan_run(load_recipe(write_recipe(tmp_path / "d.yaml", tree)))
 
 
+def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_run(tmp_path, shapes_dir,
+                                                                                 tiny_vision_dir, tiny_llm_dir):
+    from vlkit.train.run import plan_run, prepared_model
+
+    tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir)
+    tree["data"]["packing"] = "flat"
+    with pytest.raises(ConfigError, match="flat needs model.attn_implementation: flex_attention or flash_attention_2") as error:
+        load_recipe(write_recipe(tmp_path / "a.yaml", tree))
+    assert "got {" not in str(error.value)  # one line: the message, not the whole recipe tree
+    tree["data"]["packing"] = "rows"
+    with pytest.raises(ConfigError, match="data.packing is true, false or flat"):
+        load_recipe(write_recipe(tmp_path / "a.yaml", tree))
+    tree["data"]["packing"] = "flat"
+    tree["model"] = {**tree.get("model", {}), "attn_implementation": "flex_attention"}
+    recipe = load_recipe(write_recipe(tmp_path / "b.yaml", tree))
+    assert recipe.data.packing == "flat"
+    if torch.accelerator.current_accelerator() is None:
+        with pytest.raises(ConfigError, match="flex_attention trains only on a GPU"):
+            prepared_model(recipe, plan_run(recipe))
+
+
 # --- 2b. texts encoded once per data set -------------------------------------------------------------
 def test_cached_text_encoding_gives_what_encode_conversation_gives(vlm, image_dir):
     model, processor = vlm
@@ -330,6 +351,51 @@ def test_packed_rows_of_one_sample_run_sdpa_causal_without_a_mask(vlm, image_dir
     assert len(llm_calls) == 2 * layers
     assert all(not no_mask for no_mask, _ in llm_calls[:layers])  # the padded batch masks its padding
     assert all(no_mask and causal for no_mask, causal in llm_calls[layers:])
+
+
+def test_flat_packing_puts_the_batch_in_one_row_with_the_padded_loss_and_grads(vlm, image_dir):
+    """`pack="flat"`: one row, no pad token, each sample its own causal block (eager attention here: CPU has no
+    flex attention backward), the padded batch's loss and gradients."""
+    model, processor = vlm
+    set_attention_implementation(model.language_model.config, "eager")
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    pad = processor.tokenizer.pad_token_id
+    total = sum(len(item["input_ids"]) for item in items)
+    flat = VlkitCollator(pad, pack="flat")(items)
+    assert flat["input_ids"].shape == (1, total) and "attention_mask" not in flat
+    assert (flat["position_ids"][0] == 0).sum() == len(items)  # every sample restarts its positions
+    flat_rounded = VlkitCollator(pad, pack="flat", pad_to_multiple_of=64)(items)
+    assert flat_rounded["input_ids"].shape[1] % 64 == 0 and flat_rounded["input_ids"].shape[1] > total
+
+    padded = VlkitCollator(pad)(items)
+    reference = loss_and_grads(model, padded)
+    assert_same(reference, loss_and_grads(model, flat), atol=1e-5)
+    assert_same(reference, loss_and_grads(model, flat_rounded), atol=1e-5)
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    assert count == int((flat["labels"][:, 1:] != -100).sum())
+    assert_same(loss_and_grads(model, padded, num_items_in_batch=count),
+                loss_and_grads(model, flat, num_items_in_batch=count), atol=1e-5)
+    with pytest.raises(ValueError, match="true, false or 'flat'"):
+        VlkitCollator(pad, pack="rows")
+
+
+def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir):
+    """The kernel flat packing is for: transformers gives flex attention a block mask per sample, so each
+    sample's logits in the one row are its logits alone (forward only: flex attention's backward needs a GPU)."""
+    model, processor = vlm
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    pad = processor.tokenizer.pad_token_id
+    model.logits_at_labels_only = False
+    model.eval()
+    with torch.no_grad():
+        alone = [model(**VlkitCollator(pad)([item])).logits[0] for item in items]
+        set_attention_implementation(model.language_model.config, "flex_attention")
+        flat = VlkitCollator(pad, pack="flat")(items)
+        logits = model(**flat).logits[0]
+    starts = (flat["position_ids"][0] == 0).nonzero().flatten().tolist()
+    segments = [logits[start : start + len(expected)] for start, expected in zip(starts, sorted(alone, key=len, reverse=True))]
+    for expected, segment in zip(sorted(alone, key=len, reverse=True), segments):
+        assert torch.allclose(expected, segment, atol=1e-4)
 
 
 def test_shared_prefix_stops_before_images_answers_and_the_last_token():

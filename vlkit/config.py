@@ -86,6 +86,8 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
     if first["type"] == "missing":
         return f"recipe key '{where}' is required"
     message = first["msg"].removeprefix("Value error, ")
+    if isinstance(first.get("input"), dict):  # a check across keys: the message names them; the tree is noise
+        return f"{'recipe' if where == 'recipe' else f'recipe section {where!r}'}: {message}"
     return f"recipe key '{where}': {message} (got {first.get('input')!r})"
 
 
@@ -205,7 +207,10 @@ class DataSection(BaseDataSection):
     max_val_samples: int | None = Field(default=None, ge=1)  # the first N of val_file (the end-of-run loss)
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
-    packing: bool = True  # several samples per row instead of padding, no cross-sample attention
+    # Several samples per row instead of padding, no cross-sample attention (vlkit.data.packing). `flat`:
+    # the whole batch in one row with no pad tokens, for a variable-length attention kernel
+    # (model.attn_implementation: flex_attention or flash_attention_2/3) that skips the other samples' blocks.
+    packing: bool | Literal["flat"] = True
     # The text every sample of a batch starts with (system turn, user header) run once per batch, when
     # that takes fewer token slots than packing (vlkit.data.prefix); same loss and gradients.
     share_prefix: bool = True
@@ -215,6 +220,13 @@ class DataSection(BaseDataSection):
     # cannot lean on colour: the reader then names shapes of colour x shape pairs it never trained on.
     hue_rotated_copies: int = Field(default=0, ge=0)
     colour_words: list[str] = Field(default_factory=list)
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_value(cls, value: Any) -> Any:
+        if value not in (True, False, "flat"):
+            raise ValueError("data.packing is true, false or flat")
+        return value
 
     @model_validator(mode="after")
     def _copies_need_colour_words(self) -> DataSection:
@@ -257,6 +269,18 @@ class VlmRecipe(StrictSection):
         if self.train.compile and self.tune.llm == "qlora":
             raise ValueError("train.compile does not compile bitsandbytes' 4-bit layers (tune.llm: qlora); set "
                              "train.compile=false, or use tune.llm: lora")
+        return self
+
+    @model_validator(mode="after")
+    def _flat_packing_with_a_varlen_kernel(self) -> VlmRecipe:
+        if self.data.packing != "flat":
+            return self
+        from vlkit.data.packing import VARLEN_ATTENTION
+
+        if self.model.attn_implementation not in VARLEN_ATTENTION:
+            raise ValueError(f"data.packing: flat needs model.attn_implementation: {' or '.join(VARLEN_ATTENTION)} "
+                             f"(with {self.model.attn_implementation or 'the default'}, one row of the whole batch "
+                             "would attend through a full mask); set it, or use data.packing: true")
         return self
 
 

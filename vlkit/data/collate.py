@@ -6,12 +6,12 @@ the order the model splices image features into the `<image>` placeholders. Item
 decoded `images` instead (`ConversationDataset(defer_images=True)`) get their `pixel_values` here,
 from one image-processor call for the whole batch. Text-only samples contribute no images; a batch
 with no images at all has no `pixel_values` key. With `pack=True` several samples share a row
-(`vlkit.data.packing`) instead of padding.
+(`vlkit.data.packing`) instead of padding; with `pack="flat"` the whole batch is one row.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,7 +26,8 @@ class VlkitCollator:
     padding_side: "right" for training; "left" when the batch is continued by generation.
     pad_to_multiple_of: round the padded length up (helps tensor-core kernels on GPU).
     pack: lay several samples into one row (`vlkit.data.packing`) instead of padding each: the batch
-        then has `position_ids` that restart per sample and no `attention_mask`.
+        then has `position_ids` that restart per sample and no `attention_mask`. "flat": one row holding
+        the whole batch, no pad tokens (for a variable-length attention kernel).
     processor: has `encode_images(images) -> pixel_values` (`VlkitProcessor`); needed only for items
         that carry decoded `images` rather than `pixel_values`.
     share_prefix_before: the image placeholder id; given, the tokens every sample starts with (up to
@@ -35,13 +36,16 @@ class VlkitCollator:
     """
 
     def __init__(
-        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None, pack: bool = False,
+        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None,
+        pack: bool | Literal["flat"] = False,
         processor: Any = None, share_prefix_before: int | None = None,
     ) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got '{padding_side}'")
         if pad_token_id is None:
             raise ValueError("pad_token_id is None; set the tokenizer's pad token")
+        if pack not in (True, False, "flat"):
+            raise ValueError(f"pack must be true, false or 'flat', got {pack!r}")
         if pack and padding_side == "left":
             raise ValueError("packing is for training batches; generation batches are left-padded, not packed")
         self.pad_token_id = int(pad_token_id)
@@ -63,7 +67,7 @@ class VlkitCollator:
         if self.pack:
             from vlkit.data.packing import pack_batch
 
-            batch, order = pack_batch(ids, labels, self.pad_token_id, length)
+            batch, order = pack_batch(ids, labels, self.pad_token_id, self._row_capacity(ids, length))
             return self._add_images(batch, [items[i] for i in order])
         batch_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         batch_labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
@@ -76,6 +80,14 @@ class VlkitCollator:
             attention_mask[row, span] = 1
         batch = {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask}
         return self._add_images(batch, items)
+
+    def _row_capacity(self, ids: list[torch.Tensor], length: int) -> int:
+        """A packed row's length: the padded length, or with flat packing the whole batch's."""
+        if self.pack != "flat":
+            return length
+        from vlkit.data.packing import flat_capacity
+
+        return flat_capacity([len(x) for x in ids], self.pad_to_multiple_of)
 
     def _shared_prefix_batch(
         self, ids: list[torch.Tensor], labels: list[torch.Tensor], length: int
@@ -91,7 +103,8 @@ class VlkitCollator:
             return None
         other_slots = len(ids) * length
         if self.pack:
-            other_slots = len(pack_rows([len(x) for x in ids], length)) * length
+            capacity = self._row_capacity(ids, length)
+            other_slots = len(pack_rows([len(x) for x in ids], capacity)) * capacity
         if prefix_length + len(ids) * (length - prefix_length) >= other_slots:
             return None
         return prefix_batch(ids, labels, self.pad_token_id, prefix_length, self.pad_to_multiple_of)

@@ -7,6 +7,12 @@ restart at 0; with no 2-D `attention_mask` and no cache, transformers' mask buil
 token attends across samples (sdpa, eager and flex attention alike; flash attention reads the same
 position ids). The loss is a sum over the same supervised tokens, so it equals the padded batch's.
 
+Flat packing (`data.packing: flat`) lays the whole batch into one row as long as all its samples
+together, so no pad token is computed at all. Every attention call then spans the batch, which pays
+only with a variable-length kernel that skips the blocks between samples (`VARLEN_ATTENTION`:
+flex attention's block mask, flash attention's `cu_seqlens`); sdpa and eager would attend through
+a full mask, so the recipe refuses them.
+
 `packing_supported(model)` checks a loaded model once (a causal LM with its own mask code could
 ignore the restarts): a sample packed behind another must give the same logits as the sample alone.
 """
@@ -21,6 +27,14 @@ from vlkit.modeling import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
+# Attention implementations that compute only each packed sample's own causal block of a row.
+VARLEN_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def flat_capacity(lengths: list[int], pad_to_multiple_of: int | None = None) -> int:
+    """The row length of a flat-packed batch: every sample in one row, rounded up to the multiple."""
+    total = sum(lengths)
+    return -(-total // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else total
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

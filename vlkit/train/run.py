@@ -223,6 +223,9 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     """(model, processor) of the stage with its adapters and freezing applied, the trainable table logged."""
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
 
+    if recipe.model.attn_implementation == "flex_attention" and torch.accelerator.current_accelerator() is None:
+        raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
+                          "has no backward pass on CPU); use sdpa here")
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
@@ -358,7 +361,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
-    pack = recipe.data.packing and packing_supported(model)
+    pack = recipe.data.packing if recipe.data.packing and packing_supported(model) else False
     set_loss_average(model, recipe.train.loss_average)
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
