@@ -18,6 +18,9 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
   (`model.attn_implementation: flex_attention`): the batch in one row, no pad token, each sample's
   causal block only. Against vlkit-compiled it measures the padding-free lever. (At toy size on CPU the
   LLM uses eager attention: flex attention has no backward there.)
+- vlkit-fp32-lora: vlkit with the LoRA weights in float32 under bf16 autocast, as `vlkit train` runs a
+  bf16 model (peft keeps adapters in float32; the Trainer's `bf16` is autocast). Against vlkit (LoRA
+  weights in bf16, no autocast) it measures the "LoRA in bf16" lever. (Toy size: float32 both.)
 - llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
@@ -154,6 +157,20 @@ def llm_attention(module, implementation: str | None):
         set_attention_implementation(config, before)
 
 
+@contextlib.contextmanager
+def lora_weights_in(model, dtype: torch.dtype):
+    """Within the block the LoRA weights are `dtype` (the same values, rounded back afterwards)."""
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    before = lora[0].dtype
+    for parameter in lora:
+        parameter.data = parameter.data.to(dtype)
+    try:
+        yield
+    finally:
+        for parameter in lora:
+            parameter.data = parameter.data.to(before)
+
+
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -163,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", default="vlkit,vlkit-compiled,vlkit-compiled-flat,llava-frozen,llava-plain")
+    parser.add_argument("--variants",
+                        default="vlkit,vlkit-fp32-lora,vlkit-compiled,vlkit-compiled-flat,llava-frozen,llava-plain")
     parser.add_argument("--qlora", action="store_true", help="also time vlkit-qlora and report its peak memory")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
     add_run_options(parser)
@@ -227,9 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])) for loss in losses.values()):
         raise SystemExit(f"benchmark invalid: losses differ {losses}")
 
-    steps = {}
+    steps, settings = {}, {}
     if "vlkit" in names:
         steps["vlkit"] = step_of(model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    if "vlkit-fp32-lora" in names:
+        steps["vlkit-fp32-lora"] = step_of(model, packed, torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad]), autocast=dtype != torch.float32)
+        settings["vlkit-fp32-lora"] = lambda: lora_weights_in(model, torch.float32)
     if "vlkit-compiled" in names or "vlkit-compiled-flat" in names:
         from vlkit.train.compile import compile_decoder_layers
 
@@ -251,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, times = [], {}
     for name, step in steps.items():  # one at a time: a 7B step may run out of memory on its own
         try:
-            times.update(interleaved({name: step}, rounds=args.rounds))
+            with settings.get(name, contextlib.nullcontext)():
+                times.update(interleaved({name: step}, rounds=args.rounds))
         except torch.OutOfMemoryError:
             rows.append([name, "out of memory", "", "", ""])
         except Exception as error:  # noqa: BLE001 - one variant's failure must not cost the others' figures
@@ -290,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "toy" if args.toy else "LLaVA-1.5-7B-shaped"
     lines = [f"{size}, {dtype}, batch {args.batch_size} ({sum(lengths)} tokens, padded {padded['input_ids'].numel()}, "
              f"packed {packed['input_ids'].numel()}, flat {flat['input_ids'].numel()}), matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e12:.2f} TFLOP/step."]
-    for name in ("vlkit", "vlkit-compiled", "vlkit-compiled-flat"):
+    for name in ("vlkit", "vlkit-fp32-lora", "vlkit-compiled", "vlkit-compiled-flat"):
         if name in times:
             mfu = 100 * flops / statistics.median(times[name]) / peak
             lines.append(f"- instruct MFU ({name}): {verdict(mfu, 100 * MFU_GOAL, '%')}")
