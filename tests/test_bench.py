@@ -125,3 +125,13 @@ def test_recipes_bench_at_toy_size(benches):
     assert float(rows["clip"]) > 0 and float(rows["instruct"]) > 0  # steady samples/s from the Trainer stages' logs
     assert "aten::" in out and "## Tiny recipes at GPU size" in docs.read_text()
     assert "instruct with train.compile" in out
+
+
+def test_gpu_checks_script_parses_and_names_a_bad_check(tmp_path):
+    """bench/gpu_checks.sh runs on GPU machines only; here: valid bash, and an unknown check is refused."""
+    script = REPO / "bench" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True,
+                            text=True, env={**os.environ, "CHECKS": "nonsense", "PYTHON": sys.executable},
+                            timeout=HANG_GUARD_S)
+    assert result.returncode == 2 and "unknown check 'nonsense'" in result.stdout

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every GPU measurement docs/performance.md and the accelerate configs list as unmeasured, in one run,
+# on a machine with one CUDA GPU and vlkit installed (`make install`, or its packages on PYTHONPATH).
+#
+#   bash bench/gpu_checks.sh [OUT]          # OUT (default runs/gpu-checks): logs, run folders, performance.md
+#   CHECKS="recipes qlora" bash bench/gpu_checks.sh    # a subset, in this order
+#
+# Checks (each bounded by `timeout`, each logged to OUT/<check>.log; a failing check does not stop the rest):
+#   recipes   python bench/recipes.py: the tiny recipes (CLIP, align, LoRA instruct) at GPU size, samples/s
+#             and one step's profile; the run folders stay in OUT/runs for the checks below
+#   compile   the same instruct stage with train.compile
+#   ddp       recipes/accelerate/ddp.yaml with one process: the tiny instruct recipe through
+#             `accelerate launch`, then `vlkit chat` on the result answers one question about an image
+#   gpu       python bench/gpu.py --qlora: the LLaVA-1.5-7B-shaped LoRA instruct step, every variant,
+#             then the QLoRA step's peak GPU memory
+# The benchmarks' tables go to OUT/performance.md (copy the sections into docs/performance.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/gpu-checks}
+CHECKS=${CHECKS:-recipes compile ddp gpu}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RUNS=$OUT/runs
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+run_check() {  # name, seconds, command...
+    local name=$1 seconds=$2
+    shift 2
+    local started=$SECONDS
+    echo "== $name (at most ${seconds}s): $*"
+    timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local status=$?
+    echo "== $name: exit $status after $((SECONDS - started))s (log: $OUT/$name.log)"
+    tail -n 25 "$OUT/$name.log"
+    return $status
+}
+
+ddp_and_chat() {
+    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 1 -m vlkit train \
+        recipes/tiny/instruct.yaml "output_dir=$RUNS/instruct-ddp" "init_from=$RUNS/align" \
+        "data.dir=$RUNS/shapes" train.max_steps=20 train.report_to=[] overwrite=true || return
+    local image
+    image=$(ls "$RUNS"/shapes/images/*.png | head -n 1)
+    "$PYTHON" -m vlkit chat "$RUNS/instruct-ddp" --image "$image" --prompt "What shapes do you see?" \
+        --max-new-tokens 40
+}
+
+export -f ddp_and_chat
+export RUNS PYTHON
+"$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+for check in $CHECKS; do
+    case $check in
+        recipes) run_check recipes 900 "$PYTHON" bench/recipes.py --keep "$RUNS" --out "$OUT/performance.md" ;;
+        compile) run_check compile 600 "$PYTHON" bench/recipes.py --keep "$RUNS" --stages instruct --compile \
+                     --out "$OUT/performance.md" ;;
+        ddp) run_check ddp 600 bash -c ddp_and_chat ;;
+        gpu) run_check gpu 1200 "$PYTHON" bench/gpu.py --qlora --out "$OUT/performance.md" ;;
+        *) echo "unknown check '$check' (recipes, compile, ddp, gpu)"; exit 2 ;;
+    esac
+done
