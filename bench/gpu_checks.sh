@@ -37,7 +37,7 @@ run_check() {  # name, seconds, command...
 }
 
 ddp_and_chat() {
-    accelerate launch --config_file recipes/accelerate/ddp.yaml --num_processes 1 -m vlkit train \
+    "$PYTHON" -m accelerate.commands.launch --config_file recipes/accelerate/ddp.yaml --num_processes 1 -m vlkit train \
         recipes/tiny/instruct.yaml "output_dir=$RUNS/instruct-ddp" "init_from=$RUNS/align" \
         "data.dir=$RUNS/shapes" train.max_steps=20 train.report_to=[] overwrite=true || return
     local image
