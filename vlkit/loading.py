@@ -314,33 +314,32 @@ def load_run_dir(folder: Path, device: torch.device, dtype: torch.dtype | None, 
     return model, processor, {"llm": manifest.bases["llm"].source}
 
 
+def model_on_device(model_class, source: str, device: torch.device, dtype: torch.dtype | None, load_4bit: bool):
+    """`model_class.from_pretrained(source)` on `device`: in `dtype` (None: as saved), or in 4-bit there."""
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if load_4bit:
+        kwargs.update(quantization_config=four_bit_config(dtype or torch.float32), device_map={"": str(device)})
+    model = model_class.from_pretrained(source, **kwargs)
+    if not load_4bit:  # a 4-bit model is placed by device_map and cannot be moved
+        model.to(device)
+    return model
+
+
 def load_vlkit_folder(source: str, device: torch.device, dtype: torch.dtype | None, load_4bit: bool):
     # vlkit's own classes, not the folder's remote code: `--format vlkit` exports carry an auto_map,
     # but with vlkit installed its classes are the same code (and need no trust_remote_code).
     from vlkit.modeling import VlkitForConditionalGeneration
     from vlkit.processing import VlkitProcessor
 
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
-    if load_4bit:
-        kwargs.update(quantization_config=four_bit_config(dtype or torch.float32), device_map={"": str(device)})
-    model = VlkitForConditionalGeneration.from_pretrained(source, **kwargs)
-    processor = VlkitProcessor.from_pretrained(source)
-    if not load_4bit:
-        model.to(device)
-    return model, processor, {}
+    model = model_on_device(VlkitForConditionalGeneration, source, device, dtype, load_4bit)
+    return model, VlkitProcessor.from_pretrained(source), {}
 
 
 def load_llava_folder(source: str, device: torch.device, dtype: torch.dtype | None, load_4bit: bool):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
-    if load_4bit:
-        kwargs.update(quantization_config=four_bit_config(dtype or torch.float32), device_map={"": str(device)})
-    model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
-    processor = AutoProcessor.from_pretrained(source)
-    if not load_4bit:
-        model.to(device)
-    return model, LlavaConversationProcessor(processor, model.config), {}
+    model = model_on_device(LlavaForConditionalGeneration, source, device, dtype, load_4bit)
+    return model, LlavaConversationProcessor(AutoProcessor.from_pretrained(source), model.config), {}
 
 
 FOLDER_LOADERS = {"vlkit": load_vlkit_folder, "llava": load_llava_folder}
