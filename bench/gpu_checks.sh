@@ -2,8 +2,11 @@
 # Every GPU measurement docs/performance.md and the accelerate configs list as unmeasured, in one run,
 # on a machine with one CUDA GPU and vlkit installed (`make install`, or its packages on PYTHONPATH).
 #
-#   bash bench/gpu_checks.sh [OUT]          # OUT (default runs/gpu-checks): logs, run folders, performance.md
-#   CHECKS="recipes qlora" bash bench/gpu_checks.sh    # a subset, in this order
+#   bash bench/gpu_checks.sh [OUT]          # OUT (default runs/gpu-checks): the logs and performance.md
+#   CHECKS="gpu recipes" bash bench/gpu_checks.sh      # a subset, in this order
+#   LIMIT_gpu=500 GPU_ARGS="--rounds 3" RUNS=/tmp/runs bash bench/gpu_checks.sh OUT
+#       LIMIT_<check>: that check's time limit in seconds; GPU_ARGS / RECIPES_ARGS: more arguments for
+#       bench/gpu.py / bench/recipes.py; RUNS: where the run folders go (default OUT/runs)
 #
 # Checks (each bounded by `timeout`, each logged to OUT/<check>.log; a failing check does not stop the rest):
 #   recipes   python bench/recipes.py: the tiny recipes (CLIP, align, LoRA instruct) at GPU size, samples/s
@@ -21,11 +24,12 @@ CHECKS=${CHECKS:-recipes compile ddp gpu}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-RUNS=$OUT/runs
+RUNS=${RUNS:-$OUT/runs}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-run_check() {  # name, seconds, command...
-    local name=$1 seconds=$2
+run_check() {  # name, default seconds (LIMIT_<name> overrides), command...
+    local name=$1 limit_variable=LIMIT_$1
+    local seconds=${!limit_variable:-$2}
     shift 2
     local started=$SECONDS
     echo "== $name (at most ${seconds}s): $*"
@@ -51,11 +55,12 @@ export RUNS PYTHON
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 for check in $CHECKS; do
     case $check in
-        recipes) run_check recipes 900 "$PYTHON" bench/recipes.py --keep "$RUNS" --out "$OUT/performance.md" ;;
+        recipes) run_check recipes 900 "$PYTHON" bench/recipes.py --keep "$RUNS" --out "$OUT/performance.md" \
+                     ${RECIPES_ARGS:-} ;;
         compile) run_check compile 600 "$PYTHON" bench/recipes.py --keep "$RUNS" --stages instruct --compile \
-                     --out "$OUT/performance.md" ;;
+                     --out "$OUT/performance.md" ${RECIPES_ARGS:-} ;;
         ddp) run_check ddp 600 bash -c ddp_and_chat ;;
-        gpu) run_check gpu 1200 "$PYTHON" bench/gpu.py --qlora --out "$OUT/performance.md" ;;
+        gpu) run_check gpu 1200 "$PYTHON" bench/gpu.py --qlora --out "$OUT/performance.md" ${GPU_ARGS:-} ;;
         *) echo "unknown check '$check' (recipes, compile, ddp, gpu)"; exit 2 ;;
     esac
 done
