@@ -259,7 +259,14 @@ def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool):
         activation_checkpointing=train.gradient_checkpointing,  # the v5 name; the old one warns
         save_only_model=False,
         accelerator_config={"use_configured_state": True} if sharded_on_cpu else None,
+        ddp_find_unused_parameters=False if only_the_llm_trains(recipe.tune) else None,
     )
+
+
+def only_the_llm_trains(tune) -> bool:
+    """Whether every trainable weight is the LLM's, which every step uses (DDP then need not search the graph
+    for unused ones each step). Connector and tower weights go unused in a batch without images."""
+    return tune.llm != "frozen" and tune.connector == "frozen" and tune.vision == "frozen"
 
 
 def part_learning_rates(train) -> dict[str, float]:
