@@ -91,7 +91,8 @@ def test_clip_bench(benches):
 
 def test_gpu_bench_at_toy_size(benches):
     out, docs = run_bench(benches, "gpu.py")
-    for variant in ("vlkit ", "vlkit-fp32-lora ", "vlkit-compiled ", "vlkit-compiled-flat ", "llava-frozen", "llava-plain"):
+    for variant in ("vlkit ", "vlkit-fp32-lora ", "vlkit-flat ", "vlkit-compiled ", "vlkit-compiled-flat ",
+                    "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
     assert "failed:" not in out and "out of memory" not in out  # the script reports a failing variant in its row
     assert "instruct MFU (vlkit)" in out and "instruct MFU (vlkit-compiled)" in out and "toy, torch.float32" in out
