@@ -242,7 +242,7 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     return model, processor
 
 
-def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool):
+def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool, model):
     """The stage's TrainingArguments (the builder every stage shares, plus the VLM stages' own)."""
     from vlkit.train.arguments import training_arguments
 
@@ -259,14 +259,18 @@ def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool):
         activation_checkpointing=train.gradient_checkpointing,  # the v5 name; the old one warns
         save_only_model=False,
         accelerator_config={"use_configured_state": True} if sharded_on_cpu else None,
-        ddp_find_unused_parameters=False if only_the_llm_trains(recipe.tune) else None,
+        ddp_find_unused_parameters=False if every_trainable_weight_is_used(recipe.tune, model) else None,
     )
 
 
-def only_the_llm_trains(tune) -> bool:
-    """Whether every trainable weight is the LLM's, which every step uses (DDP then need not search the graph
-    for unused ones each step). Connector and tower weights go unused in a batch without images."""
-    return tune.llm != "frozen" and tune.connector == "frozen" and tune.vision == "frozen"
+def every_trainable_weight_is_used(tune, model) -> bool:
+    """Whether every step uses every trainable weight, so DDP need not search the graph for unused ones each
+    step: only the LLM trains, and it has no experts to route tokens to. Connector and tower weights go unused in a batch
+    without images."""
+    if tune.llm == "frozen" or tune.connector != "frozen" or tune.vision != "frozen":
+        return False
+    # A mixture-of-experts LLM: an expert no token of the batch was routed to gets no gradient.
+    return not any("expert" in name for name, _ in model.language_model.named_modules())
 
 
 def part_learning_rates(train) -> dict[str, float]:
@@ -362,7 +366,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     has_eval = recipe.data.val_file is not None and train.eval_steps is not None
     # The arguments first: on CPU, FSDP and DeepSpeed need accelerate's shared state relabelled
     # (shard_cpu_ranks) before anything creates it, and load_datasets' rank-0-first does.
-    args = stage_arguments(recipe, output, has_eval)
+    args = stage_arguments(recipe, output, has_eval, model)
     name_fsdp_blocks(model)
     PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
     train_set, val_set = load_datasets(recipe.data, processor)
