@@ -12,20 +12,20 @@ dropout 0.05 on every linear layer of the LLM (recipes/llava-1.5-7b/instruct.yam
 supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + LoRA):
 
 - vlkit: packed batch, LM head at labelled positions only, frozen weights build no gradients;
-- vlkit-compiled: the same with `train.compile` (the LLM's decoder layers compiled in place,
-  vlkit/train/compile.py); vlkit and the stock variants run eager;
+- vlkit-fp32-lora: vlkit with the LoRA weights in float32 under bf16 autocast, as `vlkit train` runs a
+  bf16 model (peft keeps adapters in float32; the Trainer's `bf16` is autocast). Against vlkit (LoRA
+  weights in bf16, no autocast) it measures the "LoRA in bf16" lever. (Toy size: float32 both.)
 - vlkit-flat: vlkit with `data.packing: flat` and flex attention (`model.attn_implementation:
   flex_attention`): the batch in one row, no pad token, each sample's causal block only. Against vlkit
   it measures the padding-free lever. (At toy size on CPU the LLM uses eager attention: flex attention
   has no backward there.)
-- vlkit-compiled-flat: both levers, vlkit-flat with the decoder layers compiled.
-The variants are timed in this order, so the layers are compiled only after the eager variants ran.
-- vlkit-fp32-lora: vlkit with the LoRA weights in float32 under bf16 autocast, as `vlkit train` runs a
-  bf16 model (peft keeps adapters in float32; the Trainer's `bf16` is autocast). Against vlkit (LoRA
-  weights in bf16, no autocast) it measures the "LoRA in bf16" lever. (Toy size: float32 both.)
+- vlkit-compiled: vlkit with `train.compile` (the LLM's decoder layers compiled in place,
+  vlkit/train/compile.py); the variants above and the stock ones run eager;
+- vlkit-compiled-flat: both levers, vlkit-flat with the decoder layers compiled;
 - llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
+The variants are timed in this order, so the layers are compiled only after the eager vlkit variants ran.
 - vlkit-qlora (with `--qlora`, after the others, which are freed first): the LLM saved and loaded
   back in 4-bit with vlkit's one quantization config (NF4, double quantization;
   `vlkit.run_folder.quantization_config`), LoRA as above on top (`tune.llm: qlora`). Its row gives
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         except torch.OutOfMemoryError:
             rows.append([name, "out of memory", "", "", ""])
         except Exception as error:  # noqa: BLE001 - one variant's failure must not cost the others' figures
-            rows.append([name, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}", "", "", ""])
+            rows.append([name, f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}", "", "", ""])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     notes = []

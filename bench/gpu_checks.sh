@@ -18,12 +18,12 @@
 #             then the QLoRA step's peak GPU memory
 # The benchmarks' tables go to OUT/performance.md (copy the sections into docs/performance.md).
 set -uo pipefail
+OUT=${1:-$(dirname "$0")/../runs/gpu-checks}  # a relative OUT is taken from where the script is run
+mkdir -p "$OUT" || exit 1
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-OUT=${1:-runs/gpu-checks}
 CHECKS=${CHECKS:-recipes compile ddp gpu}
 PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 RUNS=${RUNS:-$OUT/runs}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -50,9 +50,16 @@ ddp_and_chat() {
         --max-new-tokens 40
 }
 
+for check in $CHECKS; do  # every name checked before any check runs
+    case $check in
+        recipes | compile | ddp | gpu) ;;
+        *) echo "unknown check '$check' (recipes, compile, ddp, gpu)"; exit 2 ;;
+    esac
+done
 export -f ddp_and_chat
 export RUNS PYTHON
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+failed=""
 for check in $CHECKS; do
     case $check in
         recipes) run_check recipes 900 "$PYTHON" bench/recipes.py --keep "$RUNS" --out "$OUT/performance.md" \
@@ -61,6 +68,10 @@ for check in $CHECKS; do
                      --out "$OUT/performance.md" ${RECIPES_ARGS:-} ;;
         ddp) run_check ddp 600 bash -c ddp_and_chat ;;
         gpu) run_check gpu 1200 "$PYTHON" bench/gpu.py --qlora --out "$OUT/performance.md" ${GPU_ARGS:-} ;;
-        *) echo "unknown check '$check' (recipes, compile, ddp, gpu)"; exit 2 ;;
-    esac
+    esac || failed="$failed $check"
 done
+if [ -n "$failed" ]; then
+    echo "== failed:$failed"
+    exit 1
+fi
+echo "== every check passed"

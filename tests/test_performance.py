@@ -23,7 +23,7 @@ from vlkit.compat import set_attention_implementation
 from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.images import load_image
-from vlkit.data.packing import pack_rows, packing_supported
+from vlkit.data.packing import collator_packing, pack_rows, packing_supported
 from vlkit.data.prefix import shared_prefix_length
 from vlkit.errors import ConfigError
 from vlkit.features import (
@@ -211,7 +211,7 @@ def test_recipe_switch_defaults_and_errors(tmp_path, shapes_dir, tiny_vision_dir
 
 def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_run(tmp_path, shapes_dir,
                                                                                  tiny_vision_dir, tiny_llm_dir):
-    from vlkit.train.run import plan_run, prepared_model
+    from vlkit.train.run import plan_run
 
     tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir)
     tree["data"]["packing"] = "flat"
@@ -225,9 +225,9 @@ def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_ru
     tree["model"] = {**tree.get("model", {}), "attn_implementation": "flex_attention"}
     recipe = load_recipe(write_recipe(tmp_path / "b.yaml", tree))
     assert recipe.data.packing == "flat"
-    if torch.accelerator.current_accelerator() is None:
+    if torch.accelerator.current_accelerator() is None:  # refused before the run folder is touched
         with pytest.raises(ConfigError, match="flex_attention trains only on a GPU"):
-            prepared_model(recipe, plan_run(recipe))
+            plan_run(recipe)
 
 
 # --- 2b. texts encoded once per data set -------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_flat_packing_puts_the_batch_in_one_row_with_the_padded_loss_and_grads(v
     assert flat["input_ids"].shape == (1, total) and "attention_mask" not in flat
     assert (flat["position_ids"][0] == 0).sum() == len(items)  # every sample restarts its positions
     flat_rounded = VlkitCollator(pad, pack="flat", pad_to_multiple_of=64)(items)
-    assert flat_rounded["input_ids"].shape[1] % 64 == 0 and flat_rounded["input_ids"].shape[1] > total
+    assert flat_rounded["input_ids"].shape[1] == -(-total // 64) * 64
 
     padded = VlkitCollator(pad)(items)
     reference = loss_and_grads(model, padded)
@@ -379,14 +379,24 @@ def test_flat_packing_puts_the_batch_in_one_row_with_the_padded_loss_and_grads(v
         VlkitCollator(pad, pack="rows")
 
 
-def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir):
+def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir, monkeypatch):
     """The kernel flat packing is for: transformers gives flex attention a block mask per sample, so each
     sample's logits in the one row are its logits alone (forward only: flex attention's backward needs a GPU)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     model, processor = vlm
     items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
     pad = processor.tokenizer.pad_token_id
     model.logits_at_labels_only = False
     model.eval()
+    flex_calls = []
+    flex = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+
+    def counted_flex(*args, **kwargs):
+        flex_calls.append(type(kwargs.get("attention_mask", args[4] if len(args) > 4 else None)).__name__)
+        return flex(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", counted_flex)
     with torch.no_grad():
         alone = [model(**VlkitCollator(pad)([item])).logits[0] for item in items]
         set_attention_implementation(model.language_model.config, "flex_attention")
@@ -396,6 +406,8 @@ def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir):
     segments = [logits[start : start + len(expected)] for start, expected in zip(starts, sorted(alone, key=len, reverse=True))]
     for expected, segment in zip(sorted(alone, key=len, reverse=True), segments):
         assert torch.allclose(expected, segment, atol=1e-4)
+    layers = model.language_model.config.get_text_config().num_hidden_layers
+    assert flex_calls == ["BlockMask"] * layers  # flex ran, once per layer, with a block mask
 
 
 def test_shared_prefix_stops_before_images_answers_and_the_last_token():
@@ -469,6 +481,19 @@ def test_packing_support_is_checked(vlm):
 
     model.language_model.forward = ignores_positions
     assert not packing_supported(model)
+    assert collator_packing(True, model) is False and collator_packing("flat", model) is False
+
+
+def test_packing_is_flat_under_flash_attention(vlm, monkeypatch):
+    """Flash attention reads restarting positions only in a one-row batch: packed rows would mix samples there."""
+    import vlkit.data.packing
+
+    model, _ = vlm
+    assert collator_packing(True, model) is True and collator_packing("flat", model) == "flat"
+    assert collator_packing(False, model) is False
+    monkeypatch.setattr(vlkit.data.packing, "packing_supported", lambda model: True)  # no flash-attn on this machine
+    set_attention_implementation(model.language_model.config, "flash_attention_2")
+    assert collator_packing(True, model) == "flat" and collator_packing("flat", model) == "flat"
 
 
 # --- 4. nothing kept for frozen parts -------------------------------------------------------------------

@@ -86,9 +86,20 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
     if first["type"] == "missing":
         return f"recipe key '{where}' is required"
     message = first["msg"].removeprefix("Value error, ")
-    if isinstance(first.get("input"), dict):  # a check across keys: the message names them; the tree is noise
+    if _names_a_section(schema, location):  # a check across keys: the message names them; the tree is noise
         return f"{'recipe' if where == 'recipe' else f'recipe section {where!r}'}: {message}"
     return f"recipe key '{where}': {message} (got {first.get('input')!r})"
+
+
+def _names_a_section(schema: type[BaseModel], location: tuple) -> bool:
+    """Whether `location` is the whole recipe or one of its sections (not a key holding a value)."""
+    section: Any = schema
+    for part in location:
+        field = section.model_fields.get(str(part))
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return False
+    return True
 
 
 def validate_tree(tree: dict, schema: type[BaseModel]) -> Any:

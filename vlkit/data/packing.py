@@ -4,8 +4,8 @@ A batch of samples is laid into rows no longer than its longest sample (first-fi
 no row is longer than in the padded batch, and there are fewer rows. Each sample's position ids
 restart at 0; with no 2-D `attention_mask` and no cache, transformers' mask builder reads those restarts
 (`masking_utils.find_packed_sequence_indices`) and gives every sample its own causal block, so no
-token attends across samples (sdpa, eager and flex attention alike; flash attention reads the same
-position ids). The loss is a sum over the same supervised tokens, so it equals the padded batch's.
+token attends across samples (sdpa, eager and flex attention alike). Flash attention reads the
+restarts only in a batch of one row, so under it packing is always flat (`collator_packing`). The loss is a sum over the same supervised tokens, so it equals the padded batch's.
 
 Flat packing (`data.packing: flat`) lays the whole batch into one row as long as all its samples
 together, so no pad token is computed at all. Every attention call then spans the batch, which pays
@@ -87,6 +87,19 @@ def pack_batch(
         position_ids[row, start:] = torch.arange(n, n + capacity - start)
     # use_cache=False: transformers reads restarting positions only when no cache is being built.
     return {"input_ids": input_ids, "labels": batch_labels, "position_ids": position_ids, "use_cache": False}, order
+
+
+def collator_packing(requested: bool | str, model) -> bool | str:
+    """`data.packing` as the collator takes it for this model: off when the LLM ignores restarting positions
+    (`packing_supported`); flat under flash attention, which reads restarts only in a batch of one row
+    (transformers' `_is_packed_sequence`): several packed rows would attend across samples there."""
+    from vlkit.compat import attention_implementation
+
+    if not requested or not packing_supported(model):
+        return False
+    if str(attention_implementation(model.language_model.config)).startswith("flash_attention"):
+        return "flat"
+    return requested
 
 
 @torch.no_grad()

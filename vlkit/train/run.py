@@ -103,6 +103,9 @@ def plan_run(recipe: VlmRecipe) -> Plan:
         connector = parent["model"]["connector"]
     if vision is None:
         raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
+    if recipe.model.attn_implementation == "flex_attention" and torch.accelerator.current_accelerator() is None:
+        raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
+                          "has no backward pass on CPU); use sdpa here (with data.packing: true, not flat)")
     return Plan(
         recipe=recipe, vision=vision, llm=llm or DEFAULT_LLM, connector=connector or {"type": "mlp", "depth": 2},
         resume_from=resolve_resume(recipe), parent=parent,
@@ -223,9 +226,6 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     """(model, processor) of the stage with its adapters and freezing applied, the trainable table logged."""
     from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
 
-    if recipe.model.attn_implementation == "flex_attention" and torch.accelerator.current_accelerator() is None:
-        raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
-                          "has no backward pass on CPU); use sdpa here")
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
@@ -265,9 +265,11 @@ def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool, model):
 
 def every_trainable_weight_is_used(tune, model) -> bool:
     """Whether every step uses every trainable weight, so DDP need not search the graph for unused ones each
-    step: only the LLM trains, and it has no experts to route tokens to. Connector and tower weights go unused in a batch
+    step: only LoRA on the LLM trains, and the LLM has no experts to route tokens to. Connector and tower weights go unused in a batch
     without images."""
-    if tune.llm == "frozen" or tune.connector != "frozen" or tune.vision != "frozen":
+    # LoRA only: a fully trained LLM may hold weights its forward skips when given inputs_embeds, as vlkit gives
+    # it (Gemma 3n's per-layer embeddings, say).
+    if tune.llm not in ("lora", "qlora") or tune.connector != "frozen" or tune.vision != "frozen":
         return False
     # A mixture-of-experts LLM: an expert no token of the batch was routed to gets no gradient.
     return not any("expert" in name for name, _ in model.language_model.named_modules())
@@ -344,7 +346,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     from transformers import set_seed
 
     from vlkit.data.collate import VlkitCollator
-    from vlkit.data.packing import packing_supported
+    from vlkit.data.packing import collator_packing
     from vlkit.train.checkpoint import build_manifest
     from vlkit.train.profile import profile_callbacks
     from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
@@ -372,7 +374,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
-    pack = recipe.data.packing if recipe.data.packing and packing_supported(model) else False
+    pack = collator_packing(recipe.data.packing, model)
     set_loss_average(model, recipe.train.loss_average)
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
