@@ -12,6 +12,7 @@
 #   recipes   python bench/recipes.py: the tiny recipes (CLIP, align, LoRA instruct) at GPU size, samples/s
 #             and one step's profile; the run folders stay in OUT/runs for the checks below
 #   compile   the same instruct stage with train.compile
+#   flat      the same instruct stage with data.packing: flat and flex attention (padding-free)
 #   ddp       recipes/accelerate/ddp.yaml with one process: the tiny instruct recipe through
 #             `accelerate launch`, then `vlkit chat` on the result answers one question about an image
 #   gpu       python bench/gpu.py --qlora: the LLaVA-1.5-7B-shaped LoRA instruct step, every variant,
@@ -22,7 +23,7 @@ OUT=${1:-$(dirname "$0")/../runs/gpu-checks}  # a relative OUT is taken from whe
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-CHECKS=${CHECKS:-recipes compile ddp gpu}
+CHECKS=${CHECKS:-recipes compile flat ddp gpu}
 PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-$OUT/runs}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -52,8 +53,8 @@ ddp_and_chat() {
 
 for check in $CHECKS; do  # every name checked before any check runs
     case $check in
-        recipes | compile | ddp | gpu) ;;
-        *) echo "unknown check '$check' (recipes, compile, ddp, gpu)"; exit 2 ;;
+        recipes | compile | flat | ddp | gpu) ;;
+        *) echo "unknown check '$check' (recipes, compile, flat, ddp, gpu)"; exit 2 ;;
     esac
 done
 export -f ddp_and_chat
@@ -66,6 +67,8 @@ for check in $CHECKS; do
                      ${RECIPES_ARGS:-} ;;
         compile) run_check compile 600 "$PYTHON" bench/recipes.py --keep "$RUNS" --stages instruct --compile \
                      --out "$OUT/performance.md" ${RECIPES_ARGS:-} ;;
+        flat) run_check flat 600 "$PYTHON" bench/recipes.py --keep "$RUNS" --stages instruct --flat \
+                  --out "$OUT/performance.md" ${RECIPES_ARGS:-} ;;
         ddp) run_check ddp 600 bash -c ddp_and_chat ;;
         gpu) run_check gpu 1200 "$PYTHON" bench/gpu.py --qlora --out "$OUT/performance.md" ${GPU_ARGS:-} ;;
     esac || failed="$failed $check"

@@ -3,6 +3,7 @@
     python bench/recipes.py                       # GPU: CLIP, align (the visual_words reader), LoRA instruct on SmolLM2
     python bench/recipes.py --instruct-batch 128 --steps 60
     python bench/recipes.py --stages instruct --keep runs/bench --compile   # again, with train.compile
+    python bench/recipes.py --stages instruct --keep runs/bench --flat      # again, padding-free (flex attention)
     python bench/recipes.py --toy --llm DIR --vision DIR --data DIR --no-append   # CPU, tiny models (tests)
 
 Each stage is `recipes/tiny/<stage>.yaml` as `make demo` runs it (vlkit.demo.stage_recipe), with a
@@ -47,7 +48,8 @@ def stage_overrides(args, stage: str, data_dir: Path, out: Path) -> list[str]:
         vision = args.vision or out / "clip"
         return [*common, f"model.vision={vision}", f"model.llm={args.llm}"]
     # The tiny align stage is the visual_words reader, outside the LLM: only instruct has layers to compile.
-    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else [])]
+    flat = ["data.packing=flat", "model.attn_implementation=flex_attention"] if args.flat else []
+    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else []), *flat]
 
 
 def steady_samples_per_s(summary: dict) -> float | None:
@@ -80,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--align-batch", type=int, default=1024)
     parser.add_argument("--instruct-batch", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="train.compile on the instruct stage")
+    parser.add_argument("--flat", action="store_true",
+                        help="instruct with data.packing: flat and flex attention (GPU: flex has no backward on CPU)")
     parser.add_argument("--keep", default=None, help="write the runs here instead of a temporary folder")
     parser.add_argument("--toy", action="store_true", help="a few small steps on CPU (tests)")
     add_run_options(parser)
     args = parser.parse_args(argv)
+    if args.flat and not torch.cuda.is_available():
+        raise SystemExit("--flat needs a GPU: torch's flex attention has no backward pass on CPU")
     if args.toy:
         args.steps, args.profile_step, args.logging_steps = 4, 3, 1
         args.clip_batch, args.align_batch, args.instruct_batch = 8, 8, 2
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                          *profile_head(out / stage, TOP_OPERATORS_SHOWN), "```", ""]
     table = markdown_table(["stage", "steps", "batch", "samples/s (steady)", "samples/s (whole run)"], rows)
     body = "\n".join([f"{device}; LLM {args.llm}; {args.steps} steps a stage, step {args.profile_step} profiled"
-                      f"{'; instruct with train.compile' if args.compile else ''}.", "",
+                      f"{'; instruct with train.compile' if args.compile else ''}"
+                      f"{'; instruct flat-packed with flex attention' if args.flat else ''}.", "",
                       table, "", *lines, "", *profiles])
     publish("Tiny recipes at GPU size: samples/s and one step's profile", body, args)
     return 0

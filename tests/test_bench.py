@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import HANG_GUARD_S
 from train_helpers import REPO, finish
 
@@ -136,3 +137,12 @@ def test_gpu_checks_script_parses_and_names_a_bad_check(tmp_path):
                             text=True, env={**os.environ, "CHECKS": "nonsense", "PYTHON": sys.executable},
                             timeout=HANG_GUARD_S)
     assert result.returncode == 2 and "unknown check 'nonsense'" in result.stdout
+
+
+def test_recipes_bench_says_flat_packing_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU --flat runs; this checks its one-line refusal without one")
+    result = subprocess.run([sys.executable, "bench/recipes.py", "--toy", "--flat", "--no-append"], cwd=REPO,
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "--flat needs a GPU: torch's flex attention has no backward pass on CPU")
