@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import gc
 import shutil
 import statistics
@@ -58,7 +59,7 @@ from common import (
     start,
     verdict,
 )
-from parts import llava_twin, lora_on_llava, train_step_flops
+from parts import llava_twin, lora_on_llava, train_step_flops, trainable
 
 MFU_GOAL = 0.50
 SPEEDUP_GOAL = 1.3
@@ -224,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     flat = to_device(VlkitCollator(0, pack="flat")(items), device, dtype)
     flat_attention = "eager" if device.type == "cpu" else "flex_attention"  # flex has no backward on CPU
 
-    def step_of(module, batch, optimizer, compiled=False, autocast=False, attention=None):
+    def step_of(module, batch, params=None, compiled=False, autocast=False, attention=None):
+        """One timed step: AdamW on `params` (default: the module's trainable weights)."""
+        optimizer = torch.optim.AdamW(params if params is not None else trainable(module))
+
         def step():
             with contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager"), \
                     torch.autocast(device.type, dtype=dtype, enabled=autocast), llm_attention(module, attention):
@@ -250,38 +254,30 @@ def main(argv: list[str] | None = None) -> int:
 
     steps, settings = {}, {}
     if "vlkit" in names:
-        steps["vlkit"] = step_of(model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+        steps["vlkit"] = step_of(model, packed)
     if "vlkit-fp32-lora" in names:
-        steps["vlkit-fp32-lora"] = step_of(model, packed, torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad]), autocast=dtype != torch.float32)
+        steps["vlkit-fp32-lora"] = step_of(model, packed, autocast=dtype != torch.float32)
         settings["vlkit-fp32-lora"] = lambda: lora_weights_in(model, torch.float32)
     if "vlkit-flat" in names:  # timed before the layers are compiled; the flex kernel is compiled by transformers
-        steps["vlkit-flat"] = step_of(model, flat, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
-                                      compiled=True, attention=flat_attention)
-    compiled_layers = []
+        steps["vlkit-flat"] = step_of(model, flat, compiled=True, attention=flat_attention)
 
-    @contextlib.contextmanager
-    def layers_compiled():
+    @functools.cache
+    def layers_compiled() -> contextlib.nullcontext:
         """The LLM's decoder layers compiled in place, once, when the first compiled variant is timed."""
-        if not compiled_layers:
-            from vlkit.train.compile import compile_decoder_layers
+        from vlkit.train.compile import compile_decoder_layers
 
-            compile_decoder_layers(model, around_cache=False)  # LoRA trains the LLM: no shared prefix, no cache
-            compiled_layers.append(True)
-        yield
+        compile_decoder_layers(model, around_cache=False)  # LoRA trains the LLM: no shared prefix, no cache
+        return contextlib.nullcontext()
 
     if "vlkit-compiled" in names:
-        steps["vlkit-compiled"] = step_of(
-            model, packed, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), compiled=True)
+        steps["vlkit-compiled"] = step_of(model, packed, compiled=True)
         settings["vlkit-compiled"] = layers_compiled
     if "vlkit-compiled-flat" in names:
-        steps["vlkit-compiled-flat"] = step_of(
-            model, flat, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), compiled=True,
-            attention=flat_attention)
+        steps["vlkit-compiled-flat"] = step_of(model, flat, compiled=True, attention=flat_attention)
         settings["vlkit-compiled-flat"] = layers_compiled
     for name, llava in twins.items():
-        params = [p for n, p in llava.named_parameters() if "lora_" in n or "multi_modal_projector" in n]
-        steps[name] = step_of(llava, padded, torch.optim.AdamW(params))
+        steps[name] = step_of(llava, padded, [p for n, p in llava.named_parameters()
+                                              if "lora_" in n or "multi_modal_projector" in n])
     peak = matmul_peak(dtype, device, n=512 if args.toy else 8192)
     lengths = [len(item["input_ids"]) for item in items]
     flops = sum(train_step_flops(model, lengths, int((padded["labels"][:, 1:] != -100).sum()), len(items),
@@ -308,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         quantized = qlora_model(config, tower, llm_folder, lora, device, dtype)
         shutil.rmtree(llm_folder, ignore_errors=True)
-        step = step_of(quantized, packed, torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad]),
-                       autocast=dtype != torch.float32)
+        step = step_of(quantized, packed, autocast=dtype != torch.float32)
         peak_rss: dict[str, float] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -69,6 +69,11 @@ def first_samples(folder: Path, stage: str, n: int):
     return samples.select(range(min(n, len(samples))))
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights an optimizer steps: those that require a gradient."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def llava_twin(model) -> torch.nn.Module:
     """A stock LlavaForConditionalGeneration sharing the vlkit model's weight tensors (no copy)."""
     from vlkit.export.llava import llava_weight_name, to_llava

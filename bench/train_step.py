@@ -54,7 +54,15 @@ from common import (
     start,
     verdict,
 )
-from parts import default_vision, first_samples, llava_twin, lora_on_llava, shapes_data, train_step_flops
+from parts import (
+    default_vision,
+    first_samples,
+    llava_twin,
+    lora_on_llava,
+    shapes_data,
+    train_step_flops,
+    trainable,
+)
 
 GOALS = {"align": 2.0, "instruct": 1.3}
 MFU_GOAL = 0.50
@@ -83,10 +91,6 @@ class Variant:
             self.optimizer.zero_grad(set_to_none=True)
             self.model(**self.batch).loss.backward()
             self.optimizer.step()
-
-
-def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
 
 
 def restarting_padding(batch: dict, lengths: list[int]) -> dict | None:

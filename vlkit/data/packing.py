@@ -5,7 +5,8 @@ no row is longer than in the padded batch, and there are fewer rows. Each sample
 restart at 0; with no 2-D `attention_mask` and no cache, transformers' mask builder reads those restarts
 (`masking_utils.find_packed_sequence_indices`) and gives every sample its own causal block, so no
 token attends across samples (sdpa, eager and flex attention alike). Flash attention reads the
-restarts only in a batch of one row, so under it packing is always flat (`collator_packing`). The loss is a sum over the same supervised tokens, so it equals the padded batch's.
+restarts only in a batch of one row, so under it packing is always flat (`collator_packing`). The
+loss is a sum over the same supervised tokens, so it equals the padded batch's.
 
 Flat packing (`data.packing: flat`) lays the whole batch into one row as long as all its samples
 together, so no pad token is computed at all. Every attention call then spans the batch, which pays
@@ -66,8 +67,8 @@ def pack_batch(
     ignored labels whose positions continue the row's last sample: a row that holds one sample then
     has no restart, and when no row has one transformers builds no mask and sdpa runs its causal
     kernel; on a GPU that is the flash kernel, on CPU the gain is within allocator noise
-    (bench/train_step.py, vlkit-masked). The padding attends only to
-    tokens before it, and nothing attends to it, so the loss does not change.
+    (bench/train_step.py, vlkit-masked). The padding attends only to tokens before it, and nothing
+    attends to it, so the loss does not change.
     """
     rows = pack_rows([len(x) for x in ids], capacity)
     input_ids = torch.full((len(rows), capacity), pad_token_id, dtype=torch.long)
