@@ -230,6 +230,19 @@ def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_ru
             plan_run(recipe)
 
 
+# --- 2. logits only where labels are ---------------------------------------------------------------------
+@pytest.mark.parametrize("loss_average", ["token", "square"])
+def test_every_stage_trains_with_labels_only_logits(tiny_vision_dir, tiny_llm_dir, loss_average):
+    """train_vlm's set_loss_average turns the labels-only loss on for the default token average too."""
+    from vlkit.train.run import set_loss_average
+
+    model, _ = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2})
+    assert not model.logits_at_labels_only
+    set_loss_average(model, loss_average)
+    assert model.logits_at_labels_only
+    assert model.loss_turn_power == (None if loss_average == "token" else 0.5)
+
+
 # --- 2b. texts encoded once per data set -------------------------------------------------------------
 def test_cached_text_encoding_gives_what_encode_conversation_gives(vlm, image_dir):
     model, processor = vlm

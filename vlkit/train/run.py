@@ -331,10 +331,12 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: 
 
 
 def set_loss_average(model: Any, loss_average: str) -> None:
-    """Weight the loss per turn (train.loss_average) where vlkit's labels-only loss can: it alone sees turns."""
+    """Turn on labels-only logits where they give the LLM's own loss, and weight the loss per turn
+    (train.loss_average) where asked: only vlkit's labels-only loss sees turns."""
+    labels_only = model.use_loss_at_labels()
     if loss_average == "token":
         return
-    if not model.use_loss_at_labels():
+    if not labels_only:
         raise ConfigError(f"train.loss_average: {loss_average} needs vlkit's labels-only loss, which "
                           "this LLM does not allow (it changes its logits after the head); use train.loss_average: token")
     model.loss_turn_power = TURN_POWERS[loss_average]
