@@ -546,6 +546,36 @@ def test_optimizer_and_gradients_cover_only_trainable_parameters(vlm, image_dir,
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
+# --- 4b. LoRA's scale on the rank side -----------------------------------------------------------------------
+def test_lora_scale_on_the_rank_side_gives_peft_loss_grads_and_merge(vlm, image_dir):
+    """Every LoRA linear vlkit makes computes B(A(x) * scale): peft's loss, gradients and merged weights."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from vlkit.lora_scale import RankSideScale, scale_on_rank_side
+
+    model, processor = vlm
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    linears = [m for m in model.language_model.modules() if isinstance(m, LoraLinear)]
+    assert linears and all(isinstance(m.lora_variant["default"], RankSideScale) for m in linears)
+    batch = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)
+    rank_side = loss_and_grads(model, batch)
+    for module in linears:
+        module.lora_variant.clear()  # peft's own LoRA forward
+    assert_same(loss_and_grads(model, batch), rank_side)
+    assert scale_on_rank_side(model.language_model) == len(linears)
+
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batch).loss
+        model.language_model = model.language_model.merge_and_unload()  # through RankSideScale.merge_unsafe
+        assert torch.allclose(model(**batch).loss, unmerged, atol=1e-6)
+
+    # An adapter with a variant of its own (DoRA) keeps it.
+    dora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    assert scale_on_rank_side(dora) == 0
+
+
 # --- 5. generation from features computed once ------------------------------------------------------------
 def test_generate_from_precomputed_features_matches_pixels(vlm):
     model, processor = vlm

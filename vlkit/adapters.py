@@ -2,7 +2,8 @@
 
 Training puts them on before it trains (`vlkit.train`), and rebuilding a run folder puts the same
 ones on before it loads the trained weights (`vlkit.run_folder`), so the adapter names match. Below
-`train/` because inference rebuilds runs too.
+`train/` because inference rebuilds runs too. Every plain LoRA linear they make applies its scale on
+the rank side (`vlkit.lora_scale`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def apply_adapters(model: VlkitForConditionalGeneration, tune: TuneSection) -> N
     """Wrap the LLM and/or the vision tower with LoRA, as `tune` asks (idempotent per part)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from vlkit.lora_scale import scale_on_rank_side
+
     if tune.llm in ("lora", "qlora") and not hasattr(model.language_model, "peft_config"):
         if tune.llm == "qlora":
             # Casts norms to fp32 and enables input grads for the 4-bit base; no checkpointing here.
@@ -62,5 +65,7 @@ def apply_adapters(model: VlkitForConditionalGeneration, tune: TuneSection) -> N
         model.language_model = get_peft_model(
             model.language_model, lora_config(tune, targets, "CAUSAL_LM", layers)
         )
+        scale_on_rank_side(model.language_model)
     if tune.vision == "lora" and not hasattr(model.vision_tower, "peft_config"):
         model.vision_tower = get_peft_model(model.vision_tower, lora_config(tune, tune.vision_lora_target_modules, None))
+        scale_on_rank_side(model.vision_tower)
