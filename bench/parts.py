@@ -115,10 +115,13 @@ def train_step_flops(
 
     Frozen weights need no weight gradients: the frozen LLM costs 2 (forward) + 2 (input gradient)
     FLOPs per weight per token; LoRA weights 2 + 4. Attention is counted causal (the half that is
-    computed), the LM head only at the `supervised` positions the loss reads, the connector at
-    image tokens, and the frozen tower forward only when it runs (not when features are cached). A
-    `shared_prefix` of P tokens runs once for the batch, not once per sample.
+    computed), the LM head only at the `supervised` positions the loss reads, and so the last decoder
+    layer's query/output projections and MLP where the model trims them (`vlkit.last_layer`), the
+    connector at image tokens, and the frozen tower forward only when it runs (not when features are
+    cached). A `shared_prefix` of P tokens runs once for the batch, not once per sample.
     """
+    from vlkit.last_layer import position_wise_parts
+
     text = model.config.text_config
     decoder_layers = model.language_model.get_decoder().layers
     body = _linear_params(decoder_layers, lora=False)
@@ -131,8 +134,13 @@ def train_step_flops(
     head = model.get_output_embeddings()
     connector = sum(p.numel() for p in model.connector.parameters() if p.ndim == 2)
     image_tokens = images * model.config.image_seq_length
+    unread = 0  # the trimmed layer's per-token work at positions the head does not read
+    if getattr(model, "trim_last_layer", False):
+        parts = position_wise_parts(decoder_layers[-1])
+        unread = (4 * sum(_linear_params(p, lora=False) for p in parts)
+                  + 6 * sum(_linear_params(p, lora=True) for p in parts)) * (tokens - shared_prefix - supervised)  # the prefix's cache runs the whole layer
     flops = {
-        "llm": 4 * body * tokens + 6 * lora * tokens,
+        "llm": 4 * body * tokens + 6 * lora * tokens - unread,
         "attention": 3 * attention_forward,  # forward + 2x for the backward
         "lm_head": 4 * head.in_features * head.out_features * supervised,
         "connector": 6 * connector * image_tokens,

@@ -9,10 +9,12 @@ AdamW step, on:
 
 - vlkit: its training path. Align: the tower's features come from the feature cache, samples are
   packed or their common prefix runs once through the frozen LLM (whichever takes fewer token
-  slots), the LM head runs at labelled positions only, frozen weights build no gradients (AdamW
-  on the connector). Instruct: the same with LoRA on the LLM, packed (the prefix is shared only
-  while the LLM is frozen), tower run every step (the default:
-  `data.cache_vision_features` is off for instruct), AdamW on connector + LoRA.
+  slots), the LM head runs at labelled positions only, and so do the last decoder layer's query and
+  output projections and MLP (`vlkit.last_layer`), frozen weights build no gradients (AdamW on the
+  connector). Instruct: the same with LoRA on the LLM (its scale on the rank side,
+  `vlkit.lora_scale`; the Llava side runs peft's own), packed (the prefix is shared only while the
+  LLM is frozen), tower run every step (the default: `data.cache_vision_features` is off for
+  instruct), AdamW on connector + LoRA.
 - vlkit-compiled: the same with `train.compile` (vlkit/train/compile.py): the LLM's decoder layers
   compiled in place; every other variant runs eager (`torch.compiler.set_stance("force_eager")`).
   Its compile falls in the warm-up round, and so does its peak RSS.

@@ -7,6 +7,7 @@ generation from precomputed features (vs pixels). Speed is measured in bench/, n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -241,6 +242,47 @@ def test_every_stage_trains_with_labels_only_logits(tiny_vision_dir, tiny_llm_di
     set_loss_average(model, loss_average)
     assert model.logits_at_labels_only
     assert model.loss_turn_power == (None if loss_average == "token" else 0.5)
+
+
+@pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)],
+                         ids=["align-shared-prefix", "lora-packed"])
+def test_the_last_layer_runs_its_position_wise_parts_where_the_head_reads(vlm, image_dir, tune):
+    """`vlkit.last_layer`: the last decoder layer's q/o projections and MLP run on the supervised positions only,
+    with the full layer's loss and gradients."""
+    model, processor = vlm
+    assert model.trim_last_layer  # the probe found the tiny Llama's last layer position-wise
+    items = tuned_items(model, processor, image_dir, tune)
+    pad = processor.tokenizer.pad_token_id
+    if tune.llm == "frozen":
+        batch = VlkitCollator(pad, share_prefix_before=processor.image_token_id)(items)
+    else:
+        batch = VlkitCollator(pad, pack=True)(items)
+    assert ("prefix_ids" in batch) == (tune.llm == "frozen")
+    layer = model.language_model.get_decoder().layers[-1]
+    rows = []
+    handle = layer.mlp.register_forward_hook(lambda module, args, output: rows.append(output.shape[:-1].numel()))
+    trimmed = loss_and_grads(model, batch)
+    handle.remove()
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    prefix_rows = batch["prefix_ids"].shape[1] if "prefix_ids" in batch else None  # the prefix's cache: whole
+    assert rows == [r for r in (prefix_rows, supervised) if r is not None]
+    model.trim_last_layer = False
+    assert_same(loss_and_grads(model, batch), trimmed, atol=1e-5)
+
+
+def test_the_last_layer_is_trimmed_only_where_that_is_the_same_function(vlm):
+    model, _ = vlm
+    layer = model.language_model.get_decoder().layers[-1]
+    labels = torch.tensor([[-100, 5, 6]])
+    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.AbstractContextManager)
+    assert not isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
+    own_forward = layer.mlp.forward
+    layer.mlp.forward = lambda x: own_forward(x) + x.mean(dim=-2, keepdim=True)  # an MLP that mixes positions
+    assert model.use_loss_at_labels() and not model.trim_last_layer
+    del layer.mlp.forward
+    assert model.use_loss_at_labels() and model.trim_last_layer
+    layer.compile()  # train.compile: hooks added each step would recompile the layer
+    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
 
 
 # --- 2b. texts encoded once per data set -------------------------------------------------------------

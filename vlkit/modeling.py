@@ -13,6 +13,7 @@ vision hidden states [I, P + N, Dv] (P prefix tokens, N patches); connector outp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,7 @@ from vlkit.compat import cache_argument, cache_keyword, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
 from vlkit.feature_maps import as_tokens, feature_width, tower_input
+from vlkit.last_layer import is_compiled, last_decoder_layer, last_layer_at, trims_last_layer
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         # Training-only: apply the LM head at supervised positions only. Off unless the training code
         # turns it on with `use_loss_at_labels()`, which first checks that the loss stays the LLM's own.
         self.logits_at_labels_only = False
+        # With it, the last decoder layer's position-wise parts run at supervised positions only
+        # (`vlkit.last_layer`), where `use_loss_at_labels()` finds that gives the same loss.
+        self.trim_last_layer = False
         # Training-only too (`train.loss_average: turn | square`): the labels-only loss weighs each answer
         # turn's tokens by 1 / length ** this power (None: the plain token average).
         self.loss_turn_power: float | None = None
@@ -305,11 +310,25 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         Trainer counts tokens across devices and accumulation steps, else the mean over supervised tokens.
         Only used once `use_loss_at_labels()` has checked that the LLM does nothing after its head.
         """
-        hidden = self.language_model.get_decoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-            **kwargs,
-        ).last_hidden_state
+        decoder = self.language_model.get_decoder()
+        with self.last_layer_where(labels, decoder):
+            hidden = decoder(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, **kwargs,
+            ).last_hidden_state
         return self.head_loss(hidden, labels, num_items_in_batch)
+
+    def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module):
+        """The decoder's last layer computing its position-wise parts where the head reads it (`vlkit.last_layer`),
+        or a block that changes nothing: not probed, compiled (hooks would recompile it each step) or
+        checkpointed (the backward's rerun would not see the hooks)."""
+        layer = last_decoder_layer(decoder) if self.trim_last_layer else None
+        if layer is None or is_compiled(layer) or any(
+            getattr(module, "gradient_checkpointing", False) for module in (decoder, layer)
+        ):
+            return contextlib.nullcontext()
+        read_by_head = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
+        return last_layer_at(layer, read_by_head.to(next(layer.parameters()).device))
 
     def head_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
@@ -341,7 +360,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         states in place of its decoder's output (a forward hook) and compares its loss with `head_loss`
         on the same states; large, because soft-capping is invisible on a random model's small logits.
         """
-        self.logits_at_labels_only = False
+        self.logits_at_labels_only = self.trim_last_layer = False
         try:
             same = self._head_loss_matches_the_llm()
         except Exception as error:  # an LLM without the usual decoder/head split: keep the full forward
@@ -350,6 +369,9 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         if not same:
             logger.warning("full logits in training: this LLM changes its logits after the head")
         self.logits_at_labels_only = same
+        self.trim_last_layer = same and trims_last_layer(
+            self.language_model.get_decoder(), self.config.text_config.hidden_size
+        )
         return same
 
     def _head_loss_matches_the_llm(self) -> bool:

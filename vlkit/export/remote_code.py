@@ -1,11 +1,11 @@
 """`--format vlkit`: a `save_pretrained` folder that carries vlkit's model code with it.
 
 Owns generating the remote-code files at export time from vlkit's own sources, so there is no
-second copy of the model code to keep in step: `vlkit/modeling.py`, `vlkit/processing.py`, the
-errors, the transformers compatibility layer, the connector registry and the one connector the
-model uses are copied flat into the folder with their `vlkit.*` imports rewritten to relative
-ones, and vlkit's Auto-class registrations dropped (transformers registers remote classes
-itself). `auto_map` entries in config.json and processor_config.json point
+second copy of the model code to keep in step: `vlkit/modeling.py` (and the `vlkit/last_layer.py` it
+imports), `vlkit/processing.py`, the errors, the transformers compatibility layer, the connector
+registry and the one connector the model uses are copied flat into the folder with their `vlkit.*`
+imports rewritten to relative ones, and vlkit's Auto-class registrations dropped (transformers
+registers remote classes itself). `auto_map` entries in config.json and processor_config.json point
 `trust_remote_code=True` loading at them.
 
 transformers copies remote code by following `from .module import ...` lines within one flat
@@ -29,6 +29,7 @@ from vlkit.modeling import VlkitForConditionalGeneration
 SHIPPED_MODULES: dict[str, str] = {
     "vlkit.errors": "vlkit_errors",
     "vlkit.feature_maps": "vlkit_feature_maps",
+    "vlkit.last_layer": "vlkit_last_layer",
     "vlkit.compat": "vlkit_compat",
     "vlkit.connectors.base": "vlkit_connector_base",
     "vlkit.connectors.registry": "vlkit_connector_registry",
