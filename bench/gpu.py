@@ -25,6 +25,11 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
 - llava-frozen: stock `LlavaForConditionalGeneration` sharing the same weight tensors, LoRA via
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
+- vlkit-liger (GPU only; needs `pip install liger-kernel`, Triton): vlkit with Liger Kernel's fused
+  RMSNorm, SwiGLU and rotary kernels patched into the LLM in place (its fused linear cross-entropy is
+  left out: vlkit's head already runs at labelled positions only). Its loss is checked against vlkit's
+  first. Liger's rotary function replaces transformers' Llama one for the whole process, so it is timed
+  after the stock variants. Against vlkit it measures the fused-kernel lever.
 The variants are timed in this order, so the layers are compiled only after the eager vlkit variants ran.
 - vlkit-qlora (with `--qlora`, after the others, which are freed first): the LLM saved and loaded
   back in 4-bit with vlkit's one quantization config (NF4, double quantization;
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants",
                         default="vlkit,vlkit-fp32-lora,vlkit-flat,vlkit-compiled,vlkit-compiled-flat,llava-frozen,"
-                                "llava-plain")
+                                "llava-plain,vlkit-liger")
     parser.add_argument("--qlora", action="store_true", help="also time vlkit-qlora and report its peak memory")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
     add_run_options(parser)
@@ -202,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise SystemExit("no GPU: bench/gpu.py measures a 7B model on a GPU; use --toy to check it on CPU")
     names = [n for n in args.variants.split(",") if n]
+    notes = []
+    if device.type != "cuda" and "vlkit-liger" in names:
+        names.remove("vlkit-liger")
+        notes.append("- vlkit-liger: not run (Liger Kernel's kernels are Triton, GPU only)")
     lora = LORA_TOY if args.toy else LORA
     model = build_model(args.toy, device, dtype)
     llm_folder = tempfile.mkdtemp() if args.qlora else None
@@ -278,6 +287,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, llava in twins.items():
         steps[name] = step_of(llava, padded, [p for n, p in llava.named_parameters()
                                               if "lora_" in n or "multi_modal_projector" in n])
+    @functools.cache
+    def liger_kernels_on() -> contextlib.nullcontext:
+        """Liger's RMSNorm, SwiGLU and rotary kernels in the LLM, once; the loss must stay vlkit's."""
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model.language_model.get_base_model())
+        model.eval()
+        with torch.no_grad():
+            loss = float(model(**packed).loss)
+        model.train()
+        model.vision_tower.eval()
+        if abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])):
+            raise ValueError(f"with Liger kernels the loss is {loss:.6f}, vlkit's {losses['vlkit']:.6f}")
+        return contextlib.nullcontext()
+
+    if "vlkit-liger" in names:  # after the stock variants: Liger's rotary function is the process's from then on
+        steps["vlkit-liger"] = step_of(model, packed)
+        settings["vlkit-liger"] = liger_kernels_on
     peak = matmul_peak(dtype, device, n=512 if args.toy else 8192)
     lengths = [len(item["input_ids"]) for item in items]
     flops = sum(train_step_flops(model, lengths, int((padded["labels"][:, 1:] != -100).sum()), len(items),
@@ -295,7 +323,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name, f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}", "", "", ""])
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    notes = []
     if llm_folder:
         config, tower = model.config, model.vision_tower
         model = twins = steps = llava = None  # the bf16 LLM leaves the GPU: the peak below is the QLoRA step's own
@@ -326,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "toy" if args.toy else "LLaVA-1.5-7B-shaped"
     lines = [f"{size}, {dtype}, batch {args.batch_size} ({sum(lengths)} tokens, padded {padded['input_ids'].numel()}, "
              f"packed {packed['input_ids'].numel()}, flat {flat['input_ids'].numel()}), matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e12:.2f} TFLOP/step."]
-    for name in ("vlkit", "vlkit-fp32-lora", "vlkit-flat", "vlkit-compiled", "vlkit-compiled-flat"):
+    for name in ("vlkit", "vlkit-fp32-lora", "vlkit-flat", "vlkit-compiled", "vlkit-compiled-flat", "vlkit-liger"):
         if name in times:
             mfu = 100 * flops / statistics.median(times[name]) / peak
             lines.append(f"- instruct MFU ({name}): {verdict(mfu, 100 * MFU_GOAL, '%')}")
