@@ -139,6 +139,12 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
+def ratio_spread(slow: list[float], fast: list[float]) -> str:
+    """The lowest and highest per-round ratio: how far one round's speed-up strays from the median."""
+    ratios = [s / f for s, f in zip(slow, fast)]
+    return f"rounds {min(ratios):.2f}-{max(ratios):.2f}x"
+
+
 def verdict(measured: float, goal: float, unit: str = "x") -> str:
     return f"{measured:.2f}{unit} vs goal >= {goal:g}{unit}: {'met' if measured >= goal else 'NOT met'}"
 

@@ -29,9 +29,10 @@ AdamW step, on:
 
 MFU = the FLOPs the step must do (`parts.train_step_flops`, vlkit's work) / step time / the best
 fp32 matmul rate measured in this process between rounds. Peak RSS: see bench/common.py (the
-shared weights count in every row). Speed-ups are medians of per-round ratios. Each timed step
-follows `--settle` untimed steps of the same variant (default 1), as in a training loop: right after
-another variant's step, a stock Llava step measured up to 1.3x slower.
+shared weights count in every row). Speed-ups are medians of per-round ratios; against the goals
+the lowest and highest round's ratio are printed too. Each timed step follows `--settle` untimed
+steps of the same variant (default 1), as in a training loop: right after another variant's step, a
+stock Llava step measured up to 1.3x slower.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from common import (
     matmul_peak,
     median_ratio,
     publish,
+    ratio_spread,
     start,
     verdict,
 )
@@ -265,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             plain = median_ratio(times["llava-plain"], times["vlkit"])
             frozen = median_ratio(times["llava-frozen"], times["vlkit"])
             mfu = flops / statistics.median(times["vlkit"]) / peak
-            lines.append(f"- {stage}: vlkit vs plain Llava loop {verdict(plain, GOALS[stage])}; "
-                         f"vs hand-frozen Llava {frozen:.2f}x")
+            lines.append(f"- {stage}: vlkit vs plain Llava loop {verdict(plain, GOALS[stage])} "
+                         f"({ratio_spread(times['llava-plain'], times['vlkit'])}); vs hand-frozen Llava {frozen:.2f}x")
             if "vlkit-compiled" in times:
                 compiled = median_ratio(times["llava-plain"], times["vlkit-compiled"])
                 lines.append(f"- {stage}: train.compile vs eager: "
                              f"{median_ratio(times['vlkit'], times['vlkit-compiled']):.2f}x; compiled vs plain Llava "
-                             f"{verdict(compiled, GOALS[stage])}")
+                             f"{verdict(compiled, GOALS[stage])} "
+                             f"({ratio_spread(times['llava-plain'], times['vlkit-compiled'])})")
             if "vlkit-packed" in times:
                 lines.append(f"- {stage}: the shared prefix vs packed rows only: "
                              f"{median_ratio(times['vlkit-packed'], times['vlkit']):.2f}x")

@@ -72,6 +72,7 @@ def test_train_step_bench(benches):
     for row in ("| align    | vlkit", "| align    | llava-plain", "| instruct | llava-frozen"):
         assert row in out
     assert "align: vlkit vs plain Llava loop" in out and "instruct MFU (vlkit)" in out and "goal >= 2x" in out
+    assert out.count("rounds ") >= 4  # each stage's verdicts give the per-round spread
     assert "| instruct | vlkit-compiled" in out and "instruct: train.compile vs eager: " in out
     text = docs.read_text()
     assert text.startswith("\n## Training step: vlkit vs stock Llava") and "Machine: " in text and "torch " in text
