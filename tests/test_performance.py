@@ -281,6 +281,9 @@ def test_the_last_layer_is_trimmed_only_where_that_is_the_same_function(vlm):
     assert model.use_loss_at_labels() and not model.trim_last_layer
     del layer.mlp.forward
     assert model.use_loss_at_labels() and model.trim_last_layer
+    model.language_model.gradient_checkpointing_enable()  # the backward's rerun would not see the hooks
+    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
+    model.language_model.gradient_checkpointing_disable()
     layer.compile()  # train.compile: hooks added each step would recompile the layer
     assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
 
