@@ -26,11 +26,13 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
   peft, padded batch, tower and LLM frozen by hand;
 - llava-plain: the same with the tower left trainable as loaded (a plain loop).
 - vlkit-liger (GPU only; needs `pip install liger-kernel`, Triton): vlkit with Liger Kernel's fused
-  RMSNorm, SwiGLU and rotary kernels patched into the LLM in place (its fused linear cross-entropy is
-  left out: vlkit's head already runs at labelled positions only). Its loss is checked against vlkit's
-  first. Liger's rotary function replaces transformers' Llama one for the whole process, so it is timed
-  after the stock variants. Against vlkit it measures the fused-kernel lever.
-The variants are timed in this order, so the layers are compiled only after the eager vlkit variants ran.
+  RMSNorm, SwiGLU and rotary kernels patched into the LLM (its fused linear cross-entropy is left out:
+  vlkit's head already runs at labelled positions only). Its loss is checked against vlkit's first, and
+  Liger's patches (transformers' Llama module, the LLM's modules) are undone after its steps. Against
+  vlkit it measures the fused-kernel lever. Timed after vlkit-flat, before the layers are compiled.
+The variants are timed in the order vlkit, vlkit-fp32-lora, vlkit-flat, vlkit-liger, vlkit-compiled,
+vlkit-compiled-flat, llava-frozen, llava-plain, so the layers are compiled only after the eager vlkit
+variants ran.
 - vlkit-qlora (with `--qlora`, after the others, which are freed first): the LLM saved and loaded
   back in 4-bit with vlkit's one quantization config (NF4, double quantization;
   `vlkit.run_folder.quantization_config`), LoRA as above on top (`tune.llm: qlora`). Its row gives
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants",
-                        default="vlkit,vlkit-fp32-lora,vlkit-flat,vlkit-compiled,vlkit-compiled-flat,llava-frozen,"
-                                "llava-plain,vlkit-liger")
+                        default="vlkit,vlkit-fp32-lora,vlkit-flat,vlkit-liger,vlkit-compiled,vlkit-compiled-flat,"
+                                "llava-frozen,llava-plain")
     parser.add_argument("--qlora", action="store_true", help="also time vlkit-qlora and report its peak memory")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
     add_run_options(parser)
@@ -270,6 +272,39 @@ def main(argv: list[str] | None = None) -> int:
     if "vlkit-flat" in names:  # timed before the layers are compiled; the flex kernel is compiled by transformers
         steps["vlkit-flat"] = step_of(model, flat, compiled=True, attention=flat_attention)
 
+    @contextlib.contextmanager
+    def liger_kernels_on():
+        """Liger's RMSNorm, SwiGLU and rotary kernels in the LLM while its variant is timed; the loss must stay
+        vlkit's. Liger patches transformers' Llama module for the whole process and the LLM's modules in
+        place: both are put back after, so the variants timed later (compiled, stock, QLoRA) run without it."""
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from transformers.models.llama import modeling_llama
+
+        process_wide = {name: getattr(modeling_llama, name) for name in ("apply_rotary_pos_emb", "LlamaRMSNorm",
+                                                                          "LlamaMLP")}
+        in_place = {module: dict(module.__dict__) for module in model.language_model.modules()}
+        try:
+            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=model.language_model.get_base_model())
+            model.eval()
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                loss = float(model(**packed).loss)
+            model.train()
+            model.vision_tower.eval()
+            if abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])):
+                raise ValueError(f"with Liger kernels the loss is {loss:.6f}, vlkit's {losses['vlkit']:.6f}")
+            yield
+        finally:
+            for name, value in process_wide.items():
+                setattr(modeling_llama, name, value)
+            for module, attributes in in_place.items():
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+
+    if "vlkit-liger" in names:  # before the layers are compiled: eager, with the last layer trimmed as vlkit's
+        steps["vlkit-liger"] = step_of(model, packed)
+        settings["vlkit-liger"] = liger_kernels_on
+
     @functools.cache
     def layers_compiled() -> contextlib.nullcontext:
         """The LLM's decoder layers compiled in place, once, when the first compiled variant is timed."""
@@ -287,25 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, llava in twins.items():
         steps[name] = step_of(llava, padded, [p for n, p in llava.named_parameters()
                                               if "lora_" in n or "multi_modal_projector" in n])
-    @functools.cache
-    def liger_kernels_on() -> contextlib.nullcontext:
-        """Liger's RMSNorm, SwiGLU and rotary kernels in the LLM, once; the loss must stay vlkit's."""
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=model.language_model.get_base_model())
-        model.eval()
-        with torch.no_grad():
-            loss = float(model(**packed).loss)
-        model.train()
-        model.vision_tower.eval()
-        if abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])):
-            raise ValueError(f"with Liger kernels the loss is {loss:.6f}, vlkit's {losses['vlkit']:.6f}")
-        return contextlib.nullcontext()
-
-    if "vlkit-liger" in names:  # after the stock variants: Liger's rotary function is the process's from then on
-        steps["vlkit-liger"] = step_of(model, packed)
-        settings["vlkit-liger"] = liger_kernels_on
     peak = matmul_peak(dtype, device, n=512 if args.toy else 8192)
     lengths = [len(item["input_ids"]) for item in items]
     flops = sum(train_step_flops(model, lengths, int((padded["labels"][:, 1:] != -100).sum()), len(items),

@@ -118,7 +118,9 @@ def train_step_flops(
     computed), the LM head only at the `supervised` positions the loss reads, and so the last decoder
     layer's query/output projections and MLP where the model trims them (`vlkit.last_layer`), the
     connector at image tokens, and the frozen tower forward only when it runs (not when features are
-    cached). A `shared_prefix` of P tokens runs once for the batch, not once per sample.
+    cached). A `shared_prefix` of P tokens runs once for the batch, not once per sample. The count is the
+    work a step must do: a variant doing more (train.compile leaves the last layer whole) shows it as a
+    lower MFU.
     """
     from vlkit.last_layer import position_wise_parts
 

@@ -271,21 +271,25 @@ def test_the_last_layer_runs_its_position_wise_parts_where_the_head_reads(vlm, i
 
 
 def test_the_last_layer_is_trimmed_only_where_that_is_the_same_function(vlm):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     model, _ = vlm
     layer = model.language_model.get_decoder().layers[-1]
-    labels = torch.tensor([[-100, 5, 6]])
-    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.AbstractContextManager)
-    assert not isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
+    labels, decoder, cpu = torch.tensor([[-100, 5, 6]]), model.language_model.get_decoder(), torch.device("cpu")
+    assert not isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
     own_forward = layer.mlp.forward
     layer.mlp.forward = lambda x: own_forward(x) + x.mean(dim=-2, keepdim=True)  # an MLP that mixes positions
     assert model.use_loss_at_labels() and not model.trim_last_layer
     del layer.mlp.forward
     assert model.use_loss_at_labels() and model.trim_last_layer
     model.language_model.gradient_checkpointing_enable()  # the backward's rerun would not see the hooks
-    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
+    assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
     model.language_model.gradient_checkpointing_disable()
+    decoder.layers[-1] = checkpoint_wrapper(layer)  # FSDP's activation checkpointing: the same rerun
+    assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
+    decoder.layers[-1] = layer
     layer.compile()  # train.compile: hooks added each step would recompile the layer
-    assert isinstance(model.last_layer_where(labels, model.language_model.get_decoder()), contextlib.nullcontext)
+    assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
 
 
 # --- 2b. texts encoded once per data set -------------------------------------------------------------

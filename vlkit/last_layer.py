@@ -41,9 +41,18 @@ def position_wise_parts(layer: torch.nn.Module) -> list[torch.nn.Module]:
     return parts
 
 
-def is_compiled(layer: torch.nn.Module) -> bool:
-    """train.compile compiled the layer or a part of it: hooks added per step would recompile it."""
-    return any(getattr(module, "_compiled_call_impl", None) is not None for module in layer.modules())
+def hooks_see_every_call(decoder: torch.nn.Module, layer: torch.nn.Module) -> bool:
+    """Whether hooks put on `layer`'s parts for one forward see every call of them, in that forward only.
+
+    Not where train.compile compiled the layer or a part of it (hooks added each step would recompile
+    it), nor where the layer is checkpointed: the backward reruns it after the hooks are gone, through
+    transformers' gradient checkpointing or torch's `checkpoint_wrapper` (FSDP's activation checkpointing).
+    """
+    if any(getattr(module, "_compiled_call_impl", None) is not None for module in layer.modules()):
+        return False
+    if any(getattr(module, "gradient_checkpointing", False) for module in (decoder, layer)):
+        return False
+    return not any(hasattr(module, "_checkpoint_wrapped_module") for module in (decoder, layer))
 
 
 @contextlib.contextmanager

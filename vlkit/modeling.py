@@ -35,7 +35,7 @@ from vlkit.compat import cache_argument, cache_keyword, mark_pretrained
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
 from vlkit.feature_maps import as_tokens, feature_width, tower_input
-from vlkit.last_layer import is_compiled, last_decoder_layer, last_layer_at, trims_last_layer
+from vlkit.last_layer import hooks_see_every_call, last_decoder_layer, last_layer_at, trims_last_layer
 
 logger = logging.getLogger(__name__)
 
@@ -311,24 +311,21 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         Only used once `use_loss_at_labels()` has checked that the LLM does nothing after its head.
         """
         decoder = self.language_model.get_decoder()
-        with self.last_layer_where(labels, decoder):
+        with self.last_layer_where(labels, decoder, inputs_embeds.device):
             hidden = decoder(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, **kwargs,
             ).last_hidden_state
         return self.head_loss(hidden, labels, num_items_in_batch)
 
-    def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module):
+    def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module, device: torch.device):
         """The decoder's last layer computing its position-wise parts where the head reads it (`vlkit.last_layer`),
-        or a block that changes nothing: not probed, compiled (hooks would recompile it each step) or
-        checkpointed (the backward's rerun would not see the hooks)."""
+        or a block that changes nothing: not probed, or a layer the hooks cannot follow (`hooks_see_every_call`)."""
         layer = last_decoder_layer(decoder) if self.trim_last_layer else None
-        if layer is None or is_compiled(layer) or any(
-            getattr(module, "gradient_checkpointing", False) for module in (decoder, layer)
-        ):
+        if layer is None or not hooks_see_every_call(decoder, layer):
             return contextlib.nullcontext()
         read_by_head = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
-        return last_layer_at(layer, read_by_head.to(next(layer.parameters()).device))
+        return last_layer_at(layer, read_by_head.to(device))
 
     def head_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
