@@ -3,9 +3,9 @@
 peft computes a LoRA linear as `base(x) + B(A(x)) * scale`: one more pass over the layer's whole
 [tokens, out_features] output forward, and another backward. `base(x) + B(A(x) * scale)` is the same
 value (the scale is one number) and multiplies the [tokens, r] tensor instead. A SmolLM2 LoRA instruct
-step on CPU ran 1.045x faster for it in the same process. `vlkit.adapters` puts it on every adapter it
-makes, so training and inference both use it; `bench/train_step.py` times it against stock peft, which
-the Llava side keeps.
+step on CPU ran 1.036-1.045x faster for it (two runs, each in one process). `vlkit.adapters` puts it
+on every adapter it makes, so training and inference both use it; `bench/train_step.py` times it
+against stock peft, which the Llava side keeps.
 """
 
 from __future__ import annotations
