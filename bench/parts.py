@@ -136,11 +136,12 @@ def train_step_flops(
     head = model.get_output_embeddings()
     connector = sum(p.numel() for p in model.connector.parameters() if p.ndim == 2)
     image_tokens = images * model.config.image_seq_length
-    unread = 0  # the trimmed layer's per-token work at positions the head does not read
+    unread = 0  # the trimmed layer's work at positions the head does not read (the prefix's cache runs it whole)
     if getattr(model, "trim_last_layer", False):
         parts = position_wise_parts(decoder_layers[-1])
-        unread = (4 * sum(_linear_params(p, lora=False) for p in parts)
-                  + 6 * sum(_linear_params(p, lora=True) for p in parts)) * (tokens - shared_prefix - supervised)  # the prefix's cache runs the whole layer
+        frozen_weights = sum(_linear_params(p, lora=False) for p in parts)
+        lora_weights = sum(_linear_params(p, lora=True) for p in parts)
+        unread = (4 * frozen_weights + 6 * lora_weights) * (tokens - shared_prefix - supervised)
     flops = {
         "llm": 4 * body * tokens + 6 * lora * tokens - unread,
         "attention": 3 * attention_forward,  # forward + 2x for the backward

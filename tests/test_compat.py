@@ -78,6 +78,18 @@ def test_accelerate_keeps_the_distributed_type_in_its_shared_state():
     assert PartialState().distributed_type is state.distributed_type  # NO stays NO
 
 
+def test_reruns_in_backward_sees_transformers_checkpointing_and_torchs_wrapper():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = LlamaForCausalLM(tiny_llama_config(64))
+    assert not compat.reruns_in_backward(model.model)
+    model.gradient_checkpointing_enable()
+    assert compat.reruns_in_backward(model.model)
+    model.gradient_checkpointing_disable()
+    model.model.layers[-1] = checkpoint_wrapper(model.model.layers[-1])
+    assert compat.reruns_in_backward(model.model)
+
+
 def test_no_split_module_names_lists_a_models_blocks():
     llm = LlamaForCausalLM(tiny_llama_config(64))
     assert "LlamaDecoderLayer" in compat.no_split_module_names(llm)

@@ -96,6 +96,14 @@ def treat_cpu_group_as_accelerator_group() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def reruns_in_backward(decoder: torch.nn.Module) -> bool:
+    """Whether the decoder or one of its layers runs its forward again in the backward (activation
+    checkpointing): transformers' `gradient_checkpointing` flag, or torch's `checkpoint_wrapper` around it
+    (FSDP's activation checkpointing), which neither sets the flag nor shows it through the wrapper."""
+    return any(getattr(module, "gradient_checkpointing", False) or hasattr(module, "_checkpoint_wrapped_module")
+               for module in (decoder, *getattr(decoder, "layers", ())))
+
+
 def no_split_module_names(model: torch.nn.Module) -> list[str]:
     """Class names of the blocks a model must not be split inside (what FSDP wraps one by one)."""
     return list(getattr(model, "_no_split_modules", None) or [])

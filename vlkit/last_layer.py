@@ -10,9 +10,9 @@ LLM's work: SmolLM2 has 30 layers, and 11-20% of the bench batches' positions ar
 instruct step on CPU ran 1.02x faster for it, an align step 1.015x (same process, bench/train_step.py's
 batches).
 
-`trims_last_layer(decoder, hidden_size)` checks once per model that the trimmed layer gives the full layer's output at
-the selected positions (an LLM whose MLP mixes positions or returns more than a tensor fails it and keeps
-the full layer).
+`trims_last_layer(decoder, hidden_size)` checks once per model that the trimmed layer gives the full
+layer's output at the selected positions (an LLM whose MLP mixes positions or returns more than a tensor
+fails it and keeps the full layer).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from vlkit.compat import reruns_in_backward
 
 # The parts of a decoder layer that act on each position alone (HF naming: Llama, Qwen, Mistral, Gemma, ...).
 POSITION_WISE_PARTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp")
@@ -53,9 +55,7 @@ def hooks_see_every_call(decoder: torch.nn.Module, layer: torch.nn.Module) -> bo
     """
     if any(getattr(module, "_compiled_call_impl", None) is not None for module in layer.modules()):
         return False
-    if any(getattr(module, "gradient_checkpointing", False) for module in (decoder, layer)):
-        return False
-    return not any(hasattr(module, "_checkpoint_wrapped_module") for module in (decoder, layer))
+    return not reruns_in_backward(decoder)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlkit.compat import cache_argument, cache_keyword, mark_pretrained
+from vlkit.compat import cache_argument, cache_keyword, mark_pretrained, reruns_in_backward
 from vlkit.connectors import build_connector
 from vlkit.errors import ImageTokenMismatchError
 from vlkit.feature_maps import as_tokens, feature_width, tower_input
@@ -235,7 +235,7 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
             # sharding cannot give (FSDP2 frees a module's parameters after each call). Not under
             # checkpointing either: the rerun layers would append to the prefix's cache again.
             frozen = not any(p.requires_grad for p in self.language_model.parameters())
-            checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules())
+            checkpointing = reruns_in_backward(self.language_model.get_decoder())
             if labels is not None and self.logits_at_labels_only and frozen and not checkpointing:
                 kwargs[cache_keyword(self.language_model.get_decoder().forward)] = self.prefix_cache(prefix_ids)
             else:  # the LLM's own loss, an LLM that trains, or checkpointing: the rows whole again

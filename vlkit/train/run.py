@@ -265,8 +265,8 @@ def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool, model):
 
 def every_trainable_weight_is_used(tune, model) -> bool:
     """Whether every step uses every trainable weight, so DDP need not search the graph for unused ones each
-    step: only LoRA on the LLM trains, and the LLM has no experts to route tokens to. Connector and tower weights go unused in a batch
-    without images."""
+    step: only LoRA on the LLM trains (connector and tower weights go unused in a batch without images), and
+    the LLM has no experts to route tokens to."""
     # LoRA only: a fully trained LLM may hold weights its forward skips when given inputs_embeds, as vlkit gives
     # it (Gemma 3n's per-layer embeddings, say).
     if tune.llm not in ("lora", "qlora") or tune.connector != "frozen" or tune.vision != "frozen":
