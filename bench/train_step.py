@@ -8,20 +8,21 @@ Llava model shares the vlkit model's tensors). One step = zero_grad, forward(lab
 AdamW step, on:
 
 - vlkit: its training path. Align: the tower's features come from the feature cache, samples are
-  packed or their common prefix runs once through the frozen LLM (whichever takes fewer token
-  slots), the LM head runs at labelled positions only, and so do the last decoder layer's query and
+  packed as the recipes pack on CPU (one flat row, attention run per sample: `vlkit.per_sample_sdpa`)
+  or their common prefix runs once through the frozen LLM (whichever takes fewer token slots), the LM head runs at labelled positions only, and so do the last decoder layer's query and
   output projections and MLP (`vlkit.last_layer`), frozen weights build no gradients (AdamW on the
   connector). Instruct: the same with LoRA on the LLM (its scale on the rank side,
-  `vlkit.lora_scale`; the Llava side runs peft's own), packed (the prefix is shared only while the
-  LLM is frozen), tower run every step (the default: `data.cache_vision_features` is off for
+  `vlkit.lora_scale`; the Llava side runs peft's own), packed flat (the prefix is shared only while
+  the LLM is frozen), tower run every step (the default: `data.cache_vision_features` is off for
   instruct), AdamW on connector + LoRA.
 - vlkit-compiled: the same with `train.compile` (vlkit/train/compile.py): the LLM's decoder layers
-  compiled in place; every other variant runs eager (`torch.compiler.set_stance("force_eager")`).
-  Its compile falls in the warm-up round, and so does its peak RSS.
-- vlkit-packed (align): the same without the shared prefix (packed rows only), to show what it buys.
-- vlkit-masked (instruct): vlkit's batch with the padding after each row's last sample restarting its
-  positions, as packing laid rows out before 2026-12-03: transformers then builds a block mask even
-  when every row holds one sample, instead of running sdpa's causal kernel. What the causal path buys.
+  compiled in place, on the batch the recipe then packs (rows: a compiled layer keeps sdpa); every
+  other variant runs eager (`torch.compiler.set_stance("force_eager")`). Its compile falls in the
+  warm-up round, and so does its peak RSS.
+- vlkit-packed (align): the same without the shared prefix (packed flat only), to show what it buys.
+- vlkit-rows (instruct): the same samples packed into rows no longer than the longest, padded, with
+  sdpa's causal kernel per row (the layout of a GPU's sdpa and of `train.compile`): what one flat
+  row with per-sample attention buys.
 - Llava, plain: `LlavaForConditionalGeneration` as loaded (every weight requires grad), padded
   batch, forward(labels)/backward, AdamW on the projector (+ LoRA via peft for instruct).
 - Llava, frozen: the same, with the tower and LLM set `requires_grad_(False)` by hand, as
@@ -80,7 +81,7 @@ def recipe_lora() -> dict[str, float]:
 
 
 LORA = recipe_lora()
-VARIANTS = ("vlkit", "vlkit-compiled", "vlkit-packed", "vlkit-masked", "llava-plain", "llava-frozen")
+VARIANTS = ("vlkit", "vlkit-compiled", "vlkit-packed", "vlkit-rows", "llava-plain", "llava-frozen")
 
 
 @dataclass
@@ -89,26 +90,15 @@ class Variant:
     batch: dict
     optimizer: torch.optim.Optimizer
     compiled: bool = False  # the others run eager even where vlkit-compiled compiled the shared layers
+    attention: str | None = None  # the LLM's attention implementation for this variant (vlkit's shared model)
 
     def step(self) -> None:
+        if self.attention is not None:
+            self.model.language_model.set_attn_implementation(self.attention)
         with contextlib.nullcontext() if self.compiled else torch.compiler.set_stance("force_eager"):
             self.optimizer.zero_grad(set_to_none=True)
             self.model(**self.batch).loss.backward()
             self.optimizer.step()
-
-
-def restarting_padding(batch: dict, lengths: list[int]) -> dict | None:
-    """A packed batch with each row's padding restarting its positions (None: not a packed batch)."""
-    from vlkit.data.packing import pack_rows
-
-    if "position_ids" not in batch or "prefix_ids" in batch:
-        return None
-    positions = batch["position_ids"].clone()
-    capacity = positions.shape[1]
-    for row, members in enumerate(pack_rows(lengths, capacity)):
-        used = sum(lengths[i] for i in members)
-        positions[row, used:] = torch.arange(capacity - used)
-    return {**batch, "position_ids": positions}
 
 
 class Bench:
@@ -133,8 +123,10 @@ class Bench:
         return self.twins[key]
 
     def batches(self, stage: str, cache: bool) -> tuple[dict, dict, dict]:
-        """(vlkit batch, Llava batch, facts for FLOPs) for the stage's samples."""
+        """(vlkit batch, Llava batch, facts for FLOPs, the other variants' batches) for the stage's samples."""
+        from vlkit.compat import attention_implementation
         from vlkit.data import ConversationDataset, VlkitCollator
+        from vlkit.data.packing import collator_packing
         from vlkit.features import cache_features_for
 
         samples = first_samples(self.data, stage, self.args.batch_size)
@@ -144,11 +136,18 @@ class Bench:
         fast = ConversationDataset(samples, self.processor, self.data, max_length=None)
         if cache:
             cache_features_for(self.model, self.processor.image_processor, [fast], home=self.workdir, progress=False)
-        # As the recipes collate: packed, or (align: the LLM is frozen) the shared prefix once, whichever
-        # takes fewer token slots.
+        # As the recipes collate on CPU: packed (flat, the LLM switched to per-sample sdpa), or (align: the
+        # LLM is frozen) the shared prefix once, whichever takes fewer token slots; train.compile packs rows.
         share = self.processor.image_token_id if stage == "align" else None
-        vlkit_batch = VlkitCollator(pad, pack=True, share_prefix_before=share)([fast[i] for i in range(len(fast))])
-        packed_batch = VlkitCollator(pad, pack=True)([fast[i] for i in range(len(fast))])  # what the prefix buys
+        pack = collator_packing(True, self.model, on_cpu=True)
+        self.attention = attention_implementation(self.model.language_model.config)
+        fast_items = [fast[i] for i in range(len(fast))]
+        vlkit_batch = VlkitCollator(pad, pack=pack, share_prefix_before=share)(fast_items)
+        others = {
+            "compiled": VlkitCollator(pad, pack=True, share_prefix_before=share)(fast_items),
+            "packed": VlkitCollator(pad, pack=pack)(fast_items),  # what the prefix buys
+            "rows": VlkitCollator(pad, pack=True)(fast_items),  # what one flat row buys
+        }
         prefix = vlkit_batch["prefix_ids"].shape[1] if "prefix_ids" in vlkit_batch else 0
         llava_batch = VlkitCollator(pad)(items)
         facts = {
@@ -158,10 +157,9 @@ class Bench:
             "padded_tokens": int(llava_batch["input_ids"].numel()),
             "vlkit_tokens": prefix + int(vlkit_batch["input_ids"].numel()),
             "shared_prefix": prefix,
+            "rows_tokens": int(others["rows"]["input_ids"].numel()),
         }
-        facts["packed_batch"] = packed_batch
-        facts["masked_batch"] = restarting_padding(vlkit_batch, facts["lengths"])
-        return vlkit_batch, llava_batch, facts
+        return vlkit_batch, llava_batch, facts, others
 
     def stage(self, stage: str, names=VARIANTS) -> tuple[dict[str, Variant], dict]:
         from vlkit.config import TuneSection
@@ -179,22 +177,24 @@ class Bench:
             llava.model.multi_modal_projector.requires_grad_(True)
             if stage == "instruct":
                 lora_on_llava(llava, LORA["r"], LORA["alpha"], LORA["dropout"])  # freezes the LLM's base weights
-        vlkit_batch, llava_batch, facts = self.batches(stage, cache)
-        packed_batch, masked_batch = facts.pop("packed_batch"), facts.pop("masked_batch")
+        vlkit_batch, llava_batch, facts, others = self.batches(stage, cache)
         variants = {}
+
+        def vlkit_variant(batch: dict, attention: str, compiled: bool = False) -> Variant:
+            return Variant(self.model, batch, torch.optim.AdamW(trainable(self.model), lr=1e-4), compiled, attention)
+
         if "vlkit" in names:
-            variants["vlkit"] = Variant(self.model, vlkit_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+            variants["vlkit"] = vlkit_variant(vlkit_batch, self.attention)
         if "vlkit-compiled" in names:
             from vlkit.train.compile import compile_decoder_layers
 
             # As train.compile does in the recipes: the shared prefix (align) passes the decoder a cache.
-            compile_decoder_layers(self.model, around_cache="prefix_ids" in vlkit_batch)
-            variants["vlkit-compiled"] = Variant(self.model, vlkit_batch,
-                                                 torch.optim.AdamW(trainable(self.model), lr=1e-4), compiled=True)
+            compile_decoder_layers(self.model, around_cache="prefix_ids" in others["compiled"])
+            variants["vlkit-compiled"] = vlkit_variant(others["compiled"], "sdpa", compiled=True)
         if "vlkit-packed" in names and stage == "align":
-            variants["vlkit-packed"] = Variant(self.model, packed_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
-        if "vlkit-masked" in names and stage == "instruct" and masked_batch is not None:
-            variants["vlkit-masked"] = Variant(self.model, masked_batch, torch.optim.AdamW(trainable(self.model), lr=1e-4))
+            variants["vlkit-packed"] = vlkit_variant(others["packed"], self.attention)
+        if "vlkit-rows" in names and stage == "instruct":
+            variants["vlkit-rows"] = vlkit_variant(others["rows"], "sdpa")
         for name, llava in twins.items():
             if name == "llava-plain":
                 params = [*llava.model.multi_modal_projector.parameters(),
@@ -216,6 +216,8 @@ class Bench:
         """Before timing: every variant gives the same loss on its batch (same weights, same samples)."""
         losses = {}
         for name, variant in variants.items():
+            if variant.attention is not None:
+                variant.model.language_model.set_attn_implementation(variant.attention)
             modes = {m: m.training for m in variant.model.modules()}
             variant.model.eval()  # no LoRA dropout in the comparison
             with torch.no_grad():
@@ -276,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{verdict(compiled, GOALS[stage])} "
                              f"({ratio_spread(times['llava-plain'], times['vlkit-compiled'])})")
             if "vlkit-packed" in times:
-                lines.append(f"- {stage}: the shared prefix vs packed rows only: "
+                lines.append(f"- {stage}: the shared prefix vs packing only: "
                              f"{median_ratio(times['vlkit-packed'], times['vlkit']):.2f}x")
-            if "vlkit-masked" in times:
-                lines.append(f"- {stage}: the causal kernel (no mask) vs a block mask: "
-                             f"{median_ratio(times['vlkit-masked'], times['vlkit']):.2f}x")
+            if "vlkit-rows" in times:
+                rows_tokens = facts["rows_tokens"]
+                lines.append(f"- {stage}: one flat row, attention per sample ({facts['vlkit_tokens']} token slots) vs "
+                             f"packed rows ({rows_tokens}): {median_ratio(times['vlkit-rows'], times['vlkit']):.2f}x")
             if stage == "instruct":
                 lines.append(f"- instruct MFU (vlkit): {verdict(100 * mfu, 100 * MFU_GOAL, '%')}")
             parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in facts["flops"].items() if v)

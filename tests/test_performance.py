@@ -20,11 +20,11 @@ from train_helpers import REPO, align_recipe, write_recipe
 from transformers.masking_utils import find_packed_sequence_indices
 
 from vlkit import build_vlm
-from vlkit.compat import set_attention_implementation
+from vlkit.compat import attention_implementation, set_attention_implementation
 from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.images import load_image
-from vlkit.data.packing import collator_packing, pack_rows, packing_supported
+from vlkit.data.packing import collator_packing, pack_rows, packing_supported, use_per_sample_sdpa
 from vlkit.data.prefix import shared_prefix_length
 from vlkit.errors import ConfigError
 from vlkit.features import (
@@ -36,6 +36,7 @@ from vlkit.features import (
     tower_features,
     tower_key,
 )
+from vlkit.per_sample_sdpa import PER_SAMPLE_SDPA
 from vlkit.recipe import load_recipe
 from vlkit.train.stages import apply_adapters, set_trainable
 
@@ -216,9 +217,16 @@ def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_ru
 
     tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir)
     tree["data"]["packing"] = "flat"
-    with pytest.raises(ConfigError, match="flat needs model.attn_implementation: flex_attention or flash_attention_2") as error:
+    assert load_recipe(write_recipe(tmp_path / "a.yaml", tree)).data.packing == "flat"  # sdpa, run per sample
+    tree["model"] = {**tree.get("model", {}), "attn_implementation": "eager"}
+    with pytest.raises(ConfigError, match="flat needs model.attn_implementation: sdpa .* or flex_attention") as error:
         load_recipe(write_recipe(tmp_path / "a.yaml", tree))
     assert "got {" not in str(error.value)  # one line: the message, not the whole recipe tree
+    tree["model"]["attn_implementation"] = "sdpa"
+    tree.setdefault("train", {})["compile"] = True
+    with pytest.raises(ConfigError, match="flat runs sdpa once per sample, which train.compile does not compile"):
+        load_recipe(write_recipe(tmp_path / "a.yaml", tree))
+    del tree["train"]["compile"]
     tree["data"]["packing"] = "rows"
     with pytest.raises(ConfigError, match="data.packing is true, false or flat"):
         load_recipe(write_recipe(tmp_path / "a.yaml", tree))
@@ -472,6 +480,98 @@ def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir, mo
     assert flex_calls == ["BlockMask"] * layers  # flex ran, once per layer, with a block mask
 
 
+def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_dir, monkeypatch):
+    """Flat packing under sdpa: the LLM switched to per-sample sdpa runs sdpa's causal kernel once per sample
+    of the row, no mask, and gives the padded batch's loss and gradients (with trailing padding too)."""
+    model, processor = vlm
+    set_attention_implementation(model.language_model.config, "sdpa")
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    pad = processor.tokenizer.pad_token_id
+    padded = VlkitCollator(pad)(items)
+    reference = loss_and_grads(model, padded)
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    counted_reference = loss_and_grads(model, padded, num_items_in_batch=count)
+    assert use_per_sample_sdpa(model)
+    assert attention_implementation(model.language_model.config) == PER_SAMPLE_SDPA
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, *args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((query.shape[-2], attn_mask is None, is_causal))
+        return sdpa(query, *args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    flat = VlkitCollator(pad, pack="flat")(items)
+    assert flat["input_ids"].shape[0] == 1
+    assert_same(reference, loss_and_grads(model, flat), atol=1e-5)
+    assert all(no_mask for _, no_mask, _ in calls)  # no [T, T] mask: not the whole row at once
+    llm_lengths = [n for n, _, causal in calls if causal]  # the tower's calls are not causal
+    layers = model.language_model.config.get_text_config().num_hidden_layers
+    assert sorted(llm_lengths) == sorted([len(item["input_ids"]) for item in items] * layers)  # each sample alone
+    assert_same(counted_reference, loss_and_grads(model, flat, num_items_in_batch=count), atol=1e-5)
+    rounded = VlkitCollator(pad, pack="flat", pad_to_multiple_of=64)(items)
+    assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > flat["input_ids"].shape[1]
+    assert_same(reference, loss_and_grads(model, rounded), atol=1e-5)  # the padding joins the last sample
+
+
+def test_per_sample_sdpa_is_sdpa_for_every_other_batch(vlm, image_dir):
+    """Padded batches (a mask), one unpacked row and generation (a cache) compute what sdpa computes."""
+    model, processor = vlm
+    set_attention_implementation(model.language_model.config, "sdpa")
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    pad = processor.tokenizer.pad_token_id
+    padded, single = VlkitCollator(pad)(items), VlkitCollator(pad)(items[:1])
+    prompts = processor.prompt_inputs([[{"role": "user", "content": "<image>\nWhat shape?"}],
+                                       [{"role": "user", "content": "Say hi."}]],
+                                      images=[[random_image(1)], []])
+    model.eval()
+
+    lone = processor.prompt_inputs([[{"role": "user", "content": "<image>\\nWhat shape?"}]], images=[[random_image(2)]])
+    del lone["attention_mask"]  # one row, no mask: later prompt tokens attend to the cache before them
+
+    def outputs():
+        with torch.no_grad():
+            generated = model.generate(**prompts, max_new_tokens=6, do_sample=False)
+            lone_generated = model.generate(**lone, max_new_tokens=6, do_sample=False)
+            cache = model(**lone, use_cache=True).past_key_values
+            follow_up = torch.tensor([[1, 2, 3]])  # three tokens after a cached prompt
+            continued = model(input_ids=follow_up, past_key_values=cache, use_cache=True).logits
+        return loss_and_grads(model, padded), loss_and_grads(model, single), generated, lone_generated, continued
+
+    sdpa_padded, sdpa_single, *sdpa_rest = outputs()
+    assert use_per_sample_sdpa(model)
+    mine_padded, mine_single, *mine_rest = outputs()
+    assert_same(sdpa_padded, mine_padded)
+    assert_same(sdpa_single, mine_single)
+    assert torch.equal(sdpa_rest[0], mine_rest[0]) and torch.equal(sdpa_rest[1], mine_rest[1])
+    assert torch.allclose(sdpa_rest[2], mine_rest[2], atol=1e-5)
+
+
+def test_training_on_cpu_packs_flat_with_per_sample_sdpa_unless_compiled(vlm, monkeypatch):
+    import vlkit.data.packing
+
+    model, _ = vlm
+    config = model.language_model.config
+    assert collator_packing(True, model, on_cpu=True, compiled=True) is True  # compiled layers keep rows
+    assert collator_packing(True, model) is True  # a GPU's sdpa: one causal kernel per row, not one per sample
+    assert attention_implementation(config) == "sdpa"
+    assert collator_packing(True, model, on_cpu=True) == "flat"
+    assert attention_implementation(config) == PER_SAMPLE_SDPA
+    assert collator_packing(True, model, on_cpu=True) == "flat"  # asked again (the next stage): still flat
+    assert collator_packing(False, model, on_cpu=True) is False
+
+    model.language_model.set_attn_implementation("sdpa")
+    monkeypatch.setattr(config, "sliding_window", 16, raising=False)  # per-sample sdpa has no window
+    assert not use_per_sample_sdpa(model) and collator_packing("flat", model, on_cpu=True) is True
+    assert attention_implementation(config) == "sdpa"
+    monkeypatch.setattr(config, "sliding_window", None)
+    monkeypatch.setattr(vlkit.data.packing, "packing_supported",
+                        lambda model, warn=True: attention_implementation(model.language_model.config) == "sdpa")
+    assert not use_per_sample_sdpa(model)  # its probe fails: the LLM keeps sdpa
+    assert attention_implementation(config) == "sdpa"
+
+
 def test_shared_prefix_stops_before_images_answers_and_the_last_token():
     ignore = -100
     ids = [torch.tensor([1, 2, 3, 9, 5, 6]), torch.tensor([1, 2, 3, 4, 7]), torch.tensor([1, 2, 3, 4, 8, 8])]
@@ -515,6 +615,39 @@ def test_a_shared_prefix_gives_the_padded_batch_loss_and_grads(vlm, image_dir, t
         model.language_model.gradient_checkpointing_disable()
     with pytest.raises(ValueError, match="same row repeated"):
         model(**{**shared, "prefix_ids": torch.cat([shared["prefix_ids"][:1], shared["prefix_ids"][1:] + 1])})
+
+
+@pytest.mark.parametrize("tune", [TuneSection(), TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)])
+def test_a_shared_prefix_before_a_flat_row_gives_the_padded_loss_and_grads(vlm, image_dir, tune):
+    """Per-sample sdpa lets every sample of a flat row see the prefix's cached keys; where the model rebuilds
+    whole samples (the LLM trains, checkpointing, its own loss) the prefix goes back in front of each."""
+    model, processor = vlm
+    set_attention_implementation(model.language_model.config, "sdpa")
+    items = tuned_items(model, processor, image_dir, tune)
+    pad = processor.tokenizer.pad_token_id
+    padded = VlkitCollator(pad)(items)
+    reference = loss_and_grads(model, padded)
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    counted_reference = loss_and_grads(model, padded, num_items_in_batch=count)
+    assert use_per_sample_sdpa(model)
+    shared = VlkitCollator(pad, pack="flat", share_prefix_before=processor.image_token_id)(items)
+    prefix_length = shared["prefix_ids"].shape[1]
+    assert shared["prefix_ids"].shape[0] == 1 and shared["input_ids"].shape[0] == 1 and "attention_mask" not in shared
+    assert prefix_length > 5
+    assert shared["input_ids"].shape[1] == sum(len(item["input_ids"]) - prefix_length for item in items)
+    assert count == int((shared["labels"][:, 1:] != -100).sum())
+    assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    assert_same(counted_reference, loss_and_grads(model, shared, num_items_in_batch=count), atol=1e-5)
+    model.logits_at_labels_only = False  # the LLM's own loss: each sample rebuilt whole
+    try:
+        assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    finally:
+        model.logits_at_labels_only = True
+    model.language_model.gradient_checkpointing_enable()
+    try:
+        assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
+    finally:
+        model.language_model.gradient_checkpointing_disable()
 
 
 def test_the_collator_shares_a_prefix_only_where_it_saves_token_slots(vlm, image_dir):

@@ -219,8 +219,9 @@ class DataSection(BaseDataSection):
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
     # Several samples per row instead of padding, no cross-sample attention (vlkit.data.packing). `flat`:
-    # the whole batch in one row with no pad tokens, for a variable-length attention kernel
-    # (model.attn_implementation: flex_attention or flash_attention_2/3) that skips the other samples' blocks.
+    # the whole batch in one row with no pad tokens, its attention per sample (sdpa run once per sample,
+    # or flex_attention / flash_attention_2/3). `true` is flat where that is the least work: under flash
+    # attention, and under sdpa on CPU without train.compile; rows padded to the longest sample elsewhere.
     packing: bool | Literal["flat"] = True
     # The text every sample of a batch starts with (system turn, user header) run once per batch, when
     # that takes fewer token slots than packing (vlkit.data.prefix); same loss and gradients.
@@ -288,10 +289,15 @@ class VlmRecipe(StrictSection):
             return self
         from vlkit.data.packing import VARLEN_ATTENTION
 
-        if self.model.attn_implementation not in VARLEN_ATTENTION:
-            raise ValueError(f"data.packing: flat needs model.attn_implementation: {' or '.join(VARLEN_ATTENTION)} "
-                             f"(with {self.model.attn_implementation or 'the default'}, one row of the whole batch "
-                             "would attend through a full mask); set it, or use data.packing: true")
+        attention = self.model.attn_implementation or "sdpa"
+        if attention not in (*VARLEN_ATTENTION, "sdpa"):
+            raise ValueError(f"data.packing: flat needs model.attn_implementation: sdpa (run per sample) or "
+                             f"{' or '.join(VARLEN_ATTENTION)} (with {attention}, one row of the whole batch would "
+                             "attend through a full mask); set it, or use data.packing: true")
+        if attention == "sdpa" and self.train.compile:
+            raise ValueError("data.packing: flat runs sdpa once per sample, which train.compile does not compile; "
+                             "use data.packing: true (rows when compiled), or a variable-length kernel "
+                             f"(model.attn_implementation: {' or '.join(VARLEN_ATTENTION)})")
         return self
 
 

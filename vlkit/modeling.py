@@ -88,6 +88,14 @@ class VlkitConfig(PretrainedConfig):
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 
+def packed_sample_lengths(position_ids: torch.Tensor) -> list[int]:
+    """The lengths of the samples packed into a one-row batch: a sample starts where the position ids
+    do not continue by one (the rule of transformers' `find_packed_sequence_indices`)."""
+    row = position_ids.reshape(-1)
+    starts = [0, *((row[1:] - row[:-1] != 1).nonzero().flatten() + 1).tolist(), len(row)]
+    return [end - start for start, end in zip(starts[:-1], starts[1:])]
+
+
 def turn_weights(supervised: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     """[B, T] bool of supervised positions -> a weight per supervised position (row-major): 1 / n ** power,
     n the length of its run of consecutive supervised positions (one answer turn). Power 1: each turn
@@ -287,8 +295,20 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def rows_with_prefix(prefix_ids, input_ids, labels, position_ids):
-        """The batch without the shared prefix: each row's prefix written back in front of it."""
+        """The batch without the shared prefix: each row's prefix written back in front of it (in a flat
+        row, in front of each of its samples)."""
         prefix_length = prefix_ids.shape[1]
+        if position_ids is not None and len(input_ids) == 1 and len(packed_sample_lengths(position_ids)) > 1:
+            lengths = packed_sample_lengths(position_ids)
+            prefix = prefix_ids[0]
+
+            def with_prefix(row: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+                return torch.cat([piece for part in row[0].split(lengths) for piece in (fill, part)])[None]
+
+            ignored = torch.full_like(prefix, IGNORE_INDEX)
+            start = torch.arange(prefix_length, device=position_ids.device)
+            return (with_prefix(input_ids, prefix), None if labels is None else with_prefix(labels, ignored),
+                    with_prefix(position_ids, start))
         input_ids = torch.cat([prefix_ids, input_ids], dim=1)
         if labels is not None:
             labels = torch.cat([torch.full_like(prefix_ids, IGNORE_INDEX), labels], dim=1)

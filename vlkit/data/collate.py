@@ -32,7 +32,8 @@ class VlkitCollator:
         that carry decoded `images` rather than `pixel_values`.
     share_prefix_before: the image placeholder id; given, the tokens every sample starts with (up to
         the first image or supervised token) are passed once as `prefix_ids` (`vlkit.data.prefix`)
-        whenever that takes fewer token slots than packing (or padding).
+        whenever that takes fewer token slots than packing (or padding); with flat packing, always, the
+        remainders packed flat after it (for an attention that reads them: `vlkit.per_sample_sdpa`).
     """
 
     def __init__(
@@ -63,7 +64,8 @@ class VlkitCollator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         shared = self._shared_prefix_batch(ids, labels, length)
         if shared is not None:
-            return self._add_images(shared, items)
+            batch, order = shared
+            return self._add_images(batch, [items[i] for i in order])
         if self.pack:
             from vlkit.data.packing import pack_batch
 
@@ -91,23 +93,32 @@ class VlkitCollator:
 
     def _shared_prefix_batch(
         self, ids: list[torch.Tensor], labels: list[torch.Tensor], length: int
-    ) -> dict[str, torch.Tensor] | None:
-        """The batch with its common start passed once, when that takes the fewest token slots."""
+    ) -> tuple[dict[str, torch.Tensor], list[int]] | None:
+        """The batch with its common start passed once, when that takes the fewest token slots (with flat
+        packing always: the remainders are packed flat too), and the sample order it holds."""
         if self.share_prefix_before is None or len(ids) < 2:
             return None
-        from vlkit.data.packing import pack_rows
+        from vlkit.data.packing import flat_capacity, pack_batch, pack_rows
         from vlkit.data.prefix import prefix_batch, shared_prefix_length
 
         prefix_length = shared_prefix_length(ids, labels, self.share_prefix_before)
         if prefix_length == 0:
             return None
+        if self.pack == "flat":
+            rest = [x[prefix_length:] for x in ids]
+            capacity = flat_capacity([len(x) for x in rest], self.pad_to_multiple_of)
+            batch, order = pack_batch(rest, [x[prefix_length:] for x in labels], self.pad_token_id, capacity)
+            batch["position_ids"] += prefix_length  # each remainder continues the prefix
+            del batch["use_cache"]  # the model passes the prefix's cache itself
+            batch["prefix_ids"] = ids[0][None, :prefix_length].clone()
+            return batch, order
         other_slots = len(ids) * length
         if self.pack:
-            capacity = self._row_capacity(ids, length)
-            other_slots = len(pack_rows([len(x) for x in ids], capacity)) * capacity
+            other_slots = len(pack_rows([len(x) for x in ids], length)) * length
         if prefix_length + len(ids) * (length - prefix_length) >= other_slots:
             return None
-        return prefix_batch(ids, labels, self.pad_token_id, prefix_length, self.pad_to_multiple_of)
+        batch = prefix_batch(ids, labels, self.pad_token_id, prefix_length, self.pad_to_multiple_of)
+        return batch, list(range(len(ids)))
 
     def _add_images(self, batch: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Images in the order their placeholders appear in the batch."""

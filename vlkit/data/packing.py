@@ -10,9 +10,12 @@ loss is a sum over the same supervised tokens, so it equals the padded batch's.
 
 Flat packing (`data.packing: flat`) lays the whole batch into one row as long as all its samples
 together, so no pad token is computed at all. Every attention call then spans the batch, which pays
-only with a variable-length kernel that skips the blocks between samples (`VARLEN_ATTENTION`:
-flex attention's block mask, flash attention's `cu_seqlens`); sdpa and eager would attend through
-a full mask, so the recipe refuses them.
+only where attention skips the blocks between samples: a variable-length kernel (`VARLEN_ATTENTION`:
+flex attention's block mask, flash attention's `cu_seqlens`), or sdpa run once per sample
+(`vlkit.per_sample_sdpa`, which vlkit switches an sdpa LLM to). Eager attention would attend through
+a full mask, so the recipe refuses it. `data.packing: true` is flat wherever that is the least work:
+under flash attention, and under sdpa when training on CPU and not compiled (`collator_packing`). On
+a GPU, sdpa keeps rows: one causal kernel per layer instead of one per sample.
 
 `packing_supported(model)` checks a loaded model once (a causal LM with its own mask code could
 ignore the restarts): a sample packed behind another must give the same logits as the sample alone.
@@ -24,7 +27,9 @@ import logging
 
 import torch
 
+from vlkit.compat import attention_implementation
 from vlkit.modeling import IGNORE_INDEX
+from vlkit.per_sample_sdpa import PER_SAMPLE_SDPA, attends_causally_only
 
 logger = logging.getLogger(__name__)
 
@@ -90,21 +95,53 @@ def pack_batch(
     return {"input_ids": input_ids, "labels": batch_labels, "position_ids": position_ids, "use_cache": False}, order
 
 
-def collator_packing(requested: bool | str, model) -> bool | str:
-    """`data.packing` as the collator takes it for this model: off when the LLM ignores restarting positions
-    (`packing_supported`); flat under flash attention, which reads restarts only in a batch of one row
-    (transformers' `_is_packed_sequence`): several packed rows would attend across samples there."""
-    from vlkit.compat import attention_implementation
+def collator_packing(requested: bool | str, model, on_cpu: bool = False, compiled: bool = False) -> bool | str:
+    """`data.packing` as the collator takes it for this model; an sdpa LLM that packs flat is switched to
+    per-sample sdpa here (`vlkit.per_sample_sdpa.use_per_sample_sdpa`).
 
+    Off when the LLM ignores restarting positions (`packing_supported`). Flat under flash attention, which
+    reads restarts only in a batch of one row (transformers' `_is_packed_sequence`): several packed rows
+    would attend across samples there. Under sdpa, flat when asked for, or when training on CPU with
+    eager layers (`train.compile` keeps rows: a compiled layer would break its graph at every sample);
+    rows where per-sample sdpa does not serve this LLM (a sliding window, or its probe fails).
+    """
     if not requested or not packing_supported(model):
         return False
-    if str(attention_implementation(model.language_model.config)).startswith("flash_attention"):
+    implementation = str(attention_implementation(model.language_model.config))
+    if implementation.startswith("flash_attention"):
         return "flat"
+    if implementation in ("sdpa", PER_SAMPLE_SDPA) and (requested == "flat" or (on_cpu and not compiled)):
+        if use_per_sample_sdpa(model):
+            return "flat"
+        if requested == "flat":
+            logger.warning("per-sample sdpa does not serve this LLM (sliding window, or its probe failed): "
+                           "packing rows instead of one flat row")
+        return True
     return requested
 
 
+def use_per_sample_sdpa(model) -> bool:
+    """Switch the VLM's sdpa LLM to per-sample sdpa (`vlkit.per_sample_sdpa`) for flat-packed batches.
+
+    False, and nothing changed, when the LLM's attention is not sdpa, has a sliding window or chunks,
+    or when a packed sample does not then give the logits it gives alone (`packing_supported`).
+    """
+    language_model = model.language_model
+    config = language_model.config
+    if attention_implementation(config) == PER_SAMPLE_SDPA:
+        return True
+    if attention_implementation(config) != "sdpa" or not attends_causally_only(config):
+        return False
+    language_model.set_attn_implementation(PER_SAMPLE_SDPA)
+    if packing_supported(model, warn=False):
+        return True
+    logger.warning("per-sample sdpa gives a packed sample other logits than it has alone; keeping sdpa")
+    language_model.set_attn_implementation("sdpa")
+    return False
+
+
 @torch.no_grad()
-def packing_supported(model) -> bool:
+def packing_supported(model, warn: bool = True) -> bool:
     """Whether the model's LLM keeps packed samples apart: sample B behind sample A == sample B alone."""
     language_model = model.language_model
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -124,6 +161,6 @@ def packing_supported(model) -> bool:
     scale = alone.abs().max().clamp(min=1.0)
     tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
     same = bool(((packed - alone).abs().max() / scale) <= tolerance)
-    if not same:
+    if not same and warn:
         logger.warning("the LLM attends across packed samples (it ignores restarting position ids); padding instead")
     return same

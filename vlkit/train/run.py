@@ -342,6 +342,18 @@ def set_loss_average(model: Any, loss_average: str) -> None:
     model.loss_turn_power = TURN_POWERS[loss_average]
 
 
+def shares_prefix(recipe: VlmRecipe, model, pack: bool | str) -> bool:
+    """Whether the collator may pass the shared prompt prefix once (`data.share_prefix`): only while the
+    LLM is frozen (the model shares it only then; otherwise packing serves better), and in front of a
+    flat row only where the attention sees the prefix from every sample (per-sample sdpa)."""
+    from vlkit.compat import attention_implementation
+    from vlkit.per_sample_sdpa import PER_SAMPLE_SDPA
+
+    if not recipe.data.share_prefix or recipe.tune.llm != "frozen":
+        return False
+    return pack != "flat" or attention_implementation(model.language_model.config) == PER_SAMPLE_SDPA
+
+
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
     from accelerate import PartialState
@@ -376,15 +388,13 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
-    pack = collator_packing(recipe.data.packing, model)
+    pack = collator_packing(recipe.data.packing, model, on_cpu=args.device.type == "cpu", compiled=recipe.train.compile)
     set_loss_average(model, recipe.train.loss_average)
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(
             processor.tokenizer.pad_token_id, pack=pack, processor=processor,
-            # The model shares the prefix only while the LLM is frozen; otherwise packing serves better.
-            share_prefix_before=processor.image_token_id if recipe.data.share_prefix and recipe.tune.llm == "frozen"
-            else None,
+            share_prefix_before=processor.image_token_id if shares_prefix(recipe, model, pack) else None,
         ),
         manifest=manifest, part_learning_rates=part_learning_rates(train),
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size),

@@ -1,0 +1,86 @@
+"""sdpa one packed sample at a time: padding-free packing where no variable-length kernel exists.
+
+Flat packing (`vlkit.data.packing`) lays a batch's samples one after another in one row with no pad
+token, so the LLM's projections, MLP and norms work on the batch's real tokens only. Its attention
+must still keep the samples apart. Flash and flex attention do that with a variable-length kernel;
+sdpa over the whole row would attend through a [T, T] mask, most of it masked.
+
+This module registers one more attention implementation with transformers (`AttentionInterface`
+and `AttentionMaskInterface`). For a one-row batch without a padding mask, its mask builder builds
+nothing (a [T, T] mask of a flat row of 256 captions is 130 MB, 0.4 s to build on CPU) and its
+attention reads the samples from the position ids (a sample starts where they do not continue by
+one, transformers' rule for packed samples): it runs sdpa's causal kernel on each sample's span of
+the row. Keys cached before the row (a shared prompt prefix, `vlkit.data.prefix`; a conversation's
+earlier turns) are seen by every sample, through a small mask per sample. Every other batch gets
+transformers' own sdpa with the mask sdpa gets, so padded batches and batched generation compute
+exactly what sdpa computes.
+
+It holds only for LLMs whose mask is causal and nothing else (no sliding window, no attention
+chunks: `attends_causally_only`). vlkit's training switches such an sdpa LLM to it where it packs
+flat (`vlkit.data.packing.use_per_sample_sdpa`, which probes that a packed sample then gives its
+logits alone). The
+name is a runtime setting that configs do not save, so run folders and exports load with sdpa.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from vlkit.modeling import packed_sample_lengths
+
+PER_SAMPLE_SDPA = "vlkit_per_sample_sdpa"
+
+
+def per_sample_mask(batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None,
+                    **kwargs) -> torch.Tensor | None:
+    """sdpa's mask, except for one row without a padding mask: none, the attention reads the position ids."""
+    if batch_size == 1 and attention_mask is None:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def per_sample_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query [B, heads, T, D] -> ([B, T, heads, D], None)."""
+    kwargs.pop("is_causal", None)  # set here per call
+    if attention_mask is not None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    length = query.shape[2]
+    lengths = packed_sample_lengths(position_ids) if position_ids is not None and length > 1 else [length]
+    cached = key.shape[2] - length  # keys before the row: every sample sees them
+    if len(lengths) == 1 and (cached == 0 or length == 1):
+        return sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids, **kwargs)
+    # split, not slicing: its backward joins the parts' gradients in one concatenation.
+    parts = zip(query.split(lengths, dim=2), *(x[:, :, cached:].split(lengths, dim=2) for x in (key, value)))
+    outputs = []
+    for q, k, v in parts:
+        if not cached:
+            outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+            continue
+        n = q.shape[2]
+        mask = torch.ones(n, cached + n, dtype=torch.bool, device=q.device)
+        mask[:, cached:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        k, v = torch.cat([key[:, :, :cached], k], dim=2), torch.cat([value[:, :, :cached], v], dim=2)
+        outputs.append(sdpa_attention_forward(module, q, k, v, mask[None, None], **kwargs)[0])
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa)
+AttentionMaskInterface.register(PER_SAMPLE_SDPA, per_sample_mask)
+
+
+def attends_causally_only(text_config) -> bool:
+    """No sliding window or attention chunks: each sample's causal block is all its mask holds."""
+    window = getattr(text_config, "sliding_window", None) if getattr(text_config, "use_sliding_window", True) else None
+    return not window and not getattr(text_config, "attention_chunk_size", None)
