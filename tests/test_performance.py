@@ -481,8 +481,9 @@ def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir, mo
 
 
 def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_dir, monkeypatch):
-    """Flat packing under sdpa: the LLM switched to per-sample sdpa runs sdpa's causal kernel once per sample
-    of the row, no mask, and gives the padded batch's loss and gradients (with trailing padding too)."""
+    """Flat packing under sdpa: the LLM switched to per-sample sdpa lays the row's samples out as rows for one
+    call of sdpa's causal kernel per layer, no mask, and gives the padded batch's loss and gradients (with
+    trailing padding too)."""
     model, processor = vlm
     set_attention_implementation(model.language_model.config, "sdpa")
     items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
@@ -498,7 +499,7 @@ def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_d
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recording_sdpa(query, *args, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((query.shape[-2], attn_mask is None, is_causal))
+        calls.append((tuple(query.shape[:1] + query.shape[2:3]), attn_mask is None, is_causal))
         return sdpa(query, *args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
@@ -506,9 +507,9 @@ def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_d
     assert flat["input_ids"].shape[0] == 1
     assert_same(reference, loss_and_grads(model, flat), atol=1e-5)
     assert all(no_mask for _, no_mask, _ in calls)  # no [T, T] mask: not the whole row at once
-    llm_lengths = [n for n, _, causal in calls if causal]  # the tower's calls are not causal
+    llm_shapes = [shape for shape, _, causal in calls if causal]  # the tower's calls are not causal
     layers = model.language_model.config.get_text_config().num_hidden_layers
-    assert sorted(llm_lengths) == sorted([len(item["input_ids"]) for item in items] * layers)  # each sample alone
+    assert llm_shapes == [(len(items), max(len(item["input_ids"]) for item in items))] * layers  # a row per sample
     assert_same(counted_reference, loss_and_grads(model, flat, num_items_in_batch=count), atol=1e-5)
     rounded = VlkitCollator(pad, pack="flat", pad_to_multiple_of=64)(items)
     assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > flat["input_ids"].shape[1]

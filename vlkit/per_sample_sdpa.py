@@ -1,4 +1,4 @@
-"""sdpa one packed sample at a time: padding-free packing where no variable-length kernel exists.
+"""sdpa for the samples of a flat-packed row: padding-free packing where no variable-length kernel exists.
 
 Flat packing (`vlkit.data.packing`) lays a batch's samples one after another in one row with no pad
 token, so the LLM's projections, MLP and norms work on the batch's real tokens only. Its attention
@@ -9,9 +9,13 @@ This module registers one more attention implementation with transformers (`Atte
 and `AttentionMaskInterface`). For a one-row batch without a padding mask, its mask builder builds
 nothing (a [T, T] mask of a flat row of 256 captions is 130 MB, 0.4 s to build on CPU) and its
 attention reads the samples from the position ids (a sample starts where they do not continue by
-one, transformers' rule for packed samples): it runs sdpa's causal kernel on each sample's span of
-the row. Keys cached before the row (a shared prompt prefix, `vlkit.data.prefix`; a conversation's
-earlier turns) are seen by every sample, through a small mask per sample. Every other batch gets
+one, transformers' rule for packed samples). It lays the samples' queries, keys and values out as a
+batch of rows, each padded after its end, for one call of sdpa's causal kernel, and takes each
+sample's output back: the attention does what rows of one sample each would do, while everything
+else in the layer works on the real tokens only. (One sdpa call per sample was measured too: its
+backward took longer than the padded rows' in bf16 on CPU, and on a GPU it would launch a kernel
+per sample.) Keys cached before the row (a shared prompt prefix, `vlkit.data.prefix`; a
+conversation's earlier turns) are seen by every sample, through a mask. Every other batch gets
 transformers' own sdpa with the mask sdpa gets, so padded batches and batched generation compute
 exactly what sdpa computes.
 
@@ -61,19 +65,42 @@ def per_sample_sdpa(
     cached = key.shape[2] - length  # keys before the row: every sample sees them
     if len(lengths) == 1 and (cached == 0 or length == 1):
         return sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids, **kwargs)
-    # split, not slicing: its backward joins the parts' gradients in one concatenation.
-    parts = zip(query.split(lengths, dim=2), *(x[:, :, cached:].split(lengths, dim=2) for x in (key, value)))
-    outputs = []
-    for q, k, v in parts:
-        if not cached:
-            outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
-            continue
-        n = q.shape[2]
-        mask = torch.ones(n, cached + n, dtype=torch.bool, device=q.device)
-        mask[:, cached:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        k, v = torch.cat([key[:, :, :cached], k], dim=2), torch.cat([value[:, :, :cached], v], dim=2)
-        outputs.append(sdpa_attention_forward(module, q, k, v, mask[None, None], **kwargs)[0])
-    return torch.cat(outputs, dim=1), None
+    samples = SamplesAsRows(lengths, query.device)
+    query, key_rows, value_rows = (samples.rows(x) for x in (query, key[:, :, cached:], value[:, :, cached:]))
+    if not cached:
+        output, _ = sdpa_attention_forward(module, query, key_rows, value_rows, None, is_causal=True, **kwargs)
+        return samples.row_of_samples(output), None
+    # Every sample sees the cached keys and, causally, its own; a padded query sees the cache (its output
+    # is dropped, and a row with no key to see would give NaN).
+    def with_cache(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :, :cached].expand(len(lengths), -1, -1, -1), rows], dim=2)
+
+    longest = query.shape[2]
+    mask = torch.ones(longest, cached + longest, dtype=torch.bool, device=query.device)
+    mask[:, cached:] = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril()
+    output, _ = sdpa_attention_forward(module, query, with_cache(key, key_rows), with_cache(value, value_rows),
+                                       mask[None, None], **kwargs)
+    return samples.row_of_samples(output), None
+
+
+class SamplesAsRows:
+    """The samples of a one-row batch as a batch of rows for the attention alone: [1, heads, T, D] ->
+    [samples, heads, longest, D], each padded after its end, and sdpa's output back to [1, T, heads, D]."""
+
+    def __init__(self, lengths: list[int], device: torch.device) -> None:
+        sizes = torch.tensor(lengths, device=device)
+        self.count, self.longest = len(lengths), max(lengths)
+        self.sample = torch.repeat_interleave(torch.arange(self.count, device=device), sizes)  # [T]
+        starts = torch.cumsum(sizes, 0) - sizes
+        self.offset = torch.arange(len(self.sample), device=device) - starts[self.sample]  # [T]
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.new_zeros(self.count, x.shape[1], self.longest, x.shape[3])
+        rows[self.sample, :, self.offset] = x[0].transpose(0, 1)  # [T, heads, D] into each sample's row
+        return rows
+
+    def row_of_samples(self, output: torch.Tensor) -> torch.Tensor:
+        return output[self.sample, self.offset][None]  # [samples, longest, heads, D] -> [1, T, heads, D]
 
 
 AttentionInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa)
