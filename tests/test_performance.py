@@ -480,20 +480,27 @@ def test_flex_attention_keeps_the_samples_of_a_flat_row_apart(vlm, image_dir, mo
     assert flex_calls == ["BlockMask"] * layers  # flex ran, once per layer, with a block mask
 
 
+def padded_references_then_per_sample_sdpa(model, processor, image_dir, tune: TuneSection):
+    """The padded batch's loss and grads under sdpa (plain, and divided by its label count), then the LLM
+    switched to per-sample sdpa: (items, pad id, label count, reference, counted reference)."""
+    set_attention_implementation(model.language_model.config, "sdpa")
+    items = tuned_items(model, processor, image_dir, tune)
+    pad = processor.tokenizer.pad_token_id
+    padded = VlkitCollator(pad)(items)
+    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
+    references = loss_and_grads(model, padded), loss_and_grads(model, padded, num_items_in_batch=count)
+    assert use_per_sample_sdpa(model)
+    assert attention_implementation(model.language_model.config) == PER_SAMPLE_SDPA
+    return items, pad, count, *references
+
+
 def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_dir, monkeypatch):
     """Flat packing under sdpa: the LLM switched to per-sample sdpa lays the row's samples out as rows for one
     call of sdpa's causal kernel per layer, no mask, and gives the padded batch's loss and gradients (with
     trailing padding too)."""
     model, processor = vlm
-    set_attention_implementation(model.language_model.config, "sdpa")
-    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
-    pad = processor.tokenizer.pad_token_id
-    padded = VlkitCollator(pad)(items)
-    reference = loss_and_grads(model, padded)
-    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
-    counted_reference = loss_and_grads(model, padded, num_items_in_batch=count)
-    assert use_per_sample_sdpa(model)
-    assert attention_implementation(model.language_model.config) == PER_SAMPLE_SDPA
+    items, pad, count, reference, counted_reference = padded_references_then_per_sample_sdpa(
+        model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
 
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -623,14 +630,8 @@ def test_a_shared_prefix_before_a_flat_row_gives_the_padded_loss_and_grads(vlm, 
     """Per-sample sdpa lets every sample of a flat row see the prefix's cached keys; where the model rebuilds
     whole samples (the LLM trains, checkpointing, its own loss) the prefix goes back in front of each."""
     model, processor = vlm
-    set_attention_implementation(model.language_model.config, "sdpa")
-    items = tuned_items(model, processor, image_dir, tune)
-    pad = processor.tokenizer.pad_token_id
-    padded = VlkitCollator(pad)(items)
-    reference = loss_and_grads(model, padded)
-    count = torch.tensor(int((padded["labels"][:, 1:] != -100).sum()))
-    counted_reference = loss_and_grads(model, padded, num_items_in_batch=count)
-    assert use_per_sample_sdpa(model)
+    items, pad, count, reference, counted_reference = padded_references_then_per_sample_sdpa(
+        model, processor, image_dir, tune)
     shared = VlkitCollator(pad, pack="flat", share_prefix_before=processor.image_token_id)(items)
     prefix_length = shared["prefix_ids"].shape[1]
     assert shared["prefix_ids"].shape[0] == 1 and shared["input_ids"].shape[0] == 1 and "attention_mask" not in shared
