@@ -19,6 +19,9 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
   flex_attention`): the batch in one row, no pad token, each sample's causal block only. Against vlkit
   it measures the padding-free lever. (At toy size on CPU the LLM uses eager attention: flex attention
   has no backward there.)
+- vlkit-flat-sdpa: the same one-row batch with sdpa run per sample (`vlkit.per_sample_sdpa`: the
+  samples laid out as rows for one causal sdpa call per layer, the rest of each layer on real tokens
+  only), what CPU training uses; against vlkit-flat it shows what a variable-length kernel adds.
 - vlkit-compiled: vlkit with `train.compile` (the LLM's decoder layers compiled in place,
   vlkit/train/compile.py); the variants above and the stock ones run eager;
 - vlkit-compiled-flat: both levers, vlkit-flat with the decoder layers compiled;
@@ -30,7 +33,7 @@ supervised. One step = zero_grad, forward(labels), backward, AdamW (connector + 
   vlkit's head already runs at labelled positions only). Its loss is checked against vlkit's first, and
   Liger's patches (transformers' Llama module, the LLM's modules) are undone after its steps. Against
   vlkit it measures the fused-kernel lever. Timed after vlkit-flat, before the layers are compiled.
-The variants are timed in the order vlkit, vlkit-fp32-lora, vlkit-flat, vlkit-liger, vlkit-compiled,
+The variants are timed in the order vlkit, vlkit-fp32-lora, vlkit-flat, vlkit-flat-sdpa, vlkit-liger, vlkit-compiled,
 vlkit-compiled-flat, llava-frozen, llava-plain, so the layers are compiled only after the eager vlkit
 variants ran.
 - vlkit-qlora (with `--qlora`, after the others, which are freed first): the LLM saved and loaded
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants",
-                        default="vlkit,vlkit-fp32-lora,vlkit-flat,vlkit-liger,vlkit-compiled,vlkit-compiled-flat,"
+                        default="vlkit,vlkit-fp32-lora,vlkit-flat,vlkit-flat-sdpa,vlkit-liger,vlkit-compiled,vlkit-compiled-flat,"
                                 "llava-frozen,llava-plain")
     parser.add_argument("--qlora", action="store_true", help="also time vlkit-qlora and report its peak memory")
     parser.add_argument("--toy", action="store_true", help="toy-size configs on CPU in float32 (tests)")
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     start(args)
     from vlkit.config import TuneSection
     from vlkit.data import VlkitCollator
+    from vlkit.per_sample_sdpa import PER_SAMPLE_SDPA
     from vlkit.train.stages import apply_adapters, set_trainable
 
     if args.toy:
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     checked = [("vlkit", model, packed, None), *((n, t, padded, None) for n, t in twins.items())]
     if "vlkit-flat" in names or "vlkit-compiled-flat" in names:
         checked.append(("vlkit-flat", model, flat, flat_attention))
+    if "vlkit-flat-sdpa" in names:
+        checked.append(("vlkit-flat-sdpa", model, flat, PER_SAMPLE_SDPA))
     for name, module, batch, attention in checked:
         module.eval()
         with torch.no_grad(), llm_attention(module, attention):
@@ -271,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["vlkit-fp32-lora"] = lambda: lora_weights_in(model, torch.float32)
     if "vlkit-flat" in names:  # timed before the layers are compiled; the flex kernel is compiled by transformers
         steps["vlkit-flat"] = step_of(model, flat, compiled=True, attention=flat_attention)
+    if "vlkit-flat-sdpa" in names:
+        steps["vlkit-flat-sdpa"] = step_of(model, flat, attention=PER_SAMPLE_SDPA)
 
     @contextlib.contextmanager
     def liger_kernels_on():
@@ -369,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     size = "toy" if args.toy else "LLaVA-1.5-7B-shaped"
     lines = [f"{size}, {dtype}, batch {args.batch_size} ({sum(lengths)} tokens, padded {padded['input_ids'].numel()}, "
              f"packed {packed['input_ids'].numel()}, flat {flat['input_ids'].numel()}), matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e12:.2f} TFLOP/step."]
-    for name in ("vlkit", "vlkit-fp32-lora", "vlkit-flat", "vlkit-compiled", "vlkit-compiled-flat", "vlkit-liger"):
+    for name in ("vlkit", "vlkit-fp32-lora", "vlkit-flat", "vlkit-flat-sdpa", "vlkit-compiled", "vlkit-compiled-flat",
+                 "vlkit-liger"):
         if name in times:
             mfu = 100 * flops / statistics.median(times[name]) / peak
             lines.append(f"- instruct MFU ({name}): {verdict(mfu, 100 * MFU_GOAL, '%')}")

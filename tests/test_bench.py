@@ -93,7 +93,7 @@ def test_clip_bench(benches):
 
 def test_gpu_bench_at_toy_size(benches):
     out, docs = run_bench(benches, "gpu.py")
-    for variant in ("vlkit ", "vlkit-fp32-lora ", "vlkit-flat ", "vlkit-compiled ", "vlkit-compiled-flat ",
+    for variant in ("vlkit ", "vlkit-fp32-lora ", "vlkit-flat ", "vlkit-flat-sdpa ", "vlkit-compiled ", "vlkit-compiled-flat ",
                     "llava-frozen", "llava-plain"):
         assert f"| {variant}" in out
     assert "failed:" not in out and "out of memory" not in out  # the script reports a failing variant in its row
