@@ -224,7 +224,7 @@ def test_flat_packing_and_flex_attention_are_refused_where_they_cannot_pay_or_ru
     assert "got {" not in str(error.value)  # one line: the message, not the whole recipe tree
     tree["model"]["attn_implementation"] = "sdpa"
     tree.setdefault("train", {})["compile"] = True
-    with pytest.raises(ConfigError, match="flat runs sdpa once per sample, which train.compile does not compile"):
+    with pytest.raises(ConfigError, match="flat runs sdpa per sample .one row each., which train.compile does not compile"):
         load_recipe(write_recipe(tmp_path / "a.yaml", tree))
     del tree["train"]["compile"]
     tree["data"]["packing"] = "rows"
@@ -562,7 +562,7 @@ def test_training_on_cpu_packs_flat_with_per_sample_sdpa_unless_compiled(vlm, mo
     model, _ = vlm
     config = model.language_model.config
     assert collator_packing(True, model, on_cpu=True, compiled=True) is True  # compiled layers keep rows
-    assert collator_packing(True, model) is True  # a GPU's sdpa: one causal kernel per row, not one per sample
+    assert collator_packing(True, model) is True  # a GPU's sdpa keeps rows (the flat row unmeasured there)
     assert attention_implementation(config) == "sdpa"
     assert collator_packing(True, model, on_cpu=True) == "flat"
     assert attention_implementation(config) == PER_SAMPLE_SDPA

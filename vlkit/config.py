@@ -219,7 +219,7 @@ class DataSection(BaseDataSection):
     # Compute the frozen tower's features once and reuse them (vlkit.features); None: on for align.
     cache_vision_features: bool | None = None
     # Several samples per row instead of padding, no cross-sample attention (vlkit.data.packing). `flat`:
-    # the whole batch in one row with no pad tokens, its attention per sample (sdpa run once per sample,
+    # the whole batch in one row with no pad tokens, its attention per sample (sdpa on one row per sample,
     # or flex_attention / flash_attention_2/3). `true` is flat where that is the least work: under flash
     # attention, and under sdpa on CPU without train.compile; rows padded to the longest sample elsewhere.
     packing: bool | Literal["flat"] = True
@@ -295,7 +295,7 @@ class VlmRecipe(StrictSection):
                              f"{' or '.join(VARLEN_ATTENTION)} (with {attention}, one row of the whole batch would "
                              "attend through a full mask); set it, or use data.packing: true")
         if attention == "sdpa" and self.train.compile:
-            raise ValueError("data.packing: flat runs sdpa once per sample, which train.compile does not compile; "
+            raise ValueError("data.packing: flat runs sdpa per sample (one row each), which train.compile does not compile; "
                              "use data.packing: true (rows when compiled), or a variable-length kernel "
                              f"(model.attn_implementation: {' or '.join(VARLEN_ATTENTION)})")
         return self

@@ -11,11 +11,11 @@ loss is a sum over the same supervised tokens, so it equals the padded batch's.
 Flat packing (`data.packing: flat`) lays the whole batch into one row as long as all its samples
 together, so no pad token is computed at all. Every attention call then spans the batch, which pays
 only where attention skips the blocks between samples: a variable-length kernel (`VARLEN_ATTENTION`:
-flex attention's block mask, flash attention's `cu_seqlens`), or sdpa run once per sample
+flex attention's block mask, flash attention's `cu_seqlens`), or sdpa on one row per sample
 (`vlkit.per_sample_sdpa`, which vlkit switches an sdpa LLM to). Eager attention would attend through
 a full mask, so the recipe refuses it. `data.packing: true` is flat wherever that is the least work:
 under flash attention, and under sdpa when training on CPU and not compiled (`collator_packing`). On
-a GPU, sdpa keeps rows: one causal kernel per layer instead of one per sample.
+a GPU, sdpa keeps rows until the flat row is measured there (`bench/gpu.py`, vlkit-flat-sdpa).
 
 `packing_supported(model)` checks a loaded model once (a causal LM with its own mask code could
 ignore the restarts): a sample packed behind another must give the same logits as the sample alone.
@@ -97,13 +97,14 @@ def pack_batch(
 
 def collator_packing(requested: bool | str, model, on_cpu: bool = False, compiled: bool = False) -> bool | str:
     """`data.packing` as the collator takes it for this model; an sdpa LLM that packs flat is switched to
-    per-sample sdpa here (`vlkit.per_sample_sdpa.use_per_sample_sdpa`).
+    per-sample sdpa here (`use_per_sample_sdpa`).
 
     Off when the LLM ignores restarting positions (`packing_supported`). Flat under flash attention, which
     reads restarts only in a batch of one row (transformers' `_is_packed_sequence`): several packed rows
-    would attend across samples there. Under sdpa, flat when asked for, or when training on CPU with
-    eager layers (`train.compile` keeps rows: a compiled layer would break its graph at every sample);
-    rows where per-sample sdpa does not serve this LLM (a sliding window, or its probe fails).
+    would attend across samples there. Under sdpa, flat when asked for, or when training on CPU with eager
+    layers. Rows elsewhere: with `train.compile` (the samples' lengths, read from the position ids, would
+    break a compiled layer's graph), on a GPU (until the flat row is measured there), and where per-sample
+    sdpa does not serve this LLM (a sliding window, or its probe fails).
     """
     if not requested or not packing_supported(model):
         return False
