@@ -9,9 +9,9 @@ AdamW step, on:
 
 - vlkit: its training path. Align: the tower's features come from the feature cache, samples are
   packed as the recipes pack on CPU (one flat row, attention run per sample: `vlkit.per_sample_sdpa`)
-  or their common prefix runs once through the frozen LLM (whichever takes fewer token slots), the LM head runs at labelled positions only, and so do the last decoder layer's query and
-  output projections and MLP (`vlkit.last_layer`), frozen weights build no gradients (AdamW on the
-  connector). Instruct: the same with LoRA on the LLM (its scale on the rank side,
+  with their common prefix run once through the frozen LLM in front of it, the LM head runs at
+  labelled positions only, and so do the last decoder layer's query and output projections and MLP
+  (`vlkit.last_layer`), frozen weights build no gradients (AdamW on the connector). Instruct: the same with LoRA on the LLM (its scale on the rank side,
   `vlkit.lora_scale`; the Llava side runs peft's own), packed flat (the prefix is shared only while
   the LLM is frozen), tower run every step (the default: `data.cache_vision_features` is off for
   instruct), AdamW on connector + LoRA.
@@ -92,9 +92,15 @@ class Variant:
     compiled: bool = False  # the others run eager even where vlkit-compiled compiled the shared layers
     attention: str | None = None  # the LLM's attention implementation for this variant (vlkit's shared model)
 
-    def step(self) -> None:
+    def use_attention(self) -> None:
+        """The variant's attention on the shared LLM: one config attribute, which every layer reads."""
+        from vlkit.compat import set_attention_implementation
+
         if self.attention is not None:
-            self.model.language_model.set_attn_implementation(self.attention)
+            set_attention_implementation(self.model.language_model.config, self.attention)
+
+    def step(self) -> None:
+        self.use_attention()
         with contextlib.nullcontext() if self.compiled else torch.compiler.set_stance("force_eager"):
             self.optimizer.zero_grad(set_to_none=True)
             self.model(**self.batch).loss.backward()
@@ -216,8 +222,7 @@ class Bench:
         """Before timing: every variant gives the same loss on its batch (same weights, same samples)."""
         losses = {}
         for name, variant in variants.items():
-            if variant.attention is not None:
-                variant.model.language_model.set_attn_implementation(variant.attention)
+            variant.use_attention()
             modes = {m: m.training for m in variant.model.modules()}
             variant.model.eval()  # no LoRA dropout in the comparison
             with torch.no_grad():

@@ -298,8 +298,8 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         """The batch without the shared prefix: each row's prefix written back in front of it (in a flat
         row, in front of each of its samples)."""
         prefix_length = prefix_ids.shape[1]
-        if position_ids is not None and len(input_ids) == 1 and len(packed_sample_lengths(position_ids)) > 1:
-            lengths = packed_sample_lengths(position_ids)
+        lengths = packed_sample_lengths(position_ids) if position_ids is not None and len(input_ids) == 1 else []
+        if len(lengths) > 1:
             prefix = prefix_ids[0]
 
             def with_prefix(row: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:

@@ -98,20 +98,14 @@ class VlkitCollator:
         packing always: the remainders are packed flat too), and the sample order it holds."""
         if self.share_prefix_before is None or len(ids) < 2:
             return None
-        from vlkit.data.packing import flat_capacity, pack_batch, pack_rows
-        from vlkit.data.prefix import prefix_batch, shared_prefix_length
+        from vlkit.data.packing import pack_rows
+        from vlkit.data.prefix import flat_prefix_batch, prefix_batch, shared_prefix_length
 
         prefix_length = shared_prefix_length(ids, labels, self.share_prefix_before)
         if prefix_length == 0:
             return None
         if self.pack == "flat":
-            rest = [x[prefix_length:] for x in ids]
-            capacity = flat_capacity([len(x) for x in rest], self.pad_to_multiple_of)
-            batch, order = pack_batch(rest, [x[prefix_length:] for x in labels], self.pad_token_id, capacity)
-            batch["position_ids"] += prefix_length  # each remainder continues the prefix
-            del batch["use_cache"]  # the model passes the prefix's cache itself
-            batch["prefix_ids"] = ids[0][None, :prefix_length].clone()
-            return batch, order
+            return flat_prefix_batch(ids, labels, self.pad_token_id, prefix_length, self.pad_to_multiple_of)
         other_slots = len(ids) * length
         if self.pack:
             other_slots = len(pack_rows([len(x) for x in ids], length)) * length

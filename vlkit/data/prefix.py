@@ -9,7 +9,9 @@ token is shared, so the image merge and the loss see only the rows' own tokens, 
 gradients equal the padded batch's.
 
 The collator takes whichever layout has fewer token slots: packed rows, or the shared prefix once plus
-each sample's remainder padded to the longest.
+each sample's remainder padded to the longest. With flat packing it always shares the prefix and packs
+the remainders flat after it (`flat_prefix_batch`), for an attention that lets each sample see the
+prefix (`vlkit.per_sample_sdpa`).
 """
 
 from __future__ import annotations
@@ -62,3 +64,20 @@ def prefix_batch(
         "input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention_mask,
         "position_ids": position_ids, "prefix_ids": ids[0][:prefix_length].expand(len(ids), prefix_length).clone(),
     }
+
+
+def flat_prefix_batch(
+    ids: list[torch.Tensor], labels: list[torch.Tensor], pad_token_id: int, prefix_length: int,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """`prefix_ids` [1, P] and the remainders packed flat into one row (`vlkit.data.packing.pack_batch`),
+    their positions continuing from P, no mask; and the sample order the row holds."""
+    from vlkit.data.packing import flat_capacity, pack_batch
+
+    rest = [x[prefix_length:] for x in ids]
+    capacity = flat_capacity([len(x) for x in rest], pad_to_multiple_of)
+    batch, order = pack_batch(rest, [x[prefix_length:] for x in labels], pad_token_id, capacity)
+    batch["position_ids"] += prefix_length  # each remainder continues the prefix
+    del batch["use_cache"]  # the model passes the prefix's cache itself
+    batch["prefix_ids"] = ids[0][None, :prefix_length].clone()
+    return batch, order
