@@ -83,9 +83,9 @@ def test_reruns_in_backward_sees_transformers_checkpointing_and_torchs_wrapper()
 
     model = LlamaForCausalLM(tiny_llama_config(64))
     assert not compat.reruns_in_backward(model.model)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert compat.reruns_in_backward(model.model)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.model.layers[-1] = checkpoint_wrapper(model.model.layers[-1])
     assert compat.reruns_in_backward(model.model)
 

@@ -20,7 +20,7 @@ from train_helpers import REPO, align_recipe, write_recipe
 from transformers.masking_utils import find_packed_sequence_indices
 
 from vlkit import build_vlm
-from vlkit.compat import attention_implementation, set_attention_implementation
+from vlkit.compat import attention_implementation, cache_argument, cache_keyword, set_attention_implementation
 from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
 from vlkit.data.images import load_image
@@ -290,9 +290,9 @@ def test_the_last_layer_is_trimmed_only_where_that_is_the_same_function(vlm):
     assert model.use_loss_at_labels() and not model.trim_last_layer
     del layer.mlp.forward
     assert model.use_loss_at_labels() and model.trim_last_layer
-    model.language_model.gradient_checkpointing_enable()  # the backward's rerun would not see the hooks
+    model.language_model.activation_checkpointing_enable()  # the backward's rerun would not see the hooks
     assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
-    model.language_model.gradient_checkpointing_disable()
+    model.language_model.activation_checkpointing_disable()
     decoder.layers[-1] = checkpoint_wrapper(layer)  # FSDP's activation checkpointing: the same rerun
     assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
     decoder.layers[-1] = layer
@@ -542,9 +542,10 @@ def test_per_sample_sdpa_is_sdpa_for_every_other_batch(vlm, image_dir):
         with torch.no_grad():
             generated = model.generate(**prompts, max_new_tokens=6, do_sample=False)
             lone_generated = model.generate(**lone, max_new_tokens=6, do_sample=False)
-            cache = model(**lone, use_cache=True).past_key_values
+            cache = cache_argument(model(**lone, use_cache=True))  # the output names it as the forward does
             follow_up = torch.tensor([[1, 2, 3]])  # three tokens after a cached prompt
-            continued = model(input_ids=follow_up, past_key_values=cache, use_cache=True).logits
+            name = cache_keyword(model.language_model.get_decoder().forward)
+            continued = model(input_ids=follow_up, use_cache=True, **{name: cache}).logits
         return loss_and_grads(model, padded), loss_and_grads(model, single), generated, lone_generated, continued
 
     sdpa_padded, sdpa_single, *sdpa_rest = outputs()
@@ -616,11 +617,11 @@ def test_a_shared_prefix_gives_the_padded_batch_loss_and_grads(vlm, image_dir, t
         assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
     finally:
         model.logits_at_labels_only = True
-    model.language_model.gradient_checkpointing_enable()  # layers run twice: the rows are rebuilt whole
+    model.language_model.activation_checkpointing_enable()  # layers run twice: the rows are rebuilt whole
     try:
         assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
     finally:
-        model.language_model.gradient_checkpointing_disable()
+        model.language_model.activation_checkpointing_disable()
     with pytest.raises(ValueError, match="same row repeated"):
         model(**{**shared, "prefix_ids": torch.cat([shared["prefix_ids"][:1], shared["prefix_ids"][1:] + 1])})
 
@@ -645,11 +646,11 @@ def test_a_shared_prefix_before_a_flat_row_gives_the_padded_loss_and_grads(vlm, 
         assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
     finally:
         model.logits_at_labels_only = True
-    model.language_model.gradient_checkpointing_enable()
+    model.language_model.activation_checkpointing_enable()
     try:
         assert_same(reference, loss_and_grads(model, shared), atol=1e-5)
     finally:
-        model.language_model.gradient_checkpointing_disable()
+        model.language_model.activation_checkpointing_disable()
 
 
 def test_the_collator_shares_a_prefix_only_where_it_saves_token_slots(vlm, image_dir):
