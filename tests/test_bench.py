@@ -25,6 +25,7 @@ SCRIPTS = {
     "test_connector_bakeoff_at_toy_size": "connectors.py",
     "test_data_bench": "data.py",
     "test_recipes_bench_at_toy_size": "recipes.py",
+    "test_attention_forms_bench": "attention.py",
 }
 
 
@@ -41,6 +42,7 @@ def benches(request, tmp_path_factory, tiny_llm_dir, tiny_vision_dir, shapes_dir
         "data.py": [*models, "--data", shapes_dir],
         # The CLIP stage trains the tower; the instruct stage compiles its LLM's layers.
         "recipes.py": ["--llm", tiny_llm_dir, "--data", shapes_dir, "--compile"],
+        "attention.py": [],
     }
     selected = {SCRIPTS[item.name] for item in request.session.items
                 if item.module.__name__ == __name__ and item.name in SCRIPTS}
@@ -118,6 +120,15 @@ def test_data_bench(benches):
     out, docs = run_bench(benches, "data.py")
     assert "| align    |" in out and "| instruct |" in out and "instruct data path per core:" in out
     assert "## Data path: dataset + collator" in docs.read_text()
+
+
+def test_attention_forms_bench(benches):
+    """Both forms of per-sample sdpa on one layer, by sample length: the table says which form the module picks."""
+    out, docs = run_bench(benches, "attention.py")
+    picked = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines()
+              if line.startswith("| ") and not line.startswith("| samples")}
+    assert picked == {"very short": "rows", "mixed": "calls"}  # 6 tokens on average; 180
+    assert "calls speed-up" in out and "## Per-sample sdpa: calls per sample vs padded rows" in docs.read_text()
 
 
 def test_recipes_bench_at_toy_size(benches):

@@ -19,7 +19,7 @@ from conftest import HANG_GUARD_S, random_image
 from train_helpers import REPO, align_recipe, write_recipe
 from transformers.masking_utils import find_packed_sequence_indices
 
-from vlkit import build_vlm
+from vlkit import build_vlm, per_sample_sdpa
 from vlkit.compat import attention_implementation, cache_argument, cache_keyword, set_attention_implementation
 from vlkit.config import TuneSection
 from vlkit.data import ConversationDataset, VlkitCollator
@@ -36,6 +36,7 @@ from vlkit.features import (
     tower_features,
     tower_key,
 )
+from vlkit.modeling import packed_sample_lengths
 from vlkit.per_sample_sdpa import PER_SAMPLE_SDPA
 from vlkit.recipe import load_recipe
 from vlkit.train.stages import apply_adapters, set_trainable
@@ -494,11 +495,13 @@ def padded_references_then_per_sample_sdpa(model, processor, image_dir, tune: Tu
     return items, pad, count, *references
 
 
-def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_dir, monkeypatch):
-    """Flat packing under sdpa: the LLM switched to per-sample sdpa lays the row's samples out as rows for one
-    call of sdpa's causal kernel per layer, no mask, and gives the padded batch's loss and gradients (with
-    trailing padding too)."""
+@pytest.mark.parametrize("form", ["calls", "rows"])
+def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_dir, monkeypatch, form):
+    """Flat packing under sdpa: the LLM switched to per-sample sdpa calls sdpa's causal kernel once per sample
+    (calls), or lays the row's samples out as rows for one call per layer (rows), no mask either way, and
+    gives the padded batch's loss and gradients (with trailing padding too)."""
     model, processor = vlm
+    monkeypatch.setattr(per_sample_sdpa, "MEAN_LENGTH_FOR_CALLS_PER_SAMPLE", 0 if form == "calls" else 10**9)
     items, pad, count, reference, counted_reference = padded_references_then_per_sample_sdpa(
         model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
 
@@ -516,7 +519,11 @@ def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_d
     assert all(no_mask for _, no_mask, _ in calls)  # no [T, T] mask: not the whole row at once
     llm_shapes = [shape for shape, _, causal in calls if causal]  # the tower's calls are not causal
     layers = model.language_model.config.get_text_config().num_hidden_layers
-    assert llm_shapes == [(len(items), max(len(item["input_ids"]) for item in items))] * layers  # a row per sample
+    if form == "calls":
+        lengths = packed_sample_lengths(flat["position_ids"])
+        assert len(lengths) == len(items) and llm_shapes == [(1, n) for n in lengths] * layers  # a call per sample
+    else:
+        assert llm_shapes == [(len(items), max(len(item["input_ids"]) for item in items))] * layers  # a row per sample
     assert_same(counted_reference, loss_and_grads(model, flat, num_items_in_batch=count), atol=1e-5)
     rounded = VlkitCollator(pad, pack="flat", pad_to_multiple_of=64)(items)
     assert rounded["input_ids"].shape[1] % 64 == 0 and rounded["input_ids"].shape[1] > flat["input_ids"].shape[1]

@@ -9,14 +9,14 @@ This module registers one more attention implementation with transformers (`Atte
 `AttentionMaskInterface`). For a one-row batch without a padding mask, its mask builder builds
 nothing (a [T, T] mask of a flat row of 256 captions is 130 MB, 0.4 s to build on CPU) and its
 attention reads the samples from the position ids (a sample starts where they do not continue by
-one, transformers' rule for packed samples). It lays the samples' queries, keys and values out as a
-batch of rows, each padded after its end, for one call of sdpa's causal kernel, and takes each
-sample's output back: the attention does what rows of one sample each would do, while everything
-else in the layer works on the real tokens only. (One sdpa call per sample was measured too: on 2
-CPU threads the tiny instruct recipe ran no faster with it than with packed rows, where these rows
-made it 1.05x faster; on a GPU it would launch a kernel per sample.) Keys cached before the row (a
-shared prompt prefix, `vlkit.data.prefix`; a conversation's earlier turns) are seen by every sample,
-through a mask. Every other batch gets transformers' own sdpa with the mask sdpa gets, so padded
+one, transformers' rule for packed samples). On CPU, where the samples are 16 tokens long or more on
+average, it calls sdpa's causal kernel once per sample: no padding and no copies. Otherwise (shorter
+samples, where a call each costs more than it saves; cached keys; a GPU, where a call is a kernel
+launch) it lays the samples' queries, keys and values out as a batch of rows, each padded after its
+end, for one call, and takes each sample's output back. `bench/attention.py` measures both forms.
+Either way the attention does what rows of one sample each would do, while everything else in the
+layer works on the real tokens only. Keys cached before the row (a shared prompt prefix,
+`vlkit.data.prefix`; a conversation's earlier turns) are seen by every sample, through a mask. Every other batch gets transformers' own sdpa with the mask sdpa gets, so padded
 batches and batched generation compute exactly what sdpa computes.
 
 It holds only for LLMs whose mask is causal and nothing else (no sliding window, no attention
@@ -65,6 +65,10 @@ def per_sample_sdpa(
     cached = key.shape[2] - length  # keys before the row: every sample sees them
     if len(lengths) == 1 and (cached == 0 or length == 1):
         return sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids, **kwargs)
+    if not cached and calls_per_sample_pay(lengths, query.device):
+        parts = zip(*(x.split(lengths, dim=2) for x in (query, key, value)))  # split: its backward is one cat
+        outputs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in parts]
+        return torch.cat(outputs, dim=1), None
     samples = SamplesAsRows(lengths, query.device)
     query, key_rows, value_rows = (samples.rows(x) for x in (query, key[:, :, cached:], value[:, :, cached:]))
     if not cached:
@@ -81,6 +85,16 @@ def per_sample_sdpa(
     output, _ = sdpa_attention_forward(module, query, with_cache(key, key_rows), with_cache(value, value_rows),
                                        mask[None, None], **kwargs)
     return samples.row_of_samples(output), None
+
+
+# One sdpa call per sample skips the rows' padding and copies but pays a call per sample. On these 2 CPU cores
+# it was the faster form from a mean sample length of 10 tokens up on one thread, 16 on two (bench/attention.py).
+MEAN_LENGTH_FOR_CALLS_PER_SAMPLE = 16
+
+
+def calls_per_sample_pay(lengths: list[int], device: torch.device) -> bool:
+    """Whether one sdpa call per sample beats one call over padded rows: on CPU, for samples long enough."""
+    return device.type == "cpu" and sum(lengths) >= MEAN_LENGTH_FOR_CALLS_PER_SAMPLE * len(lengths)
 
 
 class SamplesAsRows:
