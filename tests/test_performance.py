@@ -530,6 +530,40 @@ def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_d
     assert_same(reference, loss_and_grads(model, rounded), atol=1e-5)  # the padding joins the last sample
 
 
+def test_per_sample_sdpa_trains_in_float32_under_cpu_autocast(vlm, image_dir, monkeypatch):
+    """Under CPU bf16 autocast, a training forward's attention runs in float32 with autocast off (sdpa's bf16
+    backward is the slow part on CPU); a forward without gradients leaves it to autocast. The loss and
+    gradients stay those of the padded batch under autocast, within bf16's precision."""
+    model, processor = vlm
+    items, pad, _, _, _ = padded_references_then_per_sample_sdpa(
+        model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    set_attention_implementation(model.language_model.config, "sdpa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = loss_and_grads(model, VlkitCollator(pad)(items))
+    set_attention_implementation(model.language_model.config, PER_SAMPLE_SDPA)
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, *args, is_causal=False, **kwargs):
+        if is_causal:  # the LLM's calls (the tower's are not causal)
+            calls.append(({query.dtype, key.dtype, value.dtype}, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, key, value, *args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    flat = VlkitCollator(pad, pack="flat")(items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, flat)
+        assert calls and all(call == ({torch.float32}, False) for call in calls)
+        calls.clear()
+        with torch.no_grad():
+            model(**flat)
+        assert calls and all(autocast for _, autocast in calls)
+    assert torch.allclose(loss, reference[0], rtol=2e-2)
+    for name, grad in reference[1].items():
+        assert torch.allclose(grads[name], grad, atol=2e-2 * grad.abs().max()), name
+
+
 def test_per_sample_sdpa_is_sdpa_for_every_other_batch(vlm, image_dir):
     """Padded batches (a mask), one unpacked row and generation (a cache) compute what sdpa computes."""
     model, processor = vlm

@@ -57,6 +57,30 @@ def per_sample_sdpa(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query [B, heads, T, D] -> ([B, T, heads, D], None)."""
+    if trains_under_cpu_autocast(query):
+        # sdpa's bf16 backward on CPU took twice as long as float32's forward and backward (bench/attention.py);
+        # the output projection after it casts back to bf16 under the same autocast.
+        with torch.autocast("cpu", enabled=False):
+            return attend_per_sample(module, query.float(), key.float(), value.float(), attention_mask,
+                                     position_ids, **kwargs)
+    return attend_per_sample(module, query, key, value, attention_mask, position_ids, **kwargs)
+
+
+def trains_under_cpu_autocast(query: torch.Tensor) -> bool:
+    """A training forward (its backward will run) on CPU under autocast."""
+    return query.device.type == "cpu" and query.requires_grad and torch.is_autocast_enabled("cpu")
+
+
+def attend_per_sample(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Each sample of a one-row batch attends to itself (and to cached keys); every other batch gets sdpa."""
     kwargs.pop("is_causal", None)  # set here per call
     if attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
