@@ -10,6 +10,11 @@ and values of SmolLM2-135M's shape (9 query heads, 3 key/value heads, head dim 6
 backward, for rows of samples drawn from a range of lengths, on 1 and on `--threads` torch threads.
 The last column is the form the module picks (`calls_per_sample_pay`). Both forms must give the
 same output and gradients, or the run stops.
+
+A second table times the same layer under CPU bf16 autocast, as `train.bf16` trains on CPU (the
+queries and keys float32, as RoPE's float32 tables leave them; the values bf16): the attention in
+autocast's bf16 against float32 with autocast off, which the module does in training
+(`trains_under_cpu_autocast`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,28 @@ def attention_step(form: str, inputs) -> Callable[[], list[torch.Tensor]]:
     return step
 
 
+def autocast_step(float32: bool, inputs) -> Callable[[], None]:
+    """Forward and backward through per_sample_sdpa under CPU bf16 autocast, its attention in float32 or bf16."""
+    import vlkit.per_sample_sdpa as per_sample
+
+    module, query, key, value, positions = inputs
+    value = value.bfloat16()  # a bf16 projection's output; the queries and keys stay float32 after RoPE
+
+    def step() -> None:
+        keep = per_sample.trains_under_cpu_autocast
+        if not float32:
+            per_sample.trains_under_cpu_autocast = lambda query: False
+        try:
+            q, k, v = (x.detach().requires_grad_() for x in (query, key, value))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output, _ = per_sample.per_sample_sdpa(module, q, k, v, None, position_ids=positions, scaling=0.125)
+            output.float().square().sum().backward()
+        finally:
+            per_sample.trains_under_cpu_autocast = keep
+
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -100,8 +127,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     table = markdown_table(["samples", "mean length", "count", "threads", "rows ms", "calls ms",
                             "calls speed-up", "picked"], rows)
+    autocast_rows = []
+    for name, shortest, longest, count in [case for case in cases if case[0] in ("captions", "conversations", "mixed")]:
+        rng = random.Random(0)
+        inputs = layer_inputs([rng.randint(shortest, longest) for _ in range(count)], torch.Generator().manual_seed(0))
+        steps = {"bf16": autocast_step(False, inputs), "float32": autocast_step(True, inputs)}
+        for threads in sorted({1, args.most_threads}):
+            torch.set_num_threads(threads)
+            times = interleaved(steps, rounds=rounds)
+            autocast_rows.append([name, threads, f"{1e3 * statistics.median(times['bf16']):.2f}",
+                                  f"{1e3 * statistics.median(times['float32']):.2f}",
+                                  f"{median_ratio(times['bf16'], times['float32']):.2f}x"])
+        torch.set_num_threads(args.threads)
+    autocast_table = markdown_table(["samples", "threads", "bf16 ms", "float32 ms", "float32 speed-up"], autocast_rows)
     body = (f"One layer's attention, forward and backward, SmolLM2-135M's heads, {rounds} interleaved rounds: one sdpa "
-            f"call per sample (calls) vs one call over padded rows (rows).\n\n{table}")
+            f"call per sample (calls) vs one call over padded rows (rows).\n\n{table}\n\n"
+            f"The same under CPU bf16 autocast, in the form picked above: the attention in bf16 (autocast's choice) "
+            f"vs in float32 with autocast off (what training does).\n\n{autocast_table}")
     publish("Per-sample sdpa: calls per sample vs padded rows", body, args)
     return 0
 

@@ -125,10 +125,11 @@ def test_data_bench(benches):
 def test_attention_forms_bench(benches):
     """Both forms of per-sample sdpa on one layer, by sample length: the table says which form the module picks."""
     out, docs = run_bench(benches, "attention.py")
-    picked = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in out.splitlines()
-              if line.startswith("| ") and not line.startswith("| samples")}
+    forms_table = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line.count("|") == 9]
+    picked = {cells[0].strip(): cells[-1].strip() for cells in forms_table[1:]}
     assert picked == {"very short": "rows", "mixed": "calls"}  # 6 tokens on average; 180
     assert "calls speed-up" in out and "## Per-sample sdpa: calls per sample vs padded rows" in docs.read_text()
+    assert "| mixed   | 1       |" in out and "float32 speed-up" in out  # the attention's dtype under CPU autocast
 
 
 def test_recipes_bench_at_toy_size(benches):
