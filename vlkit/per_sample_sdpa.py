@@ -16,8 +16,11 @@ launch) it lays the samples' queries, keys and values out as a batch of rows, ea
 end, for one call, and takes each sample's output back. `bench/attention.py` measures both forms.
 Either way the attention does what rows of one sample each would do, while everything else in the
 layer works on the real tokens only. Keys cached before the row (a shared prompt prefix,
-`vlkit.data.prefix`; a conversation's earlier turns) are seen by every sample, through a mask. Every other batch gets transformers' own sdpa with the mask sdpa gets, so padded
-batches and batched generation compute exactly what sdpa computes.
+`vlkit.data.prefix`; a conversation's earlier turns) are seen by every sample, through a mask.
+Every other batch gets transformers' own sdpa with the mask sdpa gets, so padded batches and
+batched generation compute exactly what sdpa computes. Under CPU autocast (`train.bf16` on CPU) a
+training forward's attention runs in float32 with autocast off, since sdpa's bf16 backward is the
+slow part there; forwards without gradients are left to autocast.
 
 It holds only for LLMs whose mask is causal and nothing else (no sliding window, no attention
 chunks: `attends_causally_only`). vlkit's training switches such an sdpa LLM to it where it packs
