@@ -802,6 +802,36 @@ def test_lora_scale_on_the_rank_side_gives_peft_loss_grads_and_merge(vlm, image_
     assert scale_on_rank_side(dora) == 0
 
 
+def test_rank_side_lora_skips_peft_input_cast_under_autocast_only(vlm, image_dir):
+    """Under CPU bf16 autocast the rank-side adapters take their input as it comes (peft's cast to float32 is
+    undone at lora_A's matmul): the same loss and gradients as with peft's cast. Without autocast, a bf16
+    input still reaches a float32 adapter cast, as peft would cast it."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from vlkit.lora_scale import scale_on_rank_side
+
+    model, processor = vlm
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    linears = [m for m in model.language_model.modules() if isinstance(m, LoraLinear)]
+    assert linears and not any(m.cast_input_dtype_enabled for m in linears)
+    batch = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        skipped = loss_and_grads(model, batch)
+        for module in linears:
+            module.cast_input_dtype_enabled = True  # peft's cast, as stock peft runs
+        assert_same(loss_and_grads(model, batch), skipped, atol=0)
+
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    layer.base_model.model[0].base_layer.to(torch.bfloat16)  # a bf16 base with float32 adapters
+    with torch.no_grad():
+        layer.base_model.model[0].lora_B["default"].weight.normal_()
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    peft_output = layer(x)
+    assert scale_on_rank_side(layer) == 1 and not layer.base_model.model[0].cast_input_dtype_enabled
+    assert torch.allclose(layer(x).float(), peft_output.float(), atol=1e-2)
+
+
 # --- 5. generation from features computed once ------------------------------------------------------------
 def test_generate_from_precomputed_features_matches_pixels(vlm):
     model, processor = vlm
