@@ -32,7 +32,7 @@ from common import add_run_options, interleaved, markdown_table, median_ratio, p
 CASES = [
     ("very short", 4, 8, 128),
     ("short", 8, 14, 128),
-    ("short, 12-20 tokens", 12, 20, 128),  # about the threshold: the mean of these draws is 15.9
+    ("short, 12-20 tokens", 12, 20, 128),  # about the threshold: these draws average 15.98
     ("captions", 15, 40, 64),
     ("image + caption", 80, 110, 32),
     ("conversations", 120, 180, 8),
