@@ -291,23 +291,40 @@ def main(argv: list[str] | None = None) -> int:
         process_wide = {name: getattr(modeling_llama, name) for name in ("apply_rotary_pos_emb", "LlamaRMSNorm",
                                                                           "LlamaMLP")}
         in_place = {module: dict(module.__dict__) for module in model.language_model.modules()}
-        try:
-            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                        fused_linear_cross_entropy=False, model=model.language_model.get_base_model())
-            model.eval()
-            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                loss = float(model(**packed).loss)
-            model.train()
-            model.vision_tower.eval()
-            if abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"])):
-                raise ValueError(f"with Liger kernels the loss is {loss:.6f}, vlkit's {losses['vlkit']:.6f}")
-            yield
-        finally:
+
+        def undo() -> None:
             for name, value in process_wide.items():
                 setattr(modeling_llama, name, value)
             for module, attributes in in_place.items():
                 module.__dict__.clear()
                 module.__dict__.update(attributes)
+
+        def loss_with(**kernels) -> float:
+            apply_liger_kernel_to_llama(**kernels, cross_entropy=False, fused_linear_cross_entropy=False,
+                                        model=model.language_model.get_base_model())
+            model.eval()
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                loss = float(model(**packed).loss)
+            model.train()
+            model.vision_tower.eval()
+            return loss
+
+        def off(loss: float) -> bool:
+            return abs(loss - losses["vlkit"]) > tolerance * max(1.0, abs(losses["vlkit"]))
+
+        kernels = ("rope", "rms_norm", "swiglu")
+        try:
+            loss = loss_with(**dict.fromkeys(kernels, True))
+            if off(loss):  # which kernel changes it: each alone, so the next run knows where to look
+                alone = {}
+                for kernel in kernels:
+                    undo()
+                    alone[kernel] = loss_with(**{k: k == kernel for k in kernels})
+                raise ValueError(f"with Liger kernels the loss is {loss:.6f}, vlkit's {losses['vlkit']:.6f}; "
+                                 + ", ".join(f"{k} alone {v:.6f}" for k, v in alone.items()))
+            yield
+        finally:
+            undo()
 
     if "vlkit-liger" in names:  # before the layers are compiled: eager, with the last layer trimmed as vlkit's
         steps["vlkit-liger"] = step_of(model, packed)

@@ -4,6 +4,7 @@
     python bench/recipes.py --instruct-batch 128 --steps 60
     python bench/recipes.py --stages instruct --keep runs/bench --compile   # again, with train.compile
     python bench/recipes.py --stages instruct --keep runs/bench --flat      # again, padding-free (flex attention)
+    python bench/recipes.py --stages instruct --keep runs/bench --set model.dtype=bfloat16   # any recipe override
     python bench/recipes.py --toy --llm DIR --vision DIR --data DIR --no-append   # CPU, tiny models (tests)
 
 Each stage is `recipes/tiny/<stage>.yaml` as `make demo` runs it (vlkit.demo.stage_recipe), with a
@@ -49,7 +50,8 @@ def stage_overrides(args, stage: str, data_dir: Path, out: Path) -> list[str]:
         return [*common, f"model.vision={vision}", f"model.llm={args.llm}"]
     # The tiny align stage is the visual_words reader, outside the LLM: only instruct has layers to compile.
     flat = ["data.packing=flat", "model.attn_implementation=flex_attention"] if args.flat else []
-    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else []), *flat]
+    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else []), *flat,
+            *args.set]
 
 
 def steady_samples_per_s(summary: dict) -> float | None:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="train.compile on the instruct stage")
     parser.add_argument("--flat", action="store_true",
                         help="instruct with data.packing: flat and flex attention (GPU: flex has no backward on CPU)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more override of the instruct stage (repeatable), e.g. model.dtype=bfloat16")
     parser.add_argument("--keep", default=None, help="write the runs here instead of a temporary folder")
     parser.add_argument("--toy", action="store_true", help="a few small steps on CPU (tests)")
     add_run_options(parser)
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["stage", "steps", "batch", "samples/s (steady)", "samples/s (whole run)"], rows)
     body = "\n".join([f"{device}; LLM {args.llm}; {args.steps} steps a stage, step {args.profile_step} profiled"
                       f"{'; instruct with train.compile' if args.compile else ''}"
-                      f"{'; instruct flat-packed with flex attention' if args.flat else ''}.", "",
+                      f"{'; instruct flat-packed with flex attention' if args.flat else ''}"
+                      f"{''.join(f'; instruct {override}' for override in args.set)}.", "",
                       table, "", *lines, "", *profiles])
     publish("Tiny recipes at GPU size: samples/s and one step's profile", body, args)
     return 0

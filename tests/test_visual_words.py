@@ -160,7 +160,7 @@ def test_the_words_stage_runs_in_one_process(tmp_path, shapes_dir, tiny_vision_d
 class ChannelMeans:
     """A stand-in tower whose one feature vector is the image's mean per channel."""
 
-    dtype = torch.float32
+    vision_tower = torch.nn.Linear(1, 1)  # where the features are computed: its parameters' device
 
     def get_vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.mean(dim=(2, 3))[:, None, :]

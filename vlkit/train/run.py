@@ -430,8 +430,14 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     set_seed(recipe.train.seed)
     model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
     profiler = StepProfiler(recipe.train.profile_step, output) if recipe.train.profile_step else None
+    # Only the tower and the reader run here: they go to the accelerator, if there is one (the LLM stays).
+    device = torch.accelerator.current_accelerator() or torch.device("cpu")
+    model.vision_tower.to(device)
+    model.connector.to(device)
     history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows,
                                   recipe.data.hue_rotated_copies, recipe.data.colour_words, profiler)
+    model.vision_tower.cpu()
+    model.connector.cpu()
     manifest = build_manifest(recipe, model, {"vision": plan.vision, "llm": plan.llm}, [],
                               system_prompt=model_spec(plan).get("system_prompt"))
     save_trained(model, output, manifest)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,11 @@ from vlkit.errors import ConfigError
 
 if TYPE_CHECKING:
     from vlkit.train.profile import StepProfiler
+
+
+def tower_device(model) -> torch.device:
+    """Where the model's vision tower is (the features are computed, and the reader trains, there)."""
+    return next(model.vision_tower.parameters()).device
 
 
 @torch.no_grad()
@@ -43,8 +49,8 @@ def tower_features(model, image_processor, rows: list[WordsRow], batch_size: int
         images = [load_image(row.image) for row in rows[start : start + batch_size]]
         if generator is not None:
             images = [hue_rotated(image, float(torch.rand((), generator=generator)) * 2 * math.pi) for image in images]
-        pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(model.dtype)
-        chunks.append(model.get_vision_features(pixels).float())
+        pixels = image_processor(images, return_tensors="pt")["pixel_values"]
+        chunks.append(model.get_vision_features(pixels.to(tower_device(model))).float())
     return torch.cat(chunks)
 
 
@@ -74,7 +80,7 @@ def slot_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor
 def slot_choices(connector, features: torch.Tensor) -> torch.Tensor:
     """[rows, slots] index of the candidate the reader chooses at every slot."""
     connector.eval()
-    return torch.stack([slot.argmax(-1) for slot in connector.slot_logits(features)], dim=1)
+    return torch.stack([slot.argmax(-1) for slot in connector.slot_logits(features)], dim=1).cpu()
 
 
 def slot_accuracy(options: list[int], choices: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -156,11 +162,13 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
     generator = torch.Generator().manual_seed(train.seed)
     history, running = [], []
     dtype = connector.reader[0].weight.dtype
+    pool_targets = pool_targets.to(standardised.device)
     connector.train()
     if profiler:
         profiler.step_ended(0)
+    logged_at, logged_step = time.perf_counter(), 0
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
-        batch = torch.randint(0, len(standardised), (train.batch_size,), generator=generator)
+        batch = torch.randint(0, len(standardised), (train.batch_size,), generator=generator).to(standardised.device)
         loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), pool_targets[batch])
         optimizer.zero_grad()
         loss.backward()
@@ -168,10 +176,13 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
             torch.nn.utils.clip_grad_norm_(connector.reader.parameters(), train.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        running.append(loss.item())
+        running.append(loss.detach())  # read at logging only: on a GPU a read per step waits for the step
         if step % train.logging_steps == 0 or step == steps:
-            history.append({"step": step, "loss": sum(running) / len(running), "learning_rate": scheduler.get_last_lr()[0]})
-            running = []
+            mean_loss = torch.stack(running).mean().item()
+            now = time.perf_counter()
+            history.append({"step": step, "loss": mean_loss, "learning_rate": scheduler.get_last_lr()[0],
+                            "samples_per_s": round((step - logged_step) * train.batch_size / (now - logged_at), 2)})
+            running, logged_at, logged_step = [], now, step
         if profiler:
             profiler.step_ended(step)
     if profiler:
