@@ -4,6 +4,7 @@ and one builder turns them into the same `TrainingArguments`."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlkit.clip.recipe import ClipRecipe, parse_clip_recipe
 from vlkit.config import BaseDataSection, BaseTrainSection, VlmRecipe, validate_tree
@@ -52,6 +53,10 @@ def test_builder_takes_the_shared_keys_and_the_stage_specific_ones(tmp_path):
     assert (args.per_device_train_batch_size, args.learning_rate, args.max_steps) == (4, 0.01, 7)
     assert args.max_grad_norm == 0.0 and args.adam_beta2 == 0.98 and args.logging_first_step
     assert args.report_to == [] and args.save_strategy == "no" and not args.remove_unused_columns
+    assert not args.logging_nan_inf_filter  # it reads each step's loss on the host: a GPU wait per step
+    split = training_arguments(train, tmp_path, accelerator_config={"split_batches": True})
+    assert split.accelerator_config.split_batches  # a stage's keys join the shared ones
+    assert split.accelerator_config.non_blocking == args.accelerator_config.non_blocking == torch.cuda.is_available()
 
 
 @pytest.mark.parametrize(("requested", "cuda", "gpus", "cores", "expected"), [

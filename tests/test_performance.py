@@ -301,6 +301,54 @@ def test_the_last_layer_is_trimmed_only_where_that_is_the_same_function(vlm):
     assert isinstance(model.last_layer_where(labels, decoder, cpu), contextlib.nullcontext)
 
 
+# Ops whose result size or value the host must read: on a GPU each one waits for every kernel queued before it.
+HOST_READS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero", "aten::equal",
+              "aten::bincount", "aten::repeat_interleave", "aten::_unique2", "aten::unique_consecutive"}
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the host reads (HOST_READS, and indexing with a bool mask) of the ops run inside it, each with
+    whether the first decoder layer had started then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder_started = False
+        self.reads: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name.startswith("aten::index") and len(args) > 1 else ()
+        by_mask = isinstance(indices, (list, tuple)) and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices)
+        if name in HOST_READS or by_mask:
+            self.reads.append((name, self.decoder_started))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_lora_training_step_reads_nothing_back_once_the_decoder_runs(vlm, image_dir, monkeypatch):
+    """On a GPU the host must queue the decoder's forward and backward without waiting on them (issue 17): the
+    data-dependent reads of a packed LoRA step (where the head reads, the packed mask) come before the first
+    decoder layer, when little work is queued; none after it, through the trimmed last layer, the head and
+    the backward."""
+    model, processor = vlm
+    items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8))
+    batch = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)  # rows with sdpa: a GPU's layout
+    assert model.logits_at_labels_only and model.trim_last_layer
+    mode = HostReads()
+    first_layer = model.language_model.get_decoder().layers[0]
+    handle = first_layer.register_forward_pre_hook(lambda module, args: setattr(mode, "decoder_started", True))
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: mode.reads.append(("tolist", mode.decoder_started))
+                        or tolist(self))
+    try:
+        with mode:
+            model(**batch).loss.backward()
+    finally:
+        handle.remove()
+    assert mode.reads, "the mode saw no read at all: it would not see one after the decoder either"
+    assert [name for name, after in mode.reads if after] == []
+
+
 # --- 2b. texts encoded once per data set -------------------------------------------------------------
 def test_cached_text_encoding_gives_what_encode_conversation_gives(vlm, image_dir):
     model, processor = vlm

@@ -60,3 +60,21 @@ def test_a_run_that_ends_before_the_step_says_so(tmp_path, caplog):
         callback.on_train_end(None, state, None)
     assert "train.profile_step=9: the run ended at step 8" in caplog.text
     assert callback.profiler.profiler is None and not (tmp_path / PROFILE_TABLE).exists()
+
+
+def test_the_gpu_busy_time_counts_each_kernel_once():
+    """An operator's row carries its kernels' device time as well as the kernels' own rows: only the device's
+    events count (on an H200 the sum over every row had reported twice the device time)."""
+    from torch.autograd import DeviceType
+
+    from vlkit.train.profile import device_busy_s
+
+    def event(device_type, microseconds, annotation=False):
+        return SimpleNamespace(device_type=device_type, self_device_time_total=microseconds,
+                               is_user_annotation=annotation)
+
+    events = [event(DeviceType.CPU, 300.0),  # aten::mm, its kernel's time attributed to it
+              event(DeviceType.CUDA, 300.0),  # the kernel itself
+              event(DeviceType.CUDA, 200.0),  # a copy
+              event(DeviceType.CUDA, 500.0, annotation=True)]  # a user range spanning the others
+    assert device_busy_s(events) == 0.0005

@@ -3,9 +3,9 @@
 With labels-only logits (`VlkitForConditionalGeneration.head_loss`) the LM head reads the last decoder
 layer's output at the supervised positions alone. The other positions of that layer feed no loss: their
 keys and values are still needed (supervised positions attend to them), but not their query projection,
-attention output projection or MLP. `last_layer_at(layer, selected)` runs those three on the selected
-positions only: a hook gathers each one's input rows and scatters its output back among zeros, so the
-positions elsewhere carry values nothing reads. It saves about (1 - supervised share) / num_layers of the
+attention output projection or MLP. `last_layer_at(layer, batch_shape, where)` runs those three at the
+selected positions only: a hook gathers each one's input rows and scatters its output back among zeros,
+so the positions elsewhere carry values nothing reads. It saves about (1 - supervised share) / num_layers of the
 LLM's work: SmolLM2 has 30 layers, and 11-20% of the bench batches' positions are supervised; a LoRA
 instruct step on CPU ran 1.02x faster for it, an align step 1.015x (same process, bench/train_step.py's
 batches).
@@ -59,10 +59,12 @@ def hooks_see_every_call(decoder: torch.nn.Module, layer: torch.nn.Module) -> bo
 
 
 @contextlib.contextmanager
-def last_layer_at(layer: torch.nn.Module, selected: torch.Tensor) -> Iterator[None]:
-    """Within the block, `layer`'s position-wise parts run at the True positions of `selected` [B, T] only."""
-    where = selected.nonzero(as_tuple=True)
-    batch_shape = tuple(selected.shape)
+def last_layer_at(layer: torch.nn.Module, batch_shape: tuple[int, int],
+                  where: tuple[torch.Tensor, torch.Tensor]) -> Iterator[None]:
+    """Within the block, `layer`'s position-wise parts run at `where` (rows, positions) of a [B, T] batch only.
+
+    The positions are index tensors, not a mask: gathering and scattering with them needs no read of how
+    many there are, which on a GPU would make the host wait for the work queued before the layer."""
 
     def gather(module, args):
         if args and isinstance(args[0], torch.Tensor) and tuple(args[0].shape[:-1]) == batch_shape:
@@ -99,7 +101,7 @@ def trims_last_layer(decoder: torch.nn.Module, hidden_size: int) -> bool:
     decoder.eval()  # no dropout in the comparison
     try:
         full = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        with last_layer_at(layer, selected):
+        with last_layer_at(layer, tuple(selected.shape), selected.nonzero(as_tuple=True)):
             trimmed = decoder(inputs_embeds=embeds, use_cache=False).last_hidden_state
     except Exception:  # a layer whose parts take other inputs: keep the full layer
         return False

@@ -96,6 +96,12 @@ def packed_sample_lengths(position_ids: torch.Tensor) -> list[int]:
     return [end - start for start, end in zip(starts[:-1], starts[1:])]
 
 
+def labels_read_at(labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) where the LM head reads for a loss on `labels` [B, T]: each position whose next
+    label is supervised, row-major."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+
+
 def turn_weights(supervised: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     """[B, T] bool of supervised positions -> a weight per supervised position (row-major): 1 / n ** power,
     n the length of its run of consecutive supervised positions (one answer turn). Power 1: each turn
@@ -331,41 +337,48 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         Only used once `use_loss_at_labels()` has checked that the LLM does nothing after its head.
         """
         decoder = self.language_model.get_decoder()
-        with self.last_layer_where(labels, decoder, inputs_embeds.device):
+        # Where the head reads, found once before the decoder's work is queued: on a GPU, finding it (a
+        # data-dependent size) makes the host wait for the queued work, which here is only the embeddings.
+        read = labels_read_at(labels.to(inputs_embeds.device))
+        with self.last_layer_where(labels, decoder, inputs_embeds.device, read):
             hidden = decoder(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, **kwargs,
             ).last_hidden_state
-        return self.head_loss(hidden, labels, num_items_in_batch)
+        return self.head_loss(hidden, labels, num_items_in_batch, read)
 
-    def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module, device: torch.device):
+    def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module, device: torch.device,
+                         read: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The decoder's last layer computing its position-wise parts where the head reads it (`vlkit.last_layer`),
-        or a block that changes nothing: not probed, or a layer the hooks cannot follow (`hooks_see_every_call`)."""
+        or a block that changes nothing: not probed, or a layer the hooks cannot follow (`hooks_see_every_call`).
+        `read`: `labels_read_at(labels)` if already found."""
         layer = last_decoder_layer(decoder) if self.trim_last_layer else None
         if layer is None or not hooks_see_every_call(decoder, layer):
             return contextlib.nullcontext()
-        read_by_head = torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
-        return last_layer_at(layer, read_by_head.to(device))
+        return last_layer_at(layer, tuple(labels.shape), read or labels_read_at(labels.to(device)))
 
     def head_loss(
-        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None,
+        read: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The LM head and cross-entropy at supervised positions: hidden [B, T, Dt], labels [B, T]."""
-        targets = labels[:, 1:].to(hidden.device)
-        supervised = targets != IGNORE_INDEX
-        logits = self.get_output_embeddings()(hidden[:, :-1][supervised]).float()  # [K, vocab]
+        """The LM head and cross-entropy at supervised positions: hidden [B, T, Dt], labels [B, T];
+        `read`: `labels_read_at(labels)` if already found."""
+        labels = labels.to(hidden.device)
+        rows, positions = read or labels_read_at(labels)
+        targets = labels[rows, positions + 1]  # each read position predicts the next token
+        logits = self.get_output_embeddings()(hidden[rows, positions]).float()  # [K, vocab]
         if self.loss_turn_power is not None:
-            losses = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none")
-            weights = turn_weights(supervised, self.loss_turn_power)
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            weights = turn_weights(labels[:, 1:] != IGNORE_INDEX, self.loss_turn_power)
             loss = (losses * weights).sum() / weights.sum()
             if num_items_in_batch is None:
                 return loss
             # Accumulated or gathered batches: each part in proportion to its supervised tokens, as the
             # token average weighs them (the Trainer sums the parts).
-            return loss * supervised.sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
+            return loss * len(targets) / torch.as_tensor(num_items_in_batch, device=loss.device)
         if num_items_in_batch is None:
-            return torch.nn.functional.cross_entropy(logits, targets[supervised])
-        loss = torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="sum")
+            return torch.nn.functional.cross_entropy(logits, targets)
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
         return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
     @torch.no_grad()

@@ -51,7 +51,8 @@ def resolve_bf16(requested: bool | str, on_cpu: bool) -> bool:
 
 
 def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_specific: Any) -> TrainingArguments:
-    """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments."""
+    """`TrainingArguments` from a recipe's `train` section; `stage_specific` adds or replaces arguments (an
+    `accelerator_config` adds to or replaces keys of the shared one)."""
     workers = dataloader_workers(train.num_workers)
     on_cpu = not torch.accelerator.is_available()  # a CUDA build on a machine without a GPU counts as CPU
     bf16 = resolve_bf16(train.bf16, on_cpu)
@@ -67,6 +68,9 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "lr_scheduler_type": train.lr_scheduler,
         "max_grad_norm": train.max_grad_norm if train.max_grad_norm is not None else 0.0,
         "logging_steps": train.logging_steps,
+        # The filter reads every step's loss on the host, which on a GPU waits for the step's backward before the
+        # optimizer and the next batch are queued. Off, a non-finite loss shows in the logged mean.
+        "logging_nan_inf_filter": False,
         "save_strategy": "steps" if train.save_steps else "no",
         "save_steps": train.save_steps or 500,
         "seed": train.seed,
@@ -78,7 +82,10 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "dataloader_num_workers": workers,
         "dataloader_persistent_workers": workers > 0,  # not restarted every epoch
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs an accelerator; on CPU torch warns
+        # A pinned batch's copy to the GPU is queued, not waited for (the host runs on to the forward).
+        "accelerator_config": {"non_blocking": torch.cuda.is_available()},
         "remove_unused_columns": False,  # the collators take the columns they need
         "disable_tqdm": False,
     }
-    return TrainingArguments(**{**shared, **stage_specific})
+    accelerator_config = {**shared["accelerator_config"], **(stage_specific.pop("accelerator_config", None) or {})}
+    return TrainingArguments(**{**shared, **stage_specific, "accelerator_config": accelerator_config})

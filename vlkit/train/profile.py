@@ -81,7 +81,7 @@ def profile_report(profiler: torch.profiler.profile, step: int, wall_s: float) -
     on_device = torch.cuda.is_available()
     lines = [f"step {step}: {wall_s:.3f} s wall"]
     if on_device:
-        busy_s = sum(event.self_device_time_total for event in averages) / 1e6
+        busy_s = device_busy_s(averages)
         lines[0] += f"; the GPU busy {busy_s:.3f} s ({100 * busy_s / wall_s:.0f}% of it)"
         sort_by = "self_device_time_total"
     else:
@@ -90,6 +90,16 @@ def profile_report(profiler: torch.profiler.profile, step: int, wall_s: float) -
         sort_by = "self_cpu_time_total"
     lines += ["", f"operators by {sort_by.replace('_', ' ')}:", averages.table(sort_by=sort_by, row_limit=TOP_OPERATORS)]
     return "\n".join(lines) + "\n"
+
+
+def device_busy_s(events) -> float:
+    """Seconds the device ran kernels and copies: the device's own events only, as torch's table footer counts
+    them. An operator's row (a CPU event) also carries its kernels' device time: counting both doubled it."""
+    from torch.autograd import DeviceType
+
+    devices = (DeviceType.CUDA, DeviceType.PrivateUse1, DeviceType.XPU, DeviceType.MTIA)
+    return sum(event.self_device_time_total for event in events
+               if event.device_type in devices and not event.is_user_annotation) / 1e6
 
 
 class ProfileStepCallback(TrainerCallback):

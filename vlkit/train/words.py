@@ -135,41 +135,27 @@ def training_pool(model, image_processor, rows: list[WordsRow], features: torch.
     return torch.cat(pool_features), torch.cat(pool_targets)
 
 
-def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow],
-               hue_rotated_copies: int = 0, colour_words: list[str] | None = None,
-               profiler: StepProfiler | None = None) -> tuple[list[dict], dict]:
-    """Train the model's visual_words reader on the rows (train: the recipe's train section), and on
-    `hue_rotated_copies` hue-rotated copies of them with the slots of `colour_words` unscored; return
-    (log history, final metrics, on the rows as they are). `profiler`: told the end of every step."""
+def train_reader(connector, pool: torch.Tensor, pool_targets: torch.Tensor, train, rows: int,
+                 profiler: StepProfiler | None = None) -> list[dict]:
+    """AdamW steps of the connector's reader on batches drawn from the standardised `pool` and its targets,
+    with the recipe's schedule (an epoch: `rows` samples); returns the log history."""
     from transformers import get_scheduler
 
-    model.eval()  # the tower and LLM stay as they are; only the reader trains
-    connector = model.connector
-    layout = infer_layout(rows)
-    features = tower_features(model, image_processor, rows, desc="tower features (train)")
-    targets = slot_targets(rows, layout)
-    pool, pool_targets = training_pool(model, image_processor, rows, features, targets,
-                                       hue_rotated_copies, colour_slots(layout, colour_words or []), train.seed)
-    flat = pool.flatten(1)
-    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
-    standardised = ((flat - mean) / std).view_as(pool)
-    del flat, pool  # keep only the standardised pool (0.6 GB a copy of 30,000 images)
-
-    steps = train.max_steps or math.ceil(train.epochs * math.ceil(len(rows) / train.batch_size))
+    steps = train.max_steps or math.ceil(train.epochs * math.ceil(rows / train.batch_size))
     optimizer = torch.optim.AdamW(connector.reader.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     warmup = train.warmup_steps if train.warmup_steps is not None else math.ceil(train.warmup_ratio * steps)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     generator = torch.Generator().manual_seed(train.seed)
     history, running = [], []
     dtype = connector.reader[0].weight.dtype
-    pool_targets = pool_targets.to(standardised.device)
+    pool_targets = pool_targets.to(pool.device)
     connector.train()
     if profiler:
         profiler.step_ended(0)
     logged_at, logged_step = time.perf_counter(), 0
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
-        batch = torch.randint(0, len(standardised), (train.batch_size,), generator=generator).to(standardised.device)
-        loss = slot_loss(connector.slot_logits(standardised[batch].to(dtype), dropout=True), pool_targets[batch])
+        batch = torch.randint(0, len(pool), (train.batch_size,), generator=generator).to(pool.device)
+        loss = slot_loss(connector.slot_logits(pool[batch].to(dtype), dropout=True), pool_targets[batch])
         optimizer.zero_grad()
         loss.backward()
         if train.max_grad_norm:
@@ -187,6 +173,29 @@ def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: li
             profiler.step_ended(step)
     if profiler:
         profiler.abandon()
+    return history
+
+
+def fit_reader(model, image_processor, train, rows: list[WordsRow], val_rows: list[WordsRow],
+               hue_rotated_copies: int = 0, colour_words: list[str] | None = None,
+               profiler: StepProfiler | None = None) -> tuple[list[dict], dict]:
+    """Train the model's visual_words reader on the rows (train: the recipe's train section), and on
+    `hue_rotated_copies` hue-rotated copies of them with the slots of `colour_words` unscored; return
+    (log history, final metrics, on the rows as they are). `profiler`: told the end of every step."""
+    model.eval()  # the tower and LLM stay as they are; only the reader trains
+    connector = model.connector
+    layout = infer_layout(rows)
+    features = tower_features(model, image_processor, rows, desc="tower features (train)")
+    targets = slot_targets(rows, layout)
+    pool, pool_targets = training_pool(model, image_processor, rows, features, targets,
+                                       hue_rotated_copies, colour_slots(layout, colour_words or []), train.seed)
+    flat = pool.flatten(1)
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-6)
+    standardised = ((flat - mean) / std).view_as(pool)
+    del flat, pool  # keep only the standardised pool (0.6 GB a copy of 30,000 images)
+
+    history = train_reader(connector, standardised, pool_targets, train, len(rows), profiler)
+    dtype = connector.reader[0].weight.dtype
     fold_standardisation(connector.reader[0], mean.to(dtype), std.to(dtype))
     metrics = {"train_loss": history[-1]["loss"],
                **{f"train_{k}": v for k, v in slot_accuracy(connector.options, slot_choices(connector, features.to(dtype)),
