@@ -964,6 +964,26 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_grads(vlm, image_dir, t
     assert counters["stats"]["unique_graphs"] == compiled
 
 
+def test_a_compiled_run_compiles_for_training_steps_only(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+    """train.compile: the model's one-time probes (labels-only loss, last layer, packing) and the evaluation
+    run eager, so the layers compile for the training step alone, not for a no-grad call of each (5 graphs
+    before, and each costs tens of seconds on a GPU)."""
+    from torch._dynamo.utils import counters
+
+    from vlkit.train.run import train_vlm
+
+    torch._dynamo.reset()  # graphs an earlier test compiled would be reused and not counted
+    counters.clear()
+    tree = align_recipe(tmp_path / "run", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=3, batch_size=4,
+                        compile=True, eval_steps=2)
+    tree.update(stage="instruct", tune={"llm": "lora", "lora_r": 4, "lora_alpha": 8})
+    tree["data"].update(train_file="instruct_train.json", val_file="instruct_val.json", max_val_samples=4)
+    run_dir = train_vlm(load_recipe(write_recipe(tmp_path / "run.yaml", tree)))
+    assert "eval_loss" in json.loads((run_dir / "run_summary.json").read_text())["final_metrics"]
+    # One graph for the layers (two where the first layer's input needs no gradient and the others' do).
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+
+
 def test_a_compiled_run_trains_as_the_eager_one(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, monkeypatch):
     """train.compile through the Trainer: the same losses and weights as eager, the same names saved."""
     from safetensors.torch import load_file

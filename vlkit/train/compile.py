@@ -11,8 +11,12 @@ compiled layer guards on its own slot in it: each layer would compile anew. Whil
 shared, the parts of a layer that take no cache (the MLP, the norms) are compiled instead.
 
 On CPU it fuses the elementwise work around the matmuls (norms, SwiGLU, rotary, LoRA's scale and
-add); on a GPU it also launches fewer kernels. The first step pays the compile (about 20 s for
-SmolLM2 on 2 CPU cores). `bench/train_step.py` measures it (vlkit-compiled); docs/performance.md.
+add); on a GPU it also launches fewer kernels. The first step pays the compile. The stage compiles
+after the model's one-time probes and evaluates eagerly (vlkit.train.run.compile_if_asked,
+VlkitTrainer.prediction_step): a no-grad call through compiled layers compiles them once more. Four
+steps of the tiny instruct recipe on 2 CPU cores (batch 8) took 39.2 s compiled, 66.7 s when the probes
+and the evaluation each compiled too, 27.5 s eager. `bench/train_step.py` measures the step
+(vlkit-compiled); docs/performance.md.
 """
 
 from __future__ import annotations

@@ -229,14 +229,9 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
-    if recipe.train.compile:
-        from vlkit.train.compile import compile_decoder_layers
-
-        if launched_with("FSDP") or launched_with("DEEPSPEED"):
-            raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
-                              "or launch with DDP (recipes/accelerate/ddp.yaml)")
-        # The shared prefix reaches the decoder as a key/value cache (frozen LLM only).
-        compile_decoder_layers(model, around_cache=recipe.data.share_prefix and recipe.tune.llm == "frozen")
+    if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
+        raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
+                          "or launch with DDP (recipes/accelerate/ddp.yaml)")
     logger.info("trainable parameters (stage %s):\n%s", recipe.stage, trainable_table(model))
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor
@@ -330,6 +325,18 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: 
           f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
 
 
+def compile_if_asked(recipe: VlmRecipe, model) -> None:
+    """`train.compile`: the decoder layers compiled in place, after the model's one-time probes (labels-only
+    loss, last layer, packing): each probe's call differs from a training step's (no grad, other arguments),
+    and run through compiled layers each would compile them once more."""
+    if not recipe.train.compile:
+        return
+    from vlkit.train.compile import compile_decoder_layers
+
+    # The shared prefix reaches the decoder as a key/value cache (frozen LLM only).
+    compile_decoder_layers(model, around_cache=recipe.data.share_prefix and recipe.tune.llm == "frozen")
+
+
 def set_loss_average(model: Any, loss_average: str) -> None:
     """Turn on labels-only logits where they give the LLM's own loss, and weight the loss per turn
     (train.loss_average) where asked: only vlkit's labels-only loss sees turns."""
@@ -390,6 +397,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
     pack = collator_packing(recipe.data.packing, model, on_cpu=args.device.type == "cpu", compiled=recipe.train.compile)
     set_loss_average(model, recipe.train.loss_average)
+    compile_if_asked(recipe, model)
     trainer = VlkitTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=val_set if has_eval else None,
         data_collator=VlkitCollator(

@@ -8,7 +8,9 @@ are the Trainer's. This subclass changes these things:
   FSDP the Trainer's whole-model file is skipped, only the optimizer shards are added;
 - each checkpoint is written into a staging folder and renamed into place, so a crash during a
   save leaves the previous checkpoint intact;
-- resuming checks that the frozen bases are the ones the checkpoint was trained on.
+- resuming checks that the frozen bases are the ones the checkpoint was trained on;
+- evaluation runs the layers `train.compile` compiled eagerly: its no-grad forward would compile them
+  once more, for a pass over a few val samples.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class VlkitTrainer(Trainer):
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def prediction_step(self, *args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return super().prediction_step(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Every rank joins the gather (under FSDP each holds a shard of the trained weights); one writes.
