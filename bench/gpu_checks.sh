@@ -18,6 +18,9 @@
 #   gpu       python bench/gpu.py --qlora: the LLaVA-1.5-7B-shaped LoRA instruct step, every variant,
 #             then the QLoRA step's peak GPU memory
 # The benchmarks' tables go to OUT/performance.md (copy the sections into docs/performance.md).
+# Seen on one H200 (2026-12-04), start-up included: bench/recipes.py's align stage 45-60 s and instruct stage
+# (30 steps) 35-55 s, the ddp check 60 s, bench/gpu.py's seven eager variants 73 s; the instruct stage with
+# --compile or --flat had not finished its first step after 120 s / 80 s (before the compile after the probes).
 set -uo pipefail
 OUT=${1:-$(dirname "$0")/../runs/gpu-checks}  # a relative OUT is taken from where the script is run
 mkdir -p "$OUT" || exit 1
