@@ -31,6 +31,8 @@ load with sdpa.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -88,7 +90,7 @@ def attend_per_sample(
     if attention_mask is not None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
     length = query.shape[2]
-    lengths = packed_sample_lengths(position_ids) if position_ids is not None and length > 1 else [length]
+    lengths = row_sample_lengths(position_ids) if position_ids is not None and length > 1 else [length]
     cached = key.shape[2] - length  # keys before the row: every sample sees them
     if len(lengths) == 1 and (cached == 0 or length == 1):
         return sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids, **kwargs)
@@ -112,6 +114,11 @@ def attend_per_sample(
     output, _ = sdpa_attention_forward(module, query, with_cache(key, key_rows), with_cache(value, value_rows),
                                        mask[None, None], **kwargs)
     return samples.row_of_samples(output), None
+
+
+# Every layer of a forward gets the same position ids: their lengths are read once (a read that, on a GPU,
+# waits for the queued work), not once per layer. The one tensor kept is the last row's position ids.
+row_sample_lengths = functools.lru_cache(maxsize=1)(packed_sample_lengths)
 
 
 # One sdpa call per sample skips the rows' padding and copies but pays a call per sample. On these 2 CPU cores
