@@ -90,7 +90,17 @@ def test_the_shapes_world_writes_one_layout(shapes_dir):
         assert row.words[1] == f"{len(WORDS_ORDER) - row.words.count('nothing')}."
 
 
-def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
+def as_a_cuda_build_without_a_gpu(monkeypatch) -> None:
+    """torch.accelerator as a CUDA build of torch (what `pip install torch` gives) answers on a machine without a GPU:
+    it names cuda unless asked to check that cuda is there."""
+    real = torch.accelerator.current_accelerator
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda check_available=False: real(True) if check_available else torch.device("cuda"))
+
+
+def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir,
+                                                                 monkeypatch):
+    as_a_cuda_build_without_a_gpu(monkeypatch)  # the reader must still train on the CPU
     align = {
         "stage": "align", "output_dir": str(tmp_path / "align"),
         "model": {"vision": tiny_vision_dir, "llm": tiny_llm_dir, "connector": {"type": "visual_words", "hidden": 64}},

@@ -103,7 +103,7 @@ def plan_run(recipe: VlmRecipe) -> Plan:
         connector = parent["model"]["connector"]
     if vision is None:
         raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
-    if recipe.model.attn_implementation == "flex_attention" and torch.accelerator.current_accelerator() is None:
+    if recipe.model.attn_implementation == "flex_attention" and not torch.accelerator.is_available():
         raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
                           "has no backward pass on CPU); use sdpa here (with data.packing: true, not flat)")
     return Plan(
@@ -439,7 +439,8 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
     profiler = StepProfiler(recipe.train.profile_step, output) if recipe.train.profile_step else None
     # Only the tower and the reader run here: they go to the accelerator, if there is one (the LLM stays).
-    device = torch.accelerator.current_accelerator() or torch.device("cpu")
+    # check_available: a CUDA build of torch on a machine without a GPU names cuda but cannot use it.
+    device = torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
     model.vision_tower.to(device)
     model.connector.to(device)
     history, metrics = fit_reader(model, processor.image_processor, recipe.train, rows, val_rows,
