@@ -128,6 +128,42 @@ def test_qlora_instruct_runs_on_cpu(tmp_path, shapes_dir, tiny_vision_dir, tiny_
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.language_model.modules())
 
 
+def test_qlora_gradients_survive_the_stage_probes(tiny_vision_dir, tiny_llm_dir):
+    """The stage's one-time probes run the 4-bit LLM in eval mode without grad. On a CPU with AVX512-BF16
+    bitsandbytes then repacks each 4-bit weight for a kernel without a backward, and the LoRA weights
+    below a layer got gradients without the path through it (bitsandbytes 0.50 + peft on a tiny Llama: after
+    one eval forward, layer 0's q_proj lora_A gradient norm was 0.00037 instead of 0.00124). The LoRA
+    gradients after the probes must be those before them."""
+    from vlkit import build_vlm
+    from vlkit.config import TuneSection
+    from vlkit.run_folder import quantization_config
+    from vlkit.train.stages import apply_adapters, set_trainable
+
+    torch.manual_seed(0)
+    model, _ = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2},
+                         llm_quantization_config=quantization_config(torch.float32))
+    tune = TuneSection(llm="qlora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    apply_adapters(model, tune)
+    set_trainable(model, tune)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)  # so that lora_A gets a gradient too
+    input_ids = torch.randint(3, model.get_input_embeddings().num_embeddings, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def lora_gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name and p.grad is not None}
+
+    before = lora_gradients()
+    model.use_loss_at_labels()  # the probes, as the stage runs them before its first step
+    after = lora_gradients()
+    assert before and before.keys() == after.keys()
+    for name in before:
+        assert torch.allclose(after[name], before[name], rtol=1e-4, atol=1e-7), name
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
     steps = 30
     tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,

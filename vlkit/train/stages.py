@@ -73,6 +73,28 @@ def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> No
     # save, so they must not drift from the base's (the usual frozen-BN fine-tuning of a CNN).
     model.vision_tower.train(tune.vision == "lora")
     model.language_model.train(tune.llm != "frozen")
+    if tune.llm == "qlora":
+        keep_4bit_layers_differentiable(model)
+
+
+def keep_4bit_layers_differentiable(model: nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers on their differentiable kernel; returns how many there are.
+
+    On a CPU with AVX512-BF16, a 4-bit layer that once runs in eval mode without grad (the stage's one-time
+    probes, an evaluation) repacks its weight for an inference kernel that has no backward, and keeps it.
+    Every later step would then drop the gradient through the layer to the LoRA weights below it, with a
+    warning from torch's autograd and no error. Training keeps the loaded packing; inference (chat, eval of
+    a saved run) builds its own layers and keeps the fast kernel.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("a 4-bit layer was repacked for inference before training set it up; "
+                               "set_trainable must come before the model's first forward")
+        layer.support_avx512bf16_for_cpu = False  # bitsandbytes' switch for that repacking
+    return len(layers)
 
 
 def part_of(name: str) -> str:
