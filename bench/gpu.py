@@ -130,10 +130,10 @@ def qlora_model(config, tower: torch.nn.Module, llm_folder: str, lora: dict, dev
                                                device_map={"": device})
     model = VlkitForConditionalGeneration(config, vision_tower=tower, language_model=llm)
     model.connector.to(device=device, dtype=dtype)
-    model.use_loss_at_labels()
     tune = TuneSection(llm="qlora", lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
     apply_adapters(model, tune)
     set_trainable(model, tune)
+    model.use_loss_at_labels()  # after set_trainable, as the stage runs it (its eval forward must not repack 4-bit weights)
     return model  # LoRA weights in float32, as peft makes them: the step runs under autocast, as the Trainer's
 
 
