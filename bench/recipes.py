@@ -15,8 +15,10 @@ CLIP stage and aligns on that tower instead.
 
 samples/s (steady): the median of the intervals `train.logging_steps` apart after the first, as the
 progress bar shows them (the Trainer stages). samples/s (whole run): the samples over the stage's
-wall time, start-up, tower features and saving included. Goals on an H100/H200-class GPU (issue 17):
-instruct >= 1,000 samples/s, align >= 3,000.
+wall time, start-up, tower features and saving included. Peak memory: run_summary.json's
+`peak_memory_gib`, the stage's peak GPU memory (on CPU the process's peak resident memory): what a larger
+`--instruct-batch` must fit. Goals on an H100/H200-class GPU (issue 17): instruct >= 1,000 samples/s,
+align >= 3,000.
 """
 
 from __future__ import annotations
@@ -121,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.loads((out / stage / "run_summary.json").read_text())
             steady = steady_samples_per_s(summary)
             whole = summary["samples"] / summary["wall_time_s"] if summary.get("wall_time_s") else None
+            peak = summary.get("peak_memory_gib", {})
+            memory = peak.get("accelerator") if peak.get("accelerator") is not None else peak.get("host_rss")
             rows.append([stage, str(summary["steps"]), str(recipe.train.batch_size),
-                         f"{steady:.1f}" if steady else "-", f"{whole:.1f}" if whole else "-"])
+                         f"{steady:.1f}" if steady else "-", f"{whole:.1f}" if whole else "-",
+                         f"{memory:.2f}" if memory is not None else "-"])
             if stage in GOALS and steady is not None and not args.toy:
                 lines.append(f"- {stage}: {verdict(steady, GOALS[stage], ' samples/s')}")
             profiles += [f"**{stage}** (`{out / stage / 'profile.txt'}`):", "", "```",
                          *profile_head(out / stage, TOP_OPERATORS_SHOWN), "```", ""]
-    table = markdown_table(["stage", "steps", "batch", "samples/s (steady)", "samples/s (whole run)"], rows)
+    # The peak memory a larger batch must fit: the GPU's for the stage, or the process's resident memory on CPU.
+    table = markdown_table(["stage", "steps", "batch", "samples/s (steady)", "samples/s (whole run)",
+                            "peak GPU memory (GiB)" if torch.cuda.is_available() else "peak host RSS (GiB)"], rows)
     body = "\n".join([f"{device}; LLM {args.llm}; {args.steps} steps a stage, step {args.profile_step} profiled"
                       f"{'; instruct with train.compile' if args.compile else ''}"
                       f"{'; instruct flat-packed with flex attention' if args.flat else ''}"

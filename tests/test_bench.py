@@ -139,6 +139,8 @@ def test_recipes_bench_at_toy_size(benches):
     assert out.count("profile.txt") == 3 and out.count("s wall; operators") == 3  # a profile of every stage
     rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.splitlines() if line.startswith("| ")}
     assert float(rows["clip"]) > 0 and float(rows["instruct"]) > 0  # steady samples/s from the Trainer stages' logs
+    memory = {line.split("|")[1].strip(): line.split("|")[6].strip() for line in out.splitlines() if line.startswith("| ")}
+    assert float(memory["instruct"]) > 0 and "peak host RSS (GiB)" in out  # run_summary.json's peak memory, on CPU
     assert "aten::" in out and "## Tiny recipes at GPU size" in docs.read_text()
     assert "instruct with train.compile" in out
 

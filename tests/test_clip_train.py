@@ -82,6 +82,7 @@ def test_train_clip_writes_a_loadable_hf_clip_folder(trained):
     assert is_clip_folder(trained)
     summary = json.loads((trained / "run_summary.json").read_text())
     assert summary["steps"] == 3 and summary["samples"] == 24
+    assert summary["peak_memory_gib"]["host_rss"] > 0.05
     assert math.isfinite(summary["final_metrics"]["train_loss"])
     assert {"top1", "top5", "i2t_R@1", "t2i_mean_rank"} <= set(summary["final_metrics"]["val"])
 

@@ -23,6 +23,13 @@ from vlkit.train.checkpoint import load_run
 from vlkit.train.run import train_vlm
 
 
+def assert_peak_memory(summary: dict) -> None:
+    """run_summary.json's peak memory: the host's always, the accelerator's where there is one."""
+    peak = summary["peak_memory_gib"]
+    assert 0.05 < peak["host_rss"] < 64  # a Python process with torch loaded, on a machine of this size
+    assert (peak["accelerator"] is None) == (not torch.accelerator.is_available())
+
+
 def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
     align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=5, save_steps=2)
     align["data"].update(val_file="align_val.json", max_val_samples=3)
@@ -38,6 +45,7 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
     assert summary["val_samples"] == 3  # data.max_val_samples keeps the end-of-run loss cheap
     rates = [entry.get("samples_per_s") for entry in summary["log_history"] if "loss" in entry]
     assert len(rates) == 5 and all(rate > 0 for rate in rates)  # every logged step's throughput is kept
+    assert_peak_memory(summary)
     assert sorted(p.name for p in (align_dir / "checkpoints").iterdir() if p.name.startswith("checkpoint")) == [
         "checkpoint-4", "checkpoint-5"]  # rotation keeps the last two; the final step is saved too
     # A checkpoint is megabytes-small: the trained weights, not the bases.

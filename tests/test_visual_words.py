@@ -125,6 +125,8 @@ def test_align_stage_trains_the_reader_and_instruct_continues_it(tmp_path, shape
     assert summary["log_history"][-1]["loss"] < summary["log_history"][0]["loss"] / 10
     assert 0 <= metrics["eval_slot_accuracy"] <= 1 and summary["val_samples"] == 5
     assert summary["layout"]["image_tokens"] == manifest["model"]["image_seq_length"]
+    peak = summary["peak_memory_gib"]
+    assert peak["host_rss"] > 0.05 and (peak["accelerator"] is None) == (not torch.accelerator.is_available())
     assert all(name.startswith("connector.reader.") for name in load_file(align_dir / "trainable.safetensors"))
 
     instruct = {

@@ -42,7 +42,7 @@ from vlkit.config import dump_recipe
 from vlkit.errors import DataError
 from vlkit.train.arguments import training_arguments
 from vlkit.train.plots import plot_loss
-from vlkit.train.profile import profile_callbacks
+from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
 from vlkit.train.trainer import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ def run_summary(parts: ClipParts, trainer: Trainer, result: Any, started: float)
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "wall_time_s": round(time.time() - started, 1),
+        "peak_memory_gib": peak_memory_gib(),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "final_metrics": {
             "train_loss": losses[-1] if losses else None,
@@ -217,6 +218,7 @@ def evaluate_val(recipe: ClipRecipe, run_dir: Path, labels_file: Path | None) ->
 def train_clip(recipe: ClipRecipe) -> Path:
     """Train the recipe's CLIP model; returns the run dir, which is also a loadable CLIP folder."""
     started = time.time()
+    reset_peak_memory()
     run_dir = Path(recipe.output_dir)
     set_seed(recipe.train.seed)
     parts = build_parts(recipe)

@@ -8,11 +8,16 @@ time it waited for Python, the data or the host.
 
 `StepProfiler` does the work; `ProfileStepCallback` drives it from a transformers Trainer, and loops
 of their own (the visual_words reader) call `step_ended(step)` after each step.
+
+Every stage also records its peak memory in run_summary.json (`peak_memory_gib`), profiled or not: what
+a larger batch size must fit (`reset_peak_memory` at the stage's start, `peak_memory_gib` at its end).
 """
 
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +130,25 @@ class ProfileStepCallback(TrainerCallback):
 def profile_callbacks(train, output_dir: str | Path) -> list[TrainerCallback]:
     """The Trainer callbacks for a recipe's `train` section: a `ProfileStepCallback` if it asks for one."""
     return [ProfileStepCallback(train.profile_step, output_dir)] if train.profile_step else []
+
+
+def reset_peak_memory() -> None:
+    """Count the accelerator's peak memory from here (a stage that follows another in the same process)."""
+    if torch.accelerator.is_available():
+        torch.accelerator.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> dict[str, float | None]:
+    """`accelerator`: the most tensor memory allocated on this process's accelerator since `reset_peak_memory`
+    (None without one); `host_rss`: this process's peak resident memory since it started."""
+    accelerator = torch.accelerator.max_memory_allocated() / 2**30 if torch.accelerator.is_available() else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_gib = rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+    return {"accelerator": None if accelerator is None else round(accelerator, 2), "host_rss": round(rss_gib, 2)}
+
+
+def memory_phrase(peak: dict[str, float | None]) -> str:
+    """The peak memory for a run's last line: the accelerator's where there is one, else the host's."""
+    if peak["accelerator"] is not None:
+        return f"peak accelerator memory {peak['accelerator']:.2f} GiB"
+    return f"peak host memory {peak['host_rss']:.2f} GiB"

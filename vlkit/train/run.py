@@ -25,6 +25,7 @@ from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
+from vlkit.train.profile import memory_phrase, peak_memory_gib, reset_peak_memory
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
 logger = logging.getLogger("vlkit.train")
@@ -313,6 +314,7 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: 
         "skipped_by_reason": train_set.skipped,
         "skipped_ids": train_set.skipped_ids,
         "wall_time_s": round(time.time() - started, 1),
+        "peak_memory_gib": peak_memory_gib(),
         "resumed_from": plan.resume_from,
         "distributed": {"type": trainer.accelerator.distributed_type.value, "processes": args.world_size},
         "final_metrics": metrics,
@@ -322,7 +324,8 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: 
     if train_set.num_skipped:
         logger.warning("skipped %d bad sample(s): %s", train_set.num_skipped, train_set.summary())
     print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, "
-          f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']})")
+          f"final train loss {metrics.get('train_loss', float('nan')):.4f}, skipped {summary['skipped_samples']}, "
+          f"{memory_phrase(summary['peak_memory_gib'])})")
 
 
 def compile_if_asked(recipe: VlmRecipe, model) -> None:
@@ -379,6 +382,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         raise ConfigError("data.hue_rotated_copies: only the align stage of a visual_words connector reads it (its "
                           "reader trains on the copies); remove it from this recipe")
     started = time.time()
+    reset_peak_memory()
     output = prepare_output_dir(recipe, plan.resume_from)
     set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
     model, processor = prepared_model(recipe, plan)
@@ -430,6 +434,7 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     from vlkit.train.words import fit_reader, read_words
 
     started = time.time()
+    reset_peak_memory()
     if recipe.train.compile:
         logger.warning("train.compile: the visual_words reader trains outside the LLM; nothing is compiled")
     rows, val_rows, groups = read_words(recipe, load_tokenizer(plan.llm))
@@ -458,12 +463,14 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
         "train_samples_available": len(rows), "val_samples": len(val_rows),
         "layout": {"slots": len(groups), "slots_with_a_choice": sum(len(group) > 1 for group in groups),
                    "image_tokens": connector.num_tokens(connector.num_patches)},
-        "wall_time_s": round(time.time() - started, 1), "final_metrics": metrics, "log_history": history,
+        "wall_time_s": round(time.time() - started, 1), "peak_memory_gib": peak_memory_gib(),
+        "final_metrics": metrics, "log_history": history,
     }
     atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2))
     print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, final train loss "
           f"{metrics['train_loss']:.4f}; val: slots right {metrics.get('eval_slot_accuracy', float('nan')):.3f}, "
-          f"images with every slot right {metrics.get('eval_all_slots_right', float('nan')):.3f})")
+          f"images with every slot right {metrics.get('eval_all_slots_right', float('nan')):.3f}; "
+          f"{memory_phrase(summary['peak_memory_gib'])})")
     return output
 
 
