@@ -117,27 +117,42 @@ class VlkitTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
+class Throughput:
+    """Samples/s between one logged step and the next: the Trainer stages' `ThroughputCallback` and loops of
+    their own (the visual_words reader) log it alike."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples_per_step = samples_per_step
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        self.last_time, self.last_step = time.perf_counter(), step
+
+    def since_last(self, step: int) -> float | None:
+        """The rate since the last call (or restart), None if no step was taken; `step` is the new mark."""
+        now, steps = time.perf_counter(), step - self.last_step
+        rate = round(steps * self.samples_per_step / (now - self.last_time), 2) if steps > 0 else None
+        self.last_time, self.last_step = now, step
+        return rate
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds samples/s to every log line, so the progress bar, TensorBoard and the run's log history
     (run_summary.json) show it."""
 
     def __init__(self, samples_per_step: int) -> None:
-        self.samples_per_step = samples_per_step
-        self.last_time = time.perf_counter()
-        self.last_step = 0
+        self.throughput = Throughput(samples_per_step)
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.last_time, self.last_step = time.perf_counter(), state.global_step  # a resumed run starts mid-way
+        self.throughput.restart(state.global_step)  # a resumed run starts mid-way
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if logs is None or "loss" not in logs:
             return
-        now = time.perf_counter()
-        steps = state.global_step - self.last_step
-        if steps > 0:
-            logs["samples_per_s"] = round(steps * self.samples_per_step / (now - self.last_time), 2)
+        rate = self.throughput.since_last(state.global_step)
+        if rate is not None:
+            logs["samples_per_s"] = rate
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1]["samples_per_s"] = logs["samples_per_s"]  # the Trainer copied logs there
-        self.last_time, self.last_step = now, state.global_step
+                state.log_history[-1]["samples_per_s"] = rate  # the Trainer copied logs there
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -141,6 +140,8 @@ def train_reader(connector, pool: torch.Tensor, pool_targets: torch.Tensor, trai
     with the recipe's schedule (an epoch: `rows` samples); returns the log history."""
     from transformers import get_scheduler
 
+    from vlkit.train.trainer import Throughput
+
     steps = train.max_steps or math.ceil(train.epochs * math.ceil(rows / train.batch_size))
     optimizer = torch.optim.AdamW(connector.reader.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     warmup = train.warmup_steps if train.warmup_steps is not None else math.ceil(train.warmup_ratio * steps)
@@ -152,7 +153,7 @@ def train_reader(connector, pool: torch.Tensor, pool_targets: torch.Tensor, trai
     connector.train()
     if profiler:
         profiler.step_ended(0)
-    logged_at, logged_step = time.perf_counter(), 0
+    throughput = Throughput(train.batch_size)
     for step in tqdm(range(1, steps + 1), desc="reader", unit="step"):
         batch = torch.randint(0, len(pool), (train.batch_size,), generator=generator).to(pool.device)
         loss = slot_loss(connector.slot_logits(pool[batch].to(dtype), dropout=True), pool_targets[batch])
@@ -165,10 +166,9 @@ def train_reader(connector, pool: torch.Tensor, pool_targets: torch.Tensor, trai
         running.append(loss.detach())  # read at logging only: on a GPU a read per step waits for the step
         if step % train.logging_steps == 0 or step == steps:
             mean_loss = torch.stack(running).mean().item()
-            now = time.perf_counter()
             history.append({"step": step, "loss": mean_loss, "learning_rate": scheduler.get_last_lr()[0],
-                            "samples_per_s": round((step - logged_step) * train.batch_size / (now - logged_at), 2)})
-            running, logged_at, logged_step = [], now, step
+                            "samples_per_s": throughput.since_last(step)})
+            running = []
         if profiler:
             profiler.step_ended(step)
     if profiler:
