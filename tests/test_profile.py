@@ -31,6 +31,30 @@ def test_the_profile_covers_exactly_its_step(tmp_path):
     assert sum(event.get("name") == "aten::mm" for event in events) == 3  # step 3's calls, no other step's
 
 
+def test_the_window_opens_after_the_gpu_finished_the_step_before(tmp_path, monkeypatch):
+    """On a GPU the previous step's kernels may still be queued when the window opens; they are waited for
+    first, or their tail would count as the profiled step's wall time."""
+    order = []
+
+    class Recorded:
+        def __init__(self, **kwargs):
+            order.append("profiler made")
+
+        def __enter__(self):
+            order.append("profiler entered")
+
+        def __exit__(self, *exc):
+            order.append("profiler left")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: order.append("gpu waited for"))
+    monkeypatch.setattr(torch.profiler, "profile", Recorded)
+    profiler = StepProfiler(2, tmp_path)
+    profiler.step_ended(1)
+    assert order == ["gpu waited for", "profiler made", "profiler entered"]
+    profiler.abandon()
+
+
 def test_the_callback_profiles_from_a_resumed_step_and_writes_on_the_first_rank_only(tmp_path):
     state = SimpleNamespace(global_step=4, is_world_process_zero=True)  # resumed at a checkpoint of step 4
     callback = ProfileStepCallback(5, tmp_path / "rank0")

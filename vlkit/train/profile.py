@@ -46,6 +46,9 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+            # The step before may still be running on the GPU (nothing after its optimizer step waits for
+            # it); its tail would count as this step's wall time.
+            torch.cuda.synchronize()
         self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
         self.profiler.__enter__()
         self.started = time.perf_counter()
