@@ -59,6 +59,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import weakref
 
 import torch
 from common import (
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, times = [], {}
     # One at a time, in the order above (the compiled variants after the eager ones): a 7B step may run out of
     # memory on its own.
-    for name, step in steps.items():
+    for name in list(steps):
+        step = steps.pop(name)  # timed once: its AdamW state goes with it, not held while the others run
         try:
             with settings.get(name, contextlib.nullcontext)():
                 times.update(interleaved({name: step}, rounds=args.rounds))
@@ -368,12 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name, "out of memory", "", "", ""])
         except Exception as error:  # noqa: BLE001 - one variant's failure must not cost the others' figures
             rows.append([name, f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}", "", "", ""])
+        step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if llm_folder:
         config, tower = model.config, model.vision_tower
-        model = twins = steps = llava = None  # the bf16 LLM leaves the GPU: the peak below is the QLoRA step's own
+        full_precision = [weakref.ref(module) for module in (model, *twins.values())]
+        # The bf16 LLM leaves the GPU, so that the peak below is the QLoRA step's own: every name that holds
+        # a model, its step (optimizer state) or a closure over it goes.
+        model = twins = steps = settings = llava = checked = module = step = None
         gc.collect()
+        if any(alive() is not None for alive in full_precision):
+            raise SystemExit("benchmark invalid: the full-precision models outlive their steps, so the QLoRA "
+                             "step's peak memory would count them")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         quantized = qlora_model(config, tower, llm_folder, lora, device, dtype)
