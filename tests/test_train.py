@@ -272,3 +272,23 @@ def test_a_late_rank_finds_its_checkpoint_folder(tmp_path, shapes_dir, tiny_visi
     for step in (2, 4):
         folder = tmp_path / "run" / "checkpoints" / f"checkpoint-{step}"
         assert (folder / "rng_state_0.pth").is_file() and (folder / "rng_state_1.pth").is_file(), step
+
+
+@pytest.mark.parametrize(("device", "launch", "moved"), [
+    ("cuda:1", None, True),  # one process per GPU (DDP, or none): the Trainer would move it next anyway
+    ("cpu", None, False),
+    ("cuda:0", "FSDP", False),  # FSDP and DeepSpeed place the model themselves
+    ("cuda:0", "DEEPSPEED", False),
+])
+def test_the_probes_run_where_the_model_trains(monkeypatch, device, launch, moved):
+    """The one-time probes (labels-only loss, last layer, packing) run on the accelerator the model trains on,
+    not on the CPU it loaded on: a 7B forward there, and a flex-attention kernel compiled for the CPU."""
+    from vlkit.train.run import place_before_probes
+
+    for kind in ("FSDP", "DEEPSPEED"):
+        monkeypatch.setenv(f"ACCELERATE_USE_{kind}", str(kind == launch).lower())
+    calls = []
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: calls.append(args))
+    place_before_probes(model, torch.device(device))
+    assert calls == ([(torch.device(device),)] if moved else [])

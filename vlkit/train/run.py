@@ -399,6 +399,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
+    place_before_probes(model, args.device)
     pack = collator_packing(recipe.data.packing, model, on_cpu=args.device.type == "cpu", compiled=recipe.train.compile)
     set_loss_average(model, recipe.train.loss_average)
     compile_if_asked(recipe, model)
@@ -483,6 +484,15 @@ def join_cpu_ranks_without_cuda() -> None:
     """
     if os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available() and not launched_with("DEEPSPEED"):
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+
+
+def place_before_probes(model, device: torch.device) -> None:
+    """Move the model to the accelerator it trains on before its one-time probes (labels-only loss, last
+    layer, packing), as the Trainer would next: on the CPU they cost a 7B forward each, and an LLM with
+    flex attention compiles the kernel for the CPU once per probe shape. Under FSDP and DeepSpeed, which
+    place the model themselves, it stays where it loaded."""
+    if device.type != "cpu" and not launched_with("FSDP") and not launched_with("DEEPSPEED"):
+        model.to(device)
 
 
 def launched_with(kind: str) -> bool:
