@@ -563,8 +563,11 @@ def test_per_sample_sdpa_gives_a_flat_row_the_padded_loss_and_grads(vlm, image_d
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     flat = VlkitCollator(pad, pack="flat")(items)
     assert flat["input_ids"].shape[0] == 1
+    per_sample_sdpa.samples_as_rows.cache_clear()
     assert_same(reference, loss_and_grads(model, flat), atol=1e-5)
     assert all(no_mask for _, no_mask, _ in calls)  # no [T, T] mask: not the whole row at once
+    # The rows' indices are built once per forward, not per layer (on a GPU each build read a length back).
+    assert per_sample_sdpa.samples_as_rows.cache_info().misses == (form == "rows")
     llm_shapes = [shape for shape, _, causal in calls if causal]  # the tower's calls are not causal
     layers = model.language_model.config.get_text_config().num_hidden_layers
     if form == "calls":

@@ -98,7 +98,7 @@ def attend_per_sample(
         parts = zip(*(x.split(lengths, dim=2) for x in (query, key, value)))  # split: its backward is one cat
         outputs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0] for q, k, v in parts]
         return torch.cat(outputs, dim=1), None
-    samples = SamplesAsRows(lengths, query.device)
+    samples = samples_as_rows(tuple(lengths), query.device)
     query, key_rows, value_rows = (samples.rows(x) for x in (query, key[:, :, cached:], value[:, :, cached:]))
     if not cached:
         output, _ = sdpa_attention_forward(module, query, key_rows, value_rows, None, is_causal=True, **kwargs)
@@ -135,12 +135,14 @@ class SamplesAsRows:
     """The samples of a one-row batch as a batch of rows for the attention alone: [1, heads, T, D] ->
     [samples, heads, longest, D], each padded after its end, and sdpa's output back to [1, T, heads, D]."""
 
-    def __init__(self, lengths: list[int], device: torch.device) -> None:
-        sizes = torch.tensor(lengths, device=device)
+    def __init__(self, lengths: tuple[int, ...], device: torch.device) -> None:
+        # The indices are built on the host and copied without waiting: made on a GPU, their length would be
+        # read back there first, while the forward's work is queued.
+        sizes = torch.tensor(lengths)
         self.count, self.longest = len(lengths), max(lengths)
-        self.sample = torch.repeat_interleave(torch.arange(self.count, device=device), sizes)  # [T]
-        starts = torch.cumsum(sizes, 0) - sizes
-        self.offset = torch.arange(len(self.sample), device=device) - starts[self.sample]  # [T]
+        sample = torch.repeat_interleave(torch.arange(self.count), sizes)  # [T]
+        offset = torch.arange(len(sample)) - (torch.cumsum(sizes, 0) - sizes)[sample]  # [T]
+        self.sample, self.offset = (x.to(device, non_blocking=True) for x in (sample, offset))
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.new_zeros(self.count, x.shape[1], self.longest, x.shape[3])
@@ -149,6 +151,10 @@ class SamplesAsRows:
 
     def row_of_samples(self, output: torch.Tensor) -> torch.Tensor:
         return output[self.sample, self.offset][None]  # [samples, longest, heads, D] -> [1, T, heads, D]
+
+
+# Built once per forward, like the lengths, not once per layer.
+samples_as_rows = functools.lru_cache(maxsize=1)(SamplesAsRows)
 
 
 AttentionInterface.register(PER_SAMPLE_SDPA, per_sample_sdpa)
