@@ -386,10 +386,11 @@ def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypa
 
 
 # --- bad input: one line each, exit code 2, nothing written ---------------------------------------------------
-def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):
+def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys, monkeypatch):
     unfinished = tmp_path / "unfinished"
     checkpoint = unfinished / "checkpoints" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
+    monkeypatch.chdir(checkpoint.parent)  # "." and tmp_path hold the current folder: never replaced
     (checkpoint / "manifest.json").write_text(yaml.safe_dump({"format": "vlkit-run/1"}))
     (checkpoint / "trainer_state.json").write_text("{}")
     full = tmp_path / "full"
@@ -403,6 +404,9 @@ def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys):
         ((str(lora_run), str(tmp_path / "c"), "--dtype", "int8"), "unknown export dtype 'int8'"),
         ((str(qformer_run), str(tmp_path / "d"), "--format", "llava"), "--format llava does not apply: "),
         ((str(lora_run), str(full)), "exists and is not empty; pass --overwrite"),
+        ((str(lora_run), str(full), "--overwrite"), "holds no model (no config.json), and --overwrite replaces only"),
+        ((str(lora_run), str(tmp_path)), "is the current folder or holds it"),
+        ((str(lora_run), ".", "--overwrite"), "is the current folder or holds it"),
         ((str(lora_run), str(lora_run / "export")), "overlaps the run"),
         ((str(lora_run), str(tmp_path / "e"), "--push-to-hub", "not a repo id"), "not a valid Hub repo id"),
     ]
@@ -433,9 +437,12 @@ def test_a_checkpoint_exports_and_its_card_says_which(qformer_run, tmp_path):
     assert "checkpoint `checkpoint-2` (step 2) of run `run`" in (tmp_path / "out" / "README.md").read_text()
 
 
-def test_overwrite_replaces_a_non_empty_out_dir(qformer_run, tmp_path):
+def test_overwrite_replaces_an_earlier_export(qformer_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
+    assert export_run(qformer_run, out) == "vlkit"
     (out / "stale.txt").write_text("old")
     assert export_run(qformer_run, out, overwrite=True) == "vlkit"
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    monkeypatch.chdir(tmp_path)  # "out/" names the folder, and the staging folder goes beside it, not in it
+    assert export_run(qformer_run, "out/", overwrite=True) == "vlkit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="2GB")
     export.add_argument("--push-to-hub", metavar="REPO_ID")
     export.add_argument("--private", action="store_true")
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR if it holds an earlier export (a folder with config.json)")
 
     evaluate = commands.add_parser("eval", help="evaluate a VLM (VQA, captions) or a CLIP folder (zero-shot, retrieval)")
     evaluate.add_argument("model")

@@ -34,9 +34,16 @@ def check_arguments(source: Path, out_dir: Path, format: str, dtype: str, overwr
         raise ExportError(f"unknown export dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it or choose another OUT_DIR")
     out, src = out_dir.resolve(), source.resolve()
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ExportError(f"OUT_DIR {out_dir} is the current folder or holds it; export to a new folder, "
+                          f"e.g. {Path(out_dir) / 'export'}")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it or choose another OUT_DIR")
+        if not (out_dir / "config.json").is_file():  # --overwrite deletes the folder: only an earlier model folder
+            raise ExportError(f"{out_dir} holds no model (no config.json), and --overwrite replaces only an earlier "
+                              "export; choose another OUT_DIR")
     if out == src or out in src.parents or src in out.parents:
         raise ExportError(f"OUT_DIR {out_dir} overlaps the run {source}; export to a folder outside the run")
     if repo_id is not None:
@@ -94,8 +101,8 @@ def write_folder(source: ExportSource, model, processor, fmt: str, folder: Path,
 def export_run(source: str | Path, out_dir: str | Path, format: str = "auto", dtype: str = "float32",
                max_shard_size: str = "2GB", overwrite: bool = False, repo_id: str | None = None) -> str:
     """Export a run dir or checkpoint to `out_dir`; return the format written ("llava" or "vlkit")."""
-    out = Path(out_dir)
-    check_arguments(Path(source), out, format, dtype, overwrite, repo_id)
+    check_arguments(Path(source), Path(out_dir), format, dtype, overwrite, repo_id)
+    out = Path(out_dir).resolve()  # its parent holds the staging folder: "out/.." for "out/", not "out" itself
     export_source = resolve_source(source)
     if format == "llava":
         from vlkit.export.llava import connector_blocker
