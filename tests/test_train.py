@@ -292,3 +292,23 @@ def test_the_probes_run_where_the_model_trains(monkeypatch, device, launch, move
     monkeypatch.setattr(model, "to", lambda *args, **kwargs: calls.append(args))
     place_before_probes(model, torch.device(device))
     assert calls == ([(torch.device(device),)] if moved else [])
+
+
+def test_an_overwrite_that_fails_before_training_keeps_the_finished_run(tmp_path, shapes_dir, tiny_vision_dir,
+                                                                        tiny_llm_dir):
+    """overwrite=true moves the finished run aside and deletes it only once the new run is ready to train: a
+    data file that cannot be read puts it back, whole."""
+    path = write_recipe(tmp_path / "align.yaml", align_recipe(tmp_path / "run", tiny_vision_dir, tiny_llm_dir,
+                                                              shapes_dir, max_steps=1))
+    run_dir = train_vlm(load_recipe(path))
+    before = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(Exception, match="empty.json"):
+        train_vlm(load_recipe(path, ["overwrite=true", f"data.dir={tmp_path}", "data.train_file=empty.json",
+                                     f"data.image_root={shapes_dir}"]))
+    after = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["align.yaml", "empty.json", "run"]  # nothing left aside
+    train_vlm(load_recipe(path, ["overwrite=true", "train.seed=1"]))  # a set-up that succeeds replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["align.yaml", "empty.json", "run"]
+    assert (run_dir / "trainable.safetensors").read_bytes() != before[Path("trainable.safetensors")]

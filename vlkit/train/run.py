@@ -9,11 +9,13 @@ run_summary.json, loss.png, logs/ (TensorBoard), checkpoints/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,14 +192,43 @@ def build_model(plan: Plan):
 
 
 def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
+    """The stage's output dir with its recipe.yaml. With overwrite=true the run there is moved aside
+    (`replaced_run`), and deleted only once the new run is ready to train (`old_run_kept_until_ready`)."""
     output = Path(recipe.output_dir)
     if os.environ.get("RANK", "0") != "0":
         return output  # under a launcher only rank 0 prepares it; train_vlm's ranks meet before any other write
     if recipe.overwrite and not resume_from and output.exists():
-        shutil.rmtree(output)
+        aside = replaced_run(output)
+        if aside.exists():
+            raise ConfigError(f"{aside} holds the run an interrupted overwrite=true moved aside; move it back to "
+                              f"{output} or delete it, then run again")
+        output.rename(aside)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "recipe.yaml", dump_recipe(recipe))
     return output
+
+
+def replaced_run(output: Path) -> Path:
+    return output.parent / f".{output.name}.replaced"
+
+
+@contextlib.contextmanager
+def old_run_kept_until_ready(output: Path) -> Iterator[None]:
+    """Around a stage's set-up (model, data, Trainer): a run that overwrite=true replaces is deleted when the
+    set-up succeeds, and put back when it fails (a data file that cannot be read, a model that does not load),
+    so a run that never trained costs no finished one."""
+    aside = replaced_run(output)
+    mine = os.environ.get("RANK", "0") == "0"
+    try:
+        yield
+    except BaseException:
+        if mine and aside.is_dir():
+            shutil.rmtree(output, ignore_errors=True)
+            aside.rename(output)
+            logger.warning("the run in %s is back: the new run failed before it trained", output)
+        raise
+    if mine and aside.is_dir():
+        shutil.rmtree(aside)
 
 
 def load_datasets(data, processor):
@@ -366,15 +397,6 @@ def shares_prefix(recipe: VlmRecipe, model, pack: bool | str) -> bool:
 
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
-    from accelerate import PartialState
-    from transformers import set_seed
-
-    from vlkit.data.collate import VlkitCollator
-    from vlkit.data.packing import collator_packing
-    from vlkit.train.checkpoint import build_manifest
-    from vlkit.train.profile import profile_callbacks
-    from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
-
     plan = plan or plan_run(recipe)
     if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
         return train_words_stage(recipe, plan)
@@ -384,6 +406,29 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     started = time.time()
     reset_peak_memory()
     output = prepare_output_dir(recipe, plan.resume_from)
+    with old_run_kept_until_ready(output):
+        trainer, processor, train_set, val_set = set_up_stage(recipe, plan, output)
+    metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
+    if val_set is not None:
+        metrics.update(trainer.evaluate(val_set))
+    trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
+    if trainer.is_world_process_zero():
+        write_summary(recipe, plan, trainer, processor, (train_set, val_set), metrics, started)
+    trainer.accelerator.wait_for_everyone()
+    return output
+
+
+def set_up_stage(recipe: VlmRecipe, plan: Plan, output: Path):
+    """(Trainer, processor, train set, val set or None) of a Trainer stage, ready to train."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from vlkit.data.collate import VlkitCollator
+    from vlkit.data.packing import collator_packing
+    from vlkit.train.checkpoint import build_manifest
+    from vlkit.train.profile import profile_callbacks
+    from vlkit.train.trainer import ThroughputCallback, VlkitTrainer
+
     set_seed(recipe.train.seed)  # the connector's initial weights are part of the run
     model, processor = prepared_model(recipe, plan)
     history = plan.parent["stages"] if plan.parent else []
@@ -395,7 +440,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     # (shard_cpu_ranks) before anything creates it, and load_datasets' rank-0-first does.
     args = stage_arguments(recipe, output, has_eval, model)
     name_fsdp_blocks(model)
-    PartialState().wait_for_everyone()  # rank 0 has cleared (overwrite=true) and made the output dir
+    PartialState().wait_for_everyone()  # rank 0 has made the output dir (an overwritten run moved aside)
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
@@ -413,14 +458,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size),
                    *profile_callbacks(train, output)],
     )
-    metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
-    if val_set is not None:
-        metrics.update(trainer.evaluate(val_set))
-    trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
-    if trainer.is_world_process_zero():
-        write_summary(recipe, plan, trainer, processor, (train_set, val_set), metrics, started)
-    trainer.accelerator.wait_for_everyone()
-    return output
+    return trainer, processor, train_set, val_set
 
 
 def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
@@ -442,7 +480,8 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     plan.connector = {**plan.connector, "groups": groups}
     output = prepare_output_dir(recipe, None)
     set_seed(recipe.train.seed)
-    model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
+    with old_run_kept_until_ready(output):
+        model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
     profiler = StepProfiler(recipe.train.profile_step, output) if recipe.train.profile_step else None
     # Only the tower and the reader run here: they go to the accelerator, if there is one (the LLM stays).
     # check_available: a CUDA build of torch on a machine without a GPU names cuda but cannot use it.
