@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPModel
@@ -340,3 +341,34 @@ def test_shipped_tiny_recipe_is_valid_and_no_augmentation_changes_what_a_caption
     assert recipe.model.vision.config["image_size"] == 65
     # A convolutional tower and colour + shape captions: the two levers that taught the tower shape.
     assert recipe.model.vision.config["model_type"] == "resnet" and recipe.data.caption_column == "objects"
+
+
+def test_a_finished_clip_run_is_replaced_only_with_overwrite(trained, data_dir, tmp_path, capsys):
+    """Align and instruct runs check the weights of the tower they were built on: training a CLIP run over a
+    finished one needs overwrite=true, and an overwrite whose set-up fails puts the old run back."""
+    import shutil
+
+    from vlkit.cli import main as cli_main
+    from vlkit.train.output_dir import replaced_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    recipe = recipe_dict(data_dir, run)
+    with pytest.raises(ConfigError, match="holds a finished CLIP run; set overwrite=true"):
+        train_clip(parse_clip_recipe(recipe))
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli_main(["train", str(path), "--dry-run"]) == 2  # the dry run says so too, before anything loads
+    assert "holds a finished CLIP run" in capsys.readouterr().err
+    weights = (run / "model.safetensors").read_bytes()
+    with pytest.raises(DataError):  # a data file that cannot be read: the set-up fails, the run comes back
+        train_clip(parse_clip_recipe({**recipe, "overwrite": True,
+                                      "data": {**recipe["data"], "train_file": "zeroshot_labels.json"}}))
+    assert (run / "model.safetensors").read_bytes() == weights and not replaced_run(run).exists()
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds an interrupted CLIP run; set overwrite=true"):
+        train_clip(parse_clip_recipe(recipe_dict(data_dir, interrupted)))
+    recipe["train"]["max_steps"] = 1
+    train_clip(parse_clip_recipe({**recipe, "overwrite": True}))
+    assert (run / "model.safetensors").read_bytes() != weights and not replaced_run(run).exists()

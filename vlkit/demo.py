@@ -85,8 +85,8 @@ def stage_recipe(recipe_name: str, out: Path, overrides: list[str]):
     """The shipped recipe with the demo's overrides, resolved and validated."""
     from vlkit.recipe import load_recipe
 
-    replace = [] if recipe_name == "clip.yaml" else ["overwrite=true"]  # an unfinished stage starts over
-    return load_recipe(tiny_recipe(recipe_name), [f"output_dir={out}", *replace, *overrides])
+    # A stage that is not reusable (unfinished, or of another recipe) trains again over its folder.
+    return load_recipe(tiny_recipe(recipe_name), [f"output_dir={out}", "overwrite=true", *overrides])
 
 
 def reusable(run_dir: Path, recipe) -> bool:

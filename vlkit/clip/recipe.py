@@ -128,6 +128,7 @@ class TrainSection(BaseTrainSection):
 class ClipRecipe(StrictSection):
     stage: Literal["clip"] = "clip"
     output_dir: str
+    overwrite: bool = False  # replace a finished (or interrupted) run in output_dir
     data: DataSection
     model: ModelSection
     loss: LossSection = Field(default_factory=LossSection)

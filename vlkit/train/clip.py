@@ -37,10 +37,11 @@ from vlkit.clip.model import (
     build_tokenizer,
     save_clip_folder,
 )
-from vlkit.clip.recipe import ClipRecipe, load_clip_recipe
+from vlkit.clip.recipe import ClipRecipe
 from vlkit.config import dump_recipe
-from vlkit.errors import DataError
+from vlkit.errors import ConfigError, DataError
 from vlkit.train.arguments import training_arguments
+from vlkit.train.output_dir import claim_output_dir, old_run_kept_until_ready
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
 from vlkit.train.trainer import ThroughputCallback
@@ -215,30 +216,43 @@ def evaluate_val(recipe: ClipRecipe, run_dir: Path, labels_file: Path | None) ->
     }
 
 
+def check_output_dir(recipe: ClipRecipe) -> None:
+    """A run in output_dir is replaced only when the recipe says overwrite=true: the align and instruct runs
+    built on a CLIP tower check its weights, and a tower trained over theirs would leave them unloadable."""
+    output = Path(recipe.output_dir)
+    if recipe.overwrite:
+        return
+    if (output / "run_summary.json").is_file():
+        raise ConfigError(f"{output} holds a finished CLIP run; set overwrite=true to replace it or choose another "
+                          "output_dir")
+    if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
+        raise ConfigError(f"{output} holds an interrupted CLIP run; set overwrite=true to start over or choose "
+                          "another output_dir")
+
+
 def train_clip(recipe: ClipRecipe) -> Path:
     """Train the recipe's CLIP model; returns the run dir, which is also a loadable CLIP folder."""
     started = time.time()
     reset_peak_memory()
-    run_dir = Path(recipe.output_dir)
-    set_seed(recipe.train.seed)
-    parts = build_parts(recipe)
-    args = clip_training_arguments(recipe, run_dir / "checkpoints")
-    if args.process_index == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in parts.model.parameters())
-    logger.info("CLIP: %d pairs, %.2fM of %.2fM parameters trained", len(parts.train_set), trainable / 1e6, total / 1e6)
-
-    trainer = ClipTrainer(
-        model=parts.model,
-        args=args,
-        train_dataset=parts.train_set,
-        data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
-        callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
-                   ThroughputCallback(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
-                   *profile_callbacks(recipe.train, run_dir)],
-    )
+    check_output_dir(recipe)
+    run_dir = claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite)
+    with old_run_kept_until_ready(run_dir):
+        set_seed(recipe.train.seed)
+        parts = build_parts(recipe)
+        args = clip_training_arguments(recipe, run_dir / "checkpoints")
+        trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in parts.model.parameters())
+        logger.info("CLIP: %d pairs, %.2fM of %.2fM parameters trained", len(parts.train_set), trainable / 1e6,
+                    total / 1e6)
+        trainer = ClipTrainer(
+            model=parts.model,
+            args=args,
+            train_dataset=parts.train_set,
+            data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
+            callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
+                       ThroughputCallback(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
+                       *profile_callbacks(recipe.train, run_dir)],
+        )
     result = trainer.train()
     if not trainer.is_world_process_zero():
         return run_dir
@@ -256,15 +270,3 @@ def train_clip(recipe: ClipRecipe) -> Path:
         summary["wall_time_with_eval_s"] = round(time.time() - started, 1)
     (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return run_dir
-
-
-def run(args) -> int:
-    """`vlkit train RECIPE [k=v ...] [--dry-run]` for a `stage: clip` recipe."""
-    recipe = load_clip_recipe(args.recipe, list(getattr(args, "overrides", None) or []))
-    if getattr(args, "dry_run", False):
-        print(dump_recipe(recipe), end="")
-        print(f"# dry run: would train a CLIP model into {recipe.output_dir}")
-        return 0
-    run_dir = train_clip(recipe)
-    print(f"CLIP model written to {run_dir}")
-    return 0

@@ -9,13 +9,10 @@ run_summary.json, loss.png, logs/ (TensorBoard), checkpoints/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
+from vlkit.train.output_dir import claim_output_dir, old_run_kept_until_ready
 from vlkit.train.profile import memory_phrase, peak_memory_gib, reset_peak_memory
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
@@ -192,43 +190,9 @@ def build_model(plan: Plan):
 
 
 def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
-    """The stage's output dir with its recipe.yaml. With overwrite=true the run there is moved aside
-    (`replaced_run`), and deleted only once the new run is ready to train (`old_run_kept_until_ready`)."""
-    output = Path(recipe.output_dir)
-    if os.environ.get("RANK", "0") != "0":
-        return output  # under a launcher only rank 0 prepares it; train_vlm's ranks meet before any other write
-    if recipe.overwrite and not resume_from and output.exists():
-        aside = replaced_run(output)
-        if aside.exists():
-            raise ConfigError(f"{aside} holds the run an interrupted overwrite=true moved aside; move it back to "
-                              f"{output} or delete it, then run again")
-        output.rename(aside)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "recipe.yaml", dump_recipe(recipe))
-    return output
-
-
-def replaced_run(output: Path) -> Path:
-    return output.parent / f".{output.name}.replaced"
-
-
-@contextlib.contextmanager
-def old_run_kept_until_ready(output: Path) -> Iterator[None]:
-    """Around a stage's set-up (model, data, Trainer): a run that overwrite=true replaces is deleted when the
-    set-up succeeds, and put back when it fails (a data file that cannot be read, a model that does not load),
-    so a run that never trained costs no finished one."""
-    aside = replaced_run(output)
-    mine = os.environ.get("RANK", "0") == "0"
-    try:
-        yield
-    except BaseException:
-        if mine and aside.is_dir():
-            shutil.rmtree(output, ignore_errors=True)
-            aside.rename(output)
-            logger.warning("the run in %s is back: the new run failed before it trained", output)
-        raise
-    if mine and aside.is_dir():
-        shutil.rmtree(aside)
+    """The stage's output dir with its recipe.yaml; a run that overwrite=true replaces is moved aside
+    (`vlkit.train.output_dir`)."""
+    return claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from)
 
 
 def load_datasets(data, processor):
@@ -590,8 +554,9 @@ def run(args) -> int:
     join_cpu_ranks_without_cuda()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage == "clip":
-        from vlkit.train.clip import train_clip
+        from vlkit.train.clip import check_output_dir, train_clip
 
+        check_output_dir(recipe)
         if args.dry_run:
             print(f"stage clip -> {recipe.output_dir}\nrecipe is valid; nothing loaded (dry run)")
             return 0
