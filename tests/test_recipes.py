@@ -87,6 +87,20 @@ def test_finished_output_dir_refused_unless_overwrite(tmp_path, base_tree, tiny_
     assert plan_run(load_recipe(path, ["overwrite=true"])).resume_from is None
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.connector.type=mpl"], "unknown connector type 'mpl'; known types: .* Did you mean 'mlp'"),
+    (["model.connector.depth=two"], "connector 'mlp' option depth must be int, got 'two'"),
+    (["model.connector.width=3"], "connector 'mlp' got unknown option.s. width; it accepts: depth, activation, bias"),
+    (["model.vision=/nope/tower"], "model.vision: no folder /nope/tower; give a model folder, a hub id"),
+    (["model.llm=./nope"], "model.llm: no folder ./nope; .*or an embedded LLM name"),
+])
+def test_connector_and_local_bases_are_checked_before_loading(tmp_path, base_tree, overrides, message):
+    """What the dry run can check without weights: the connector's type, option names and option types, and
+    that a base named by a path exists (else loading asks the hub for a repo of that name)."""
+    with pytest.raises(ConfigError, match=message):
+        plan_run(load_recipe(recipe_file(tmp_path, base_tree), overrides))
+
+
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, base_tree):
     # A real process, so that everything it prints is seen: the suite's one check that a recipe error
     # is the whole of stderr.

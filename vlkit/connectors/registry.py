@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from vlkit.connectors.base import Connector
 from vlkit.errors import ConfigError
@@ -41,8 +43,10 @@ def connector_options(name: str) -> list[str]:
     return [p for p in parameters if p not in ("self", "vision_hidden_size", "text_hidden_size")]
 
 
-def build_connector(connector_config: dict[str, Any], vision_hidden_size: int, text_hidden_size: int) -> Connector:
-    """Instantiate the connector that `connector_config["type"]` names."""
+def checked_connector_config(connector_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(type, options) of a connector config, each option converted to the type its class's signature names;
+    an unknown type or option, or a value of the wrong type, is a one-line ConfigError (checked without weights,
+    so `vlkit train --dry-run` catches it)."""
     options = dict(connector_config)
     name = options.pop("type", None)
     if name not in CONNECTORS:
@@ -56,6 +60,20 @@ def build_connector(connector_config: dict[str, Any], vision_hidden_size: int, t
         raise ConfigError(
             f"connector '{name}' got unknown option(s) {', '.join(unknown)}; it accepts: {', '.join(accepted) or 'none'}"
         )
+    hints = typing.get_type_hints(CONNECTORS[name].__init__)
+    for key, value in options.items():
+        if key in hints:
+            try:
+                options[key] = TypeAdapter(hints[key]).validate_python(value)
+            except ValidationError:
+                expected = getattr(hints[key], "__name__", str(hints[key]))
+                raise ConfigError(f"connector '{name}' option {key} must be {expected}, got {value!r}") from None
+    return name, options
+
+
+def build_connector(connector_config: dict[str, Any], vision_hidden_size: int, text_hidden_size: int) -> Connector:
+    """Instantiate the connector that `connector_config["type"]` names."""
+    name, options = checked_connector_config(connector_config)
     connector = CONNECTORS[name](vision_hidden_size=vision_hidden_size, text_hidden_size=text_hidden_size, **options)
     return connector
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vlkit.config import VlmRecipe, dump_recipe
+from vlkit.connectors.registry import checked_connector_config
 from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM
 from vlkit.recipe import load_recipe
@@ -104,13 +105,29 @@ def plan_run(recipe: VlmRecipe) -> Plan:
         connector = parent["model"]["connector"]
     if vision is None:
         raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
+    if not parent:  # a parent run's bases are found where they are now when it is rebuilt
+        for part, source in (("vision", vision), ("llm", llm)):
+            check_local_base(part, source)
+    connector = connector or {"type": "mlp", "depth": 2}
+    checked_connector_config(connector)
     if recipe.model.attn_implementation == "flex_attention" and not torch.accelerator.is_available():
         raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
                           "has no backward pass on CPU); use sdpa here (with data.packing: true, not flat)")
     return Plan(
-        recipe=recipe, vision=vision, llm=llm or DEFAULT_LLM, connector=connector or {"type": "mlp", "depth": 2},
+        recipe=recipe, vision=vision, llm=llm or DEFAULT_LLM, connector=connector,
         resume_from=resolve_resume(recipe), parent=parent,
     )
+
+
+def check_local_base(part: str, source: str | None) -> None:
+    """A base named by a path (absolute, ./ ../ ~, or with two slashes: a hub id has one) must be a folder;
+    otherwise loading it would try the hub with it as a repo id, and fail on its name after retries."""
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    if (source.startswith(("/", ".", "~")) or source.count("/") >= 2) and not path.is_dir():
+        raise ConfigError(f"model.{part}: no folder {source}; give a model folder, a hub id (ORG/NAME)"
+                          + (", or an embedded LLM name" if part == "llm" else ""))
 
 
 def read_manifest_or_error(folder: str) -> dict[str, Any]:
