@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from train_helpers import finish, start_cli
 
@@ -98,3 +99,19 @@ def test_free_form_llava_file_needs_no_world(tiny_vlm, shapes_dir, tmp_path, cap
     if "yes/no" in report["by_type"]:
         assert set(report["yes_no"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
         assert "Yes/no questions: accuracy" in printed.out
+
+
+def test_evals_of_one_model_on_two_files_keep_both_reports(tiny_vlm, shapes_dir, tmp_path, monkeypatch):
+    """Without --out, each data file's report has its own folder (eval/MODEL_NAME/DATA_NAME for a saved
+    model): a test and a held-out eval of one model, as README runs them, no longer overwrite each other."""
+    model, processor = tiny_vlm
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    for split in ("test", "test_heldout"):
+        assert cli_main(["eval", "model", "--data", f"{shapes_dir}/instruct_{split}.json", "--images", shapes_dir,
+                         "--max-samples", "1", "--scorer", "data_tools.shapes_scoring:scorer_for"]) == 0
+    reports = {split: json.loads((tmp_path / "eval" / "model" / f"instruct_{split}" / "eval.json").read_text())
+               for split in ("test", "test_heldout")}
+    assert {Path(report["data"]).name for report in reports.values()} == {"instruct_test.json",
+                                                                           "instruct_test_heldout.json"}

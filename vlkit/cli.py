@@ -26,6 +26,17 @@ COMMAND_MODULES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse prints the one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlkit", description="Build, train, chat with and export vision-language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,16 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace OUT_DIR if it holds an earlier export (a folder with config.json)")
 
     evaluate = commands.add_parser("eval", help="evaluate a VLM (VQA, captions) or a CLIP folder (zero-shot, retrieval)")
-    evaluate.add_argument("model")
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--images", required=True)
-    evaluate.add_argument("--out")
-    evaluate.add_argument("--labels", help="zero-shot class names + templates (CLIP models)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("model", help="a run folder, a checkpoint, an export, or a CLIP folder")
+    evaluate.add_argument("--data", required=True, help="conversations (LLaVA / ShareGPT JSON) or CLIP pairs (JSONL)")
+    evaluate.add_argument("--images", required=True, help="the folder the data file's image paths start from")
+    evaluate.add_argument("--out", help="where the report goes (default: MODEL/eval/DATA_NAME for a run or CLIP "
+                                        "folder, eval/MODEL_NAME/DATA_NAME for an export)")
+    evaluate.add_argument("--labels", help="zero-shot class names + templates (CLIP models; VLMs ignore it)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="default: 16")
     evaluate.add_argument("--scorer", default="auto",
                           help="auto | exact_match | yes_no | multiple_choice | module:factory "
                                "(the shapes world: data_tools.shapes_scoring:scorer_for)")
-    evaluate.add_argument("--max-samples", type=int)
+    evaluate.add_argument("--max-samples", type=positive_int, help="only the first N samples (default: all)")
     evaluate.add_argument("--no-image-baseline", action="store_true", help="also answer without the image")
 
     data = commands.add_parser("data", help="data tools")

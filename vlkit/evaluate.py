@@ -208,8 +208,10 @@ def run(args) -> int:
 
     loaded = load_any(args.model)  # raises a one-line ModelLoadError for what cannot be loaded
     # A run dir keeps its evals; an exported folder stays as exported (a later push would upload extra files).
+    # One folder per data file, as for CLIP folders: a test and a held-out eval of one run keep both reports.
     out = Path(args.out) if args.out else (
-        model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name)
+        model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name
+    ) / Path(args.data).stem
     report = evaluate_vlm(loaded.model, loaded.processor, args.data, args.images, out, batch_size=args.batch_size,
                           max_samples=args.max_samples, no_image_baseline=args.no_image_baseline,
                           model_name=args.model, scorer=args.scorer)

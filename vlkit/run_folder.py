@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from vlkit.config import TuneSection
-from vlkit.errors import ConfigError, ModelLoadError
+from vlkit.errors import ConfigError, ModelLoadError, first_line
 from vlkit.llm import EMBEDDED_LLMS, resolve_llm_path, vlkit_home
 
 logger = logging.getLogger(__name__)
@@ -326,7 +326,11 @@ def load_trained(model: torch.nn.Module, folder: str | Path) -> None:
     path = Path(folder) / TRAINABLE
     if not path.is_file():
         raise ModelLoadError(f"{folder} has no {TRAINABLE}; the run did not finish a save")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors' own error type: a torn or foreign file
+        raise ModelLoadError(f"cannot read {path} ({first_line(error)}); the file is damaged: train again, or "
+                             "use an earlier checkpoint of the run") from None
     parameters = dict(model.named_parameters())
     unknown = [name for name in state if name not in parameters]
     if unknown:

@@ -75,7 +75,7 @@ def stage_section(stage: dict[str, Any], run_dir: Path | None) -> list[str]:
 
 def eval_reports(run_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     """(file name, report) of every `vlkit eval` report in the run dir."""
-    files = sorted({*run_dir.glob("eval*.json"), *run_dir.glob("eval*/eval.json")})
+    files = sorted({*run_dir.glob("eval*.json"), *run_dir.glob("eval*/eval.json"), *run_dir.glob("eval/*/eval.json")})
     return [(str(path.relative_to(run_dir)), report) for path in files if (report := read_json(path)) is not None]
 
 
