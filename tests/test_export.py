@@ -446,3 +446,15 @@ def test_overwrite_replaces_an_earlier_export(qformer_run, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # "out/" names the folder, and the staging folder goes beside it, not in it
     assert export_run(qformer_run, "out/", overwrite=True) == "vlkit"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_damaged_weights_file_is_one_line(qformer_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(qformer_run, run)
+    weights = run / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    assert cli(str(run), str(tmp_path / "out")) == 2
+    assert_one_error_line(capsys.readouterr().err, "the file is damaged: train again, or use an earlier checkpoint")
+    assert not (tmp_path / "out").exists()
