@@ -90,7 +90,19 @@ def _read_json(path: Path, cache_dir: str | None) -> datasets.Dataset:
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
     except Exception as error:  # datasets wraps parse errors in several types
+        if holds_no_records(path):  # datasets says "corresponds to no data", which reads like a syntax error
+            raise no_samples(path) from None
         raise DataError(f"cannot read {path} as JSON or JSON Lines: {error}; check the file's syntax") from None
+
+
+def no_samples(path: Path) -> DataError:
+    return DataError(f"{path} holds no samples (an empty file or list); give a data file with samples")
+
+
+def holds_no_records(path: Path) -> bool:
+    """An empty file, blank lines only, or an empty JSON list."""
+    text = path.read_text(encoding="utf-8", errors="replace").strip().lstrip("\ufeff")
+    return text == "" or (text.startswith("[") and text[1:].strip() == "]")
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -137,6 +149,8 @@ def detect_format(path: str | os.PathLike) -> str:
     try:
         record = _first_record(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if holds_no_records(path):
+            raise no_samples(path) from None
         raise DataError(f"cannot read {path} as JSON or JSON Lines: {error}") from None
     if "messages" in record:
         return "sharegpt"
