@@ -93,6 +93,7 @@ def test_finished_output_dir_refused_unless_overwrite(tmp_path, base_tree, tiny_
     (["model.connector.width=3"], "connector 'mlp' got unknown option.s. width; it accepts: depth, activation, bias"),
     (["model.vision=/nope/tower"], "model.vision: no folder /nope/tower; give a model folder, a hub id"),
     (["model.llm=./nope"], "model.llm: no folder ./nope; .*or an embedded LLM name"),
+    (["model.llm=smollm2-135m"], "model.llm: 'smollm2-135m' is not an embedded LLM; did you mean 'smollm2-135m-instruct'"),
 ])
 def test_connector_and_local_bases_are_checked_before_loading(tmp_path, base_tree, overrides, message):
     """What the dry run can check without weights: the connector's type, option names and option types, and

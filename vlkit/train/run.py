@@ -9,6 +9,7 @@ run_summary.json, loss.png, logs/ (TensorBoard), checkpoints/.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import torch
 from vlkit.config import VlmRecipe, dump_recipe
 from vlkit.connectors.registry import checked_connector_config
 from vlkit.errors import ConfigError
-from vlkit.llm import DEFAULT_LLM
+from vlkit.llm import DEFAULT_LLM, EMBEDDED_LLMS
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
 from vlkit.train.output_dir import claim_output_dir, old_run_kept_until_ready
@@ -128,6 +129,12 @@ def check_local_base(part: str, source: str | None) -> None:
     if (source.startswith(("/", ".", "~")) or source.count("/") >= 2) and not path.is_dir():
         raise ConfigError(f"model.{part}: no folder {source}; give a model folder, a hub id (ORG/NAME)"
                           + (", or an embedded LLM name" if part == "llm" else ""))
+    if part == "llm" and "/" not in source and source not in EMBEDDED_LLMS and not path.is_dir():
+        # A name like an embedded LLM's is a typo, not one of the hub's few ids without an owner: offline,
+        # asking the hub for it would retry for a minute before failing.
+        close = difflib.get_close_matches(source, EMBEDDED_LLMS, n=1, cutoff=0.6)
+        if close:
+            raise ConfigError(f"model.llm: '{source}' is not an embedded LLM; did you mean '{close[0]}'?")
 
 
 def read_manifest_or_error(folder: str) -> dict[str, Any]:
