@@ -241,7 +241,8 @@ def load_clip_pairs(
     for column, option in ((image_column, "image_column"), (caption_column, "caption_column")):
         if column not in raw.column_names:
             raise DataError(
-                f"{path} has no column '{column}' (columns: {raw.column_names}); set {option} to the right name"
+                f"{path} has no column '{column}' (columns: {raw.column_names}); in a recipe, set data.{option} to "
+                f"the right name (vlkit eval reads '{column}')"
             )
     caption_feature = raw.features[caption_column]
     if isinstance(caption_feature, datasets.Value):
