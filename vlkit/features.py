@@ -211,7 +211,7 @@ def precompute_features(
     for path, digest in result.hashes.items():
         if digest in failed_by_hash:
             result.failed.setdefault(path, failed_by_hash[digest])
-    logger.info(result.summary())
+    logger.debug(result.summary())  # the stage prints it once, on the first rank
     return result
 
 

@@ -252,7 +252,6 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
         raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
                           "or launch with DDP (recipes/accelerate/ddp.yaml)")
-    logger.info("trainable parameters (stage %s):\n%s", recipe.stage, trainable_table(model))
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor
 
