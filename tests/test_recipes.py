@@ -34,6 +34,14 @@ def test_wrong_type_names_the_key_path(tmp_path, base_tree):
         load_recipe(recipe_file(tmp_path, base_tree), ["train.batch_size=lots"])
 
 
+def test_a_key_that_takes_either_of_two_kinds_names_the_key_and_both(tmp_path, base_tree):
+    """train.bf16 is true/false or 'auto': the error names the key (not pydantic's tag for a union member,
+    'train.bf16.bool') and what each kind would have taken."""
+    with pytest.raises(ConfigError, match="^recipe key 'train.bf16': Input should be a valid boolean.*; or Input "
+                                          "should be 'auto' \\(got 'maybe'\\)$"):
+        load_recipe(recipe_file(tmp_path, base_tree), ["train.bf16=maybe"])
+
+
 def test_unknown_stage(tmp_path, base_tree):
     base_tree["stage"] = "algin"
     with pytest.raises(ConfigError, match="did you mean 'align'"):

@@ -74,10 +74,32 @@ def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _key_path(schema: type[BaseModel], location: tuple) -> tuple:
+    """The recipe keys of an error's location, without the tags pydantic adds for a union's members
+    (`train.bf16.bool` -> `train.bf16`); an unknown key stays, as the last part."""
+    kept: list = []
+    section: Any = schema
+    for part in location:
+        if isinstance(part, int):
+            kept.append(part)
+            continue
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            break  # below a value: a union member's tag
+        kept.append(part)
+        field = section.model_fields.get(str(part))
+        if field is None:
+            break  # an unknown key
+        annotation = field.annotation
+        section = next((c for c in (annotation, *getattr(annotation, "__args__", ()))
+                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return tuple(kept)
+
+
 def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
     """One line for the first problem: the key path, and a did-you-mean for unknown keys."""
-    first = error.errors()[0]
-    location = tuple(first["loc"])
+    errors = error.errors()
+    first = errors[0]
+    location = _key_path(schema, tuple(first["loc"]))
     where = ".".join(str(part) for part in location) or "recipe"
     if first["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(location[-1]), _known_keys(schema, location), n=1)
@@ -85,7 +107,10 @@ def describe_validation_error(error: ValidationError, schema: type[BaseModel]) -
         return f"unknown recipe key '{where}'{hint}"
     if first["type"] == "missing":
         return f"recipe key '{where}' is required"
-    message = first["msg"].removeprefix("Value error, ")
+    # A union's members fail one by one: what each would have taken, in one message.
+    messages = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors
+                             if _key_path(schema, tuple(e["loc"])) == location)
+    message = "; or ".join(messages)
     if _names_a_section(schema, location):  # a check across keys: the message names them; the tree is noise
         return f"{'recipe' if where == 'recipe' else f'recipe section {where!r}'}: {message}"
     return f"recipe key '{where}': {message} (got {first.get('input')!r})"
