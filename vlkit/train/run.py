@@ -494,10 +494,10 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
         "final_metrics": metrics, "log_history": history,
     }
     atomic_write_text(output / SUMMARY, json.dumps(summary, indent=2))
+    validation = (f"val: slots right {metrics['eval_slot_accuracy']:.3f}, images with every slot right "
+                  f"{metrics['eval_all_slots_right']:.3f}" if "eval_slot_accuracy" in metrics else "no val file")
     print(f"run finished: {output}  ({summary['steps']} steps, {summary['wall_time_s']} s, final train loss "
-          f"{metrics['train_loss']:.4f}; val: slots right {metrics.get('eval_slot_accuracy', float('nan')):.3f}, "
-          f"images with every slot right {metrics.get('eval_all_slots_right', float('nan')):.3f}; "
-          f"{memory_phrase(summary['peak_memory_gib'])})")
+          f"{metrics['train_loss']:.4f}; {validation}; {memory_phrase(summary['peak_memory_gib'])})")
     return output
 
 
