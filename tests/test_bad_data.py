@@ -69,12 +69,16 @@ def test_zero_byte_missing_and_escaping_paths_are_dropped_up_front(data_root, tm
         llava_sample("dotdot", "../outside.png"),
         llava_sample("absolute", str(outside)),
     ]
+    elsewhere = tmp_path / "big_disk"
+    write_png(elsewhere / "linked.png")
+    (data_root / "linked").symlink_to(elsewhere)  # a folder linked in under the root: the user's own layout
+    samples.append(llava_sample("via-link", "linked/linked.png"))
     dataset = _dataset(data_root, samples)
-    assert len(dataset) == 1 and dataset[0]["id"] == "ok"
+    assert sorted(dataset.samples["id"]) == ["ok", "via-link"]
     assert dataset.skipped == {"missing_image": 1, "empty_image": 1, "image_outside_root": 2}
     assert dataset.skipped_ids["image_outside_root"] == ["dotdot", "absolute"]
     allowed = _dataset(data_root, samples, allow_images_outside_root=True)
-    assert sorted(allowed.samples["id"]) == ["absolute", "dotdot", "ok"]
+    assert sorted(allowed.samples["id"]) == ["absolute", "dotdot", "ok", "via-link"]
     assert _colour(allowed[1]) == [200, 30, 30]
 
 

@@ -19,22 +19,26 @@ from vlkit.errors import ImageError
 
 
 @functools.lru_cache(maxsize=64)
-def _resolved_root(root: str) -> Path:
-    """A data set's image root, resolved once (resolving costs a system call per path component)."""
-    return Path(root).resolve()
+def _absolute_root(root: str) -> Path:
+    """A data set's image root as an absolute path, found once."""
+    return Path(os.path.abspath(root))
 
 
 def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None, allow_outside_root: bool = False) -> Path:
-    """Resolve `path` against `root`, refusing paths that escape the root unless allowed."""
+    """Resolve `path` against `root`, refusing paths that escape the root unless allowed.
+
+    Escaping is judged on the path as written ("..", an absolute path elsewhere), not where links lead: a
+    link the user placed under the root (an `images/` folder linked from a larger disk) stays inside it.
+    """
     candidate = Path(path)
     if root is None:
         return candidate
-    root_path = _resolved_root(str(root))
-    resolved = (root_path / candidate).resolve() if not candidate.is_absolute() else candidate.resolve()
+    root_path = _absolute_root(str(root))
+    resolved = Path(os.path.normpath(root_path / candidate))  # an absolute candidate replaces the root
     if not allow_outside_root and not resolved.is_relative_to(root_path):
         raise ImageError(
             f"image path '{path}' escapes the image root '{root}'; keep images under the root "
-            "or set allow_images_outside_root: true in the recipe"
+            "or set data.allow_images_outside_root: true in the recipe"
         )
     return resolved
 
