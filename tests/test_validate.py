@@ -101,3 +101,17 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in errors] == ["error", "error", "error"]
     assert "needs --model" in errors[0] and "not found" in errors[1] and "not a folder" in errors[2]
+
+
+def test_model_may_be_a_run_dir(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, capsys):
+    """--model takes what users have: a run dir (its processor/ folder, and the LLM base's length limit)."""
+    from train_helpers import align_recipe, write_recipe
+
+    from vlkit.recipe import load_recipe
+    from vlkit.train.run import train_vlm
+
+    run = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align_recipe(
+        tmp_path / "run", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1))))
+    args = ["data", "validate", f"{shapes_dir}/instruct_val.json", "--images", shapes_dir, "--model", str(run)]
+    assert main(args) == 0
+    assert "lengths measured against max_length 512" in capsys.readouterr().out  # the tiny LLM's positions

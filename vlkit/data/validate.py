@@ -163,18 +163,32 @@ def validate_file(
 
 
 def _load_processor(model: str) -> tuple[Any, int | None]:
-    """The processor of a vlkit model folder, and the LLM's maximum length from its config."""
+    """The processor of a run dir, a checkpoint or a vlkit export, and the LLM's maximum length from its config
+    (no weights are loaded)."""
+    folder = Path(model)
     try:
         from transformers import AutoConfig, AutoProcessor
 
         import vlkit  # noqa: F401  (registers VlkitConfig / VlkitProcessor with the Auto classes)
 
-        processor = AutoProcessor.from_pretrained(model)
-        config = AutoConfig.from_pretrained(model)
+        if (folder / "manifest.json").is_file():  # a run dir, or a checkpoint (its run's processor/ two up)
+            from vlkit.llm import resolve_llm_path
+            from vlkit.processing import VlkitProcessor
+            from vlkit.run_folder import RunManifest
+
+            saved = next((p for p in (folder / "processor", folder.parent.parent / "processor") if p.is_dir()), None)
+            if saved is None:
+                raise ModelLoadError(f"{folder} is a run without its processor/ folder; give the run dir")
+            processor = VlkitProcessor.from_pretrained(saved)
+            config = AutoConfig.from_pretrained(resolve_llm_path(RunManifest.read(folder).locate("llm")))
+        else:
+            processor = AutoProcessor.from_pretrained(model)
+            config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"cannot load the processor of '{model}': {first_line(error)}") from None
     if not hasattr(processor, "encode_conversation"):
-        raise ModelLoadError(f"'{model}' is not a vlkit model folder (its processor cannot encode conversations)")
+        raise ModelLoadError(f"'{model}' has a {type(processor).__name__}, which cannot encode vlkit's conversations; "
+                             "give the run dir it was trained in, or an export made with --format vlkit")
     text_config = getattr(config, "text_config", config)
     return processor, getattr(text_config, "max_position_embeddings", None)
 
