@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -1022,3 +1023,24 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, shapes_dir, tiny_visio
     tree.update(stage="instruct", tune={"llm": "qlora"})
     with pytest.raises(ConfigError, match="4-bit layers"):
         train_vlm(load_recipe(write_recipe(tmp_path / "qlora.yaml", tree)))
+
+
+def test_a_feature_cache_the_disk_cannot_hold_is_skipped_by_default_and_refused_when_asked_for(
+        tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, monkeypatch, caplog):
+    """The align stage caches the tower's features by default; at LLaVA's scale (558k images) that is hundreds
+    of GiB. When the cache would not fit the free disk under $VLKIT_HOME, the default trains from pixels (and
+    says so), and an explicit cache_vision_features: true stops before computing anything."""
+    import vlkit.features as features
+    from vlkit.train.run import train_vlm
+
+    monkeypatch.setenv("VLKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(features, "free_bytes_for_features", lambda home=None: 1000)  # a nearly full disk
+    tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="vlkit.train"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "a.yaml", tree)))
+    assert "vision features not cached (up to " in caplog.text and " GiB free under " in caplog.text
+    assert not (tmp_path / "home" / "features").exists()
+    tree["data"]["cache_vision_features"] = True
+    with pytest.raises(ConfigError, match="data.cache_vision_features: up to .* GiB for .* images"):
+        train_vlm(load_recipe(write_recipe(tmp_path / "b.yaml", {**tree, "output_dir": str(tmp_path / "out2")})))
+    assert not (tmp_path / "home" / "features").exists()

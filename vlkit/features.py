@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -224,13 +225,8 @@ def precompute_for_model(model, image_processor, paths: Iterable[str | os.PathLi
     return precompute_features(store, paths, model.vision_tower, image_processor, *settings, **kwargs)
 
 
-def cache_features_for(model, image_processor, datasets: Sequence, device=None, shard: tuple[int, int] = (0, 1),
-                       **kwargs) -> CachedFeatures:
-    """Store the features of every image the `ConversationDataset`s use; they then yield features, not pixels.
-
-    With several ranks (`shard`), every rank must wait for all of them after this returns and before
-    reading items.
-    """
+def image_paths_of(datasets: Sequence) -> list[str]:
+    """Every distinct image file the `ConversationDataset`s use, sorted."""
     from vlkit.data.images import resolve_image_path
 
     paths = set()
@@ -240,7 +236,39 @@ def cache_features_for(model, image_processor, datasets: Sequence, device=None, 
                 paths.update(
                     str(resolve_image_path(p, dataset.image_root, dataset.allow_images_outside_root)) for p in sample_paths
                 )
-    cached = precompute_for_model(model, image_processor, sorted(paths), device=device, shard=shard, **kwargs)
+    return sorted(paths)
+
+
+def feature_bytes_per_image(model, image_processor) -> int:
+    """The size of one image's stored features: tokens x width x the tower's element size."""
+    from vlkit.feature_maps import feature_width
+    from vlkit.vision import num_feature_tokens
+
+    config, tower = model.config, model.vision_tower
+    tokens = num_feature_tokens(tower, image_processor, config.vision_feature_layer)
+    if config.vision_feature_select_strategy == "full":
+        tokens += config.vision_num_prefix_tokens
+    width = feature_width(tower.config, config.vision_feature_layer)
+    return tokens * width * next(tower.parameters()).dtype.itemsize
+
+
+def free_bytes_for_features(home: str | os.PathLike | None = None) -> int:
+    """Free space on the disk the feature store is on (its nearest existing folder)."""
+    folder = (Path(home) if home is not None else vlkit_home()) / "features"
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def cache_features_for(model, image_processor, datasets: Sequence, device=None, shard: tuple[int, int] = (0, 1),
+                       paths: list[str] | None = None, **kwargs) -> CachedFeatures:
+    """Store the features of every image the `ConversationDataset`s use; they then yield features, not pixels.
+
+    With several ranks (`shard`), every rank must wait for all of them after this returns and before
+    reading items.
+    """
+    paths = image_paths_of(datasets) if paths is None else paths
+    cached = precompute_for_model(model, image_processor, paths, device=device, shard=shard, **kwargs)
     for dataset in datasets:
         dataset.vision_features = cached
     return cached

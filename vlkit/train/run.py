@@ -33,6 +33,8 @@ from vlkit.train.stages import STAGE_TABLE, check_stage
 logger = logging.getLogger("vlkit.train")
 
 SUMMARY = "run_summary.json"
+# The vision-feature cache may take at most this share of the free disk under $VLKIT_HOME.
+FEATURE_CACHE_SHARE_OF_FREE_DISK = 0.8
 # train.loss_average -> the power of a turn's length its tokens are divided by (vlkit.modeling.turn_weights)
 TURN_POWERS = {"turn": 1.0, "square": 0.5}
 
@@ -301,12 +303,29 @@ def cache_features_if_asked(recipe: VlmRecipe, model, processor, datasets_: list
     """The frozen tower's features computed once (each rank its share) and stored for the datasets."""
     from accelerate import PartialState
 
-    from vlkit.features import cache_features_for, caches_vision_features
+    from vlkit.features import (
+        cache_features_for,
+        caches_vision_features,
+        feature_bytes_per_image,
+        free_bytes_for_features,
+        image_paths_of,
+    )
+    from vlkit.llm import vlkit_home
 
     if not caches_vision_features(recipe):
         return
+    paths = image_paths_of(datasets_)
+    needed, free = len(paths) * feature_bytes_per_image(model, processor.image_processor), free_bytes_for_features()
+    if needed > FEATURE_CACHE_SHARE_OF_FREE_DISK * free:  # counts images cached before too: at most this much
+        size = f"up to {needed / 2**30:.1f} GiB for {len(paths)} images, {free / 2**30:.1f} GiB free under {vlkit_home()}"
+        if recipe.data.cache_vision_features is None:  # the align default: train from pixels instead
+            logger.warning("vision features not cached (%s); the tower runs every step. Set VLKIT_HOME to a larger "
+                           "disk, or data.cache_vision_features: false to silence this", size)
+            return
+        raise ConfigError(f"data.cache_vision_features: {size}; set VLKIT_HOME to a larger disk or "
+                          "data.cache_vision_features: false")
     cached = cache_features_for(model, processor.image_processor, datasets_, device=args.device,
-                                shard=(args.process_index, args.world_size))
+                                shard=(args.process_index, args.world_size), paths=paths)
     PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
     if args.process_index == 0:
         print(cached.summary(), flush=True)
