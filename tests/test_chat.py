@@ -378,3 +378,22 @@ def test_load_4bit_quantizes_the_llm_only_and_still_answers(vlm_dir, image_dir):
     session = ChatSession(loaded, settings=Settings(max_new_tokens=2))
     session.attach([str(image_dir / "a.png")])
     assert session.send("What is this?").image_tokens == TOKENS_PER_IMAGE
+
+
+def test_repetition_penalty_is_a_flag_as_it_is_a_setting(monkeypatch, capsys, vlm_dir):
+    """--repetition-penalty sets what `/set repetition_penalty` sets; a value out of range stops before loading."""
+    from transformers import GenerationMixin
+
+    code, out, err = run_chat(monkeypatch, capsys, [vlm_dir, "--prompt", "Hi", "--max-new-tokens", "2",
+                                                    "--repetition-penalty", "0"])
+    assert code != 0 and "--repetition-penalty > 0" in err.splitlines()[-1] and "loading" not in err
+    asked, generate = [], GenerationMixin.generate
+
+    def recording_generate(self, *args, **kwargs):
+        asked.append(kwargs.get("repetition_penalty"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording_generate)
+    code, out, err = run_chat(monkeypatch, capsys, [vlm_dir, "--prompt", "Hi", "--max-new-tokens", "2",
+                                                    "--repetition-penalty", "1.3"])
+    assert code == 0 and asked == [1.3]

@@ -52,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--json", action="store_true", help="print one JSON object per reply")
-    chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--device", default="auto")
-    chat.add_argument("--dtype", default="auto")
-    chat.add_argument("--load-4bit", action="store_true")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature (default: 1.0)")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256, help="default: 256")
+    chat.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats (default: 1.0)")
+    chat.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    chat.add_argument("--dtype", default="auto",
+                      help="auto (float32 on CPU, bfloat16 or float16 on a GPU; a run dir keeps its own) | float32 | "
+                           "bfloat16 | float16")
+    chat.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 (bitsandbytes)")
 
     export = commands.add_parser("export", help="write a standalone Hugging Face model folder")
     export.add_argument("source", help="run dir or checkpoint")
@@ -91,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--images", required=True, help="image root")
     validate.add_argument("--model", help="model whose processor measures sample lengths")
     validate.add_argument("--format", default="auto", help="auto | llava | sharegpt | clip")
-    validate.add_argument("--max-bad-fraction", type=float, default=None)
-    validate.add_argument("--max-length", type=int, default=None)
+    validate.add_argument("--max-bad-fraction", type=float, default=None,
+                          help="pass when at most this share of samples is bad (default: none may be)")
+    validate.add_argument("--max-length", type=positive_int, default=None,
+                          help="token limit per sample (default: the --model LLM's)")
     validate.add_argument("--show", type=int, default=3, help="examples shown per problem")
     return parser
 

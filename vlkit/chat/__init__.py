@@ -27,9 +27,12 @@ def run(args) -> int:
     from vlkit.llm import vlkit_home
     from vlkit.loading import load_any
 
-    settings = Settings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    if settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.max_new_tokens < 1:
-        raise ChatError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1")
+    settings = Settings(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        repetition_penalty=getattr(args, "repetition_penalty", 1.0))
+    if (settings.temperature < 0 or not 0 < settings.top_p <= 1 or settings.max_new_tokens < 1
+            or settings.repetition_penalty <= 0):
+        raise ChatError("--temperature must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1, "
+                        "--repetition-penalty > 0")
     one_shot_mode = args.prompt is not None
     is_interactive = not one_shot_mode and sys.stdin.isatty()
     console = Console(interactive=is_interactive)
