@@ -1,7 +1,8 @@
 """The `vlkit` command line: train | chat | export | eval | data.
 
 Each subcommand's work lives in its own module, which exposes `run(args) -> int`; this file only
-parses arguments, imports that module lazily (so `vlkit --help` is instant) and turns a
+parses arguments, imports that module only when it runs (importing the vlkit package itself loads torch
+and transformers, which `vlkit --help` waits for: a few seconds) and turns a
 `VlkitError` into one printed line and a non-zero exit code.
 """
 
