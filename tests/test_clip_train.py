@@ -354,21 +354,59 @@ def test_a_finished_clip_run_is_replaced_only_with_overwrite(trained, data_dir, 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     recipe = recipe_dict(data_dir, run)
-    with pytest.raises(ConfigError, match="holds a finished CLIP run; set overwrite=true"):
+    with pytest.raises(ConfigError, match="holds a finished run; set overwrite=true"):
         train_clip(parse_clip_recipe(recipe))
     path = tmp_path / "clip.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli_main(["train", str(path), "--dry-run"]) == 2  # the dry run says so too, before anything loads
-    assert "holds a finished CLIP run" in capsys.readouterr().err
+    assert "holds a finished run" in capsys.readouterr().err
     weights = (run / "model.safetensors").read_bytes()
     with pytest.raises(DataError):  # a data file that cannot be read: the set-up fails, the run comes back
         train_clip(parse_clip_recipe({**recipe, "overwrite": True,
                                       "data": {**recipe["data"], "train_file": "zeroshot_labels.json"}}))
     assert (run / "model.safetensors").read_bytes() == weights and not replaced_run(run).exists()
-    interrupted = tmp_path / "interrupted"
-    (interrupted / "checkpoints" / "checkpoint-1").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="holds an interrupted CLIP run; set overwrite=true"):
-        train_clip(parse_clip_recipe(recipe_dict(data_dir, interrupted)))
     recipe["train"]["max_steps"] = 1
     train_clip(parse_clip_recipe({**recipe, "overwrite": True}))
     assert (run / "model.safetensors").read_bytes() != weights and not replaced_run(run).exists()
+
+
+def test_an_interrupted_clip_run_resumes_to_the_weights_of_an_uninterrupted_one(data_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A run cut off after its checkpoint at step 2 (what a kill then leaves: the checkpoint and recipe.yaml)
+    continues with resume=true to the weights, step count and tokenizer of the run that was never stopped.
+    Without augmentation: the batch the loader had fetched ahead when the checkpoint was saved drew its
+    augmentation before the RNG states were saved, so an augmented run resumes with other draws (docs/clip.md)."""
+    import shutil
+
+    from vlkit.cli import main as cli_main
+
+    recipe = recipe_dict(data_dir, tmp_path / "straight")
+    del recipe["data"]["val_file"]
+    recipe["train"].update(max_steps=4, save_steps=2, save_total_limit=None)
+    straight = train_clip(parse_clip_recipe(recipe))
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", killed / "checkpoints" / "checkpoint-2")
+    shutil.copy(straight / "recipe.yaml", killed / "recipe.yaml")
+    recipe["output_dir"] = str(killed)
+    with pytest.raises(ConfigError, match="holds an unfinished run; set resume=true to continue it or overwrite=true"):
+        train_clip(parse_clip_recipe(recipe))
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli_main(["train", str(path), "resume=true", "--dry-run"]) == 0
+    assert f"resume    {killed / 'checkpoints' / 'checkpoint-2'}" in capsys.readouterr().out
+
+    from vlkit.clip.model import ContrastiveModel
+
+    forward, batches = ContrastiveModel.forward, []
+    monkeypatch.setattr(ContrastiveModel, "forward", lambda self, *a, **k: batches.append(1) or forward(self, *a, **k))
+    resumed = train_clip(parse_clip_recipe({**recipe, "resume": True}))
+    assert len(batches) == 2  # steps 3 and 4 only: steps 1 and 2 came from the checkpoint
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert max((expected[name] - got[name]).abs().max().item() for name in expected) < 1e-6
+    summary = json.loads((resumed / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from"] == str(killed / "checkpoints" / "checkpoint-2")
+    assert (resumed / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        train_clip(parse_clip_recipe({**recipe, "output_dir": str(tmp_path / "empty"), "resume": True}))

@@ -98,13 +98,17 @@ def test_no_split_module_names_lists_a_models_blocks():
 def test_the_trainer_still_has_the_hooks_vlkit_overrides():
     from transformers import Trainer
 
+    from vlkit.train.clip import ClipTrainer
     from vlkit.train.trainer import VlkitTrainer
 
+    # Every vlkit class between a stage's Trainer and transformers' (the staged checkpoints are shared).
+    vlkit_classes = {cls for trainer in (VlkitTrainer, ClipTrainer) for cls in trainer.__mro__
+                     if issubclass(cls, Trainer) and cls is not Trainer}
+    overridden = {name for cls in vlkit_classes for name in cls.__dict__ if name.startswith("_") and not name.startswith("__")}
     for name, (parameters, why) in compat.TRAINER_HOOKS.items():
         assert hasattr(Trainer, name), f"transformers.Trainer no longer has {name}, which vlkit overrides: {why}"
         assert tuple(inspect.signature(getattr(Trainer, name)).parameters)[1:] == parameters, f"{name}: {why}"
-        assert name in VlkitTrainer.__dict__  # and vlkit overrides exactly these
-    overridden = {name for name in VlkitTrainer.__dict__ if name.startswith("_") and not name.startswith("__")}
+        assert name in overridden  # and vlkit overrides exactly these
     assert overridden <= set(compat.TRAINER_HOOKS)
 
 

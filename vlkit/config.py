@@ -170,6 +170,7 @@ class BaseTrainSection(StrictSection):
     seed: int = 0
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int | None = Field(default=None, ge=1)  # None: only the final model
+    save_total_limit: int | None = Field(default=2, ge=1)  # checkpoints kept (the newest); null: all
     # DataLoader worker processes (image decoding and processing, collation); null: 0 on a CPU-only
     # machine, where workers would take cores from the training itself, else up to 4 per GPU.
     num_workers: int | None = Field(default=None, ge=0)
@@ -277,7 +278,6 @@ class TrainSection(BaseTrainSection):
     llm_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate (the connector's)
     vision_learning_rate: float | None = Field(default=None, gt=0)  # default: learning_rate
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    save_total_limit: int | None = Field(default=2, ge=1)
     eval_steps: int | None = Field(default=None, ge=1)
     gradient_checkpointing: bool = False
     # torch.compile the LLM's decoder layers, one region per layer (vlkit/train/compile.py): the same

@@ -69,8 +69,9 @@ def run_dir_of(folder: str | Path) -> Path:
     return folder
 
 
-def latest_checkpoint(checkpoints_dir: str | Path) -> str | None:
-    """The newest complete checkpoint (one with a manifest and trainer state), or None."""
+def latest_checkpoint(checkpoints_dir: str | Path, marks: tuple[str, ...] = (MANIFEST, "trainer_state.json")) -> str | None:
+    """The newest complete checkpoint, or None: one holding every file in `marks` (the VLM stages': a
+    manifest and the trainer state)."""
     from vlkit.compat import PREFIX_CHECKPOINT_DIR
 
     folder = Path(checkpoints_dir)
@@ -78,7 +79,7 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> str | None:
         return None
     complete = [
         path for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if (path / MANIFEST).is_file() and (path / "trainer_state.json").is_file()
+        if all((path / mark).is_file() for mark in marks)
     ]
     if not complete:
         return None

@@ -105,10 +105,11 @@ def vision_config_from(settings: dict) -> PretrainedConfig:
     return CONFIG_MAPPING[model_type](**settings)
 
 
-def build_tokenizer(recipe: ClipRecipe, captions: list[str], extra_texts: list[str] = ()) -> PreTrainedTokenizerBase:
-    """The text tower's tokenizer: `model.tokenizer`, else the pretrained text folder's, else a
-    word-level tokenizer trained on the captions (+ zero-shot class names and templates)."""
-    folder = recipe.model.tokenizer or recipe.model.text.pretrained
+def build_tokenizer(recipe: ClipRecipe, captions: list[str], extra_texts: list[str] = (),
+                    folder: str | None = None) -> PreTrainedTokenizerBase:
+    """The text tower's tokenizer: `folder`'s (a checkpoint resumed), else `model.tokenizer`, else the pretrained
+    text folder's, else a word-level tokenizer trained on the captions (+ zero-shot class names and templates)."""
+    folder = folder or recipe.model.tokenizer or recipe.model.text.pretrained
     if folder:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)

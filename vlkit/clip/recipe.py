@@ -129,6 +129,7 @@ class ClipRecipe(StrictSection):
     stage: Literal["clip"] = "clip"
     output_dir: str
     overwrite: bool = False  # replace a finished (or interrupted) run in output_dir
+    resume: bool | str = False  # true: the newest checkpoint in output_dir/checkpoints; or a checkpoint path
     data: DataSection
     model: ModelSection
     loss: LossSection = Field(default_factory=LossSection)

@@ -73,6 +73,7 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "logging_nan_inf_filter": False,
         "save_strategy": "steps" if train.save_steps else "no",
         "save_steps": train.save_steps or 500,
+        "save_total_limit": train.save_total_limit,
         "seed": train.seed,
         "bf16": bf16,
         # bf16 on a machine without an accelerator is CPU autocast (on AVX512-BF16 cores ~1.3x a SmolLM2 instruct

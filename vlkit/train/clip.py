@@ -6,6 +6,8 @@ forward, see `ContrastiveModel`), the logit-scale clamp after every optimizer st
 only on matrices (open_clip: no decay on biases, norms, embeddings' 1-d params, the logit scale),
 and the run dir: `recipe.yaml` (resolved), the CLIP folder (model + processor + tokenizer),
 `run_summary.json`, `loss.png`, and, with `data.val_file`, `eval_val/metrics.json`.
+Checkpoints (`train.save_steps`) hold the whole model, the optimizer, the RNG states and the tokenizer;
+`resume=true` continues the newest (`checkpoint_to_resume`, shared with the VLM stages).
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ from vlkit.clip.model import (
 )
 from vlkit.clip.recipe import ClipRecipe
 from vlkit.config import dump_recipe
-from vlkit.errors import ConfigError, DataError
+from vlkit.errors import DataError
 from vlkit.train.arguments import training_arguments
-from vlkit.train.output_dir import claim_output_dir, old_run_kept_until_ready
+from vlkit.train.output_dir import checkpoint_to_resume, claim_output_dir, old_run_kept_until_ready
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
-from vlkit.train.trainer import ThroughputCallback
+from vlkit.train.trainer import StagedCheckpoints, ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class LogitScaleClamp(TrainerCallback):
         clamp_logit_scale(self.logit_scale, self.max_scale)
 
 
-class ClipTrainer(Trainer):
+class ClipTrainer(StagedCheckpoints):
     """Trainer with open_clip's weight-decay split and the logit scale in the logs."""
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
@@ -124,8 +126,9 @@ class ClipParts:
     labels_file: Path | None
 
 
-def build_parts(recipe: ClipRecipe) -> ClipParts:
-    """Pairs checked -> tokenizer (from the captions trained on) -> model -> image processor -> dataset."""
+def build_parts(recipe: ClipRecipe, tokenizer_folder: str | None = None) -> ClipParts:
+    """Pairs checked -> tokenizer (from the captions trained on, or the one a resumed checkpoint holds) -> model ->
+    image processor -> dataset."""
     data = recipe.data
     pairs = read_pairs(data.path(data.train_file), data.image_column, data.caption_column)
     problems = check_pairs(pairs, data.image_root_path(), data.allow_images_outside_root)
@@ -142,7 +145,7 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     captions = [caption for row in pairs.select(usable).select_columns(columns)
                 for column in columns for caption in captions_of(row, column)]
     labels_file = _labels_file(recipe)
-    tokenizer = build_tokenizer(recipe, captions, _zero_shot_texts(labels_file))
+    tokenizer = build_tokenizer(recipe, captions, _zero_shot_texts(labels_file), folder=tokenizer_folder)
     clip = build_clip_model(recipe, tokenizer)
     image_processor = build_image_processor(recipe, clip.config.vision_config)
     model = ContrastiveModel(clip, recipe.loss.type, recipe.loss.gather_with_grad, recipe.loss.siglip_bias_init,
@@ -167,7 +170,8 @@ def build_parts(recipe: ClipRecipe) -> ClipParts:
     return ClipParts(tokenizer, clip, image_processor, model, train_set, labels_file)
 
 
-def run_summary(parts: ClipParts, trainer: Trainer, result: Any, started: float) -> dict[str, Any]:
+def run_summary(parts: ClipParts, trainer: Trainer, result: Any, started: float,
+                resumed_from: str | None = None) -> dict[str, Any]:
     """run_summary.json: the VLM stages' keys (steps, samples, skipped_* by reason, log) plus CLIP's."""
     args, state, model = trainer.args, trainer.state, parts.model
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
@@ -177,6 +181,7 @@ def run_summary(parts: ClipParts, trainer: Trainer, result: Any, started: float)
         "samples": state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "epochs": round(float(state.epoch or 0), 3),
         "world_size": args.world_size,
+        "resumed_from": resumed_from,
         "train_samples_available": len(parts.train_set),
         "skipped_samples": parts.train_set.num_skipped,
         "skipped_by_reason": parts.train_set.skipped,
@@ -216,29 +221,26 @@ def evaluate_val(recipe: ClipRecipe, run_dir: Path, labels_file: Path | None) ->
     }
 
 
-def check_output_dir(recipe: ClipRecipe) -> None:
-    """A run in output_dir is replaced only when the recipe says overwrite=true: the align and instruct runs
-    built on a CLIP tower check its weights, and a tower trained over theirs would leave them unloadable."""
-    output = Path(recipe.output_dir)
-    if recipe.overwrite:
-        return
-    if (output / "run_summary.json").is_file():
-        raise ConfigError(f"{output} holds a finished CLIP run; set overwrite=true to replace it or choose another "
-                          "output_dir")
-    if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
-        raise ConfigError(f"{output} holds an interrupted CLIP run; set overwrite=true to start over or choose "
-                          "another output_dir")
+# What a CLIP checkpoint holds when complete: the Trainer's state, the whole model, the tokenizer trained on the
+# captions (a resumed run reads it back rather than training another).
+CHECKPOINT_MARKS = ("trainer_state.json", "model.safetensors", "tokenizer_config.json")
+
+
+def checkpoint_to_resume_clip(recipe: ClipRecipe) -> str | None:
+    """The checkpoint the run continues from (None: it starts afresh); a finished or interrupted run in output_dir
+    is replaced only with overwrite=true (the align and instruct runs built on a CLIP tower check its weights)."""
+    return checkpoint_to_resume(Path(recipe.output_dir), recipe.resume, recipe.overwrite, CHECKPOINT_MARKS)
 
 
 def train_clip(recipe: ClipRecipe) -> Path:
     """Train the recipe's CLIP model; returns the run dir, which is also a loadable CLIP folder."""
     started = time.time()
     reset_peak_memory()
-    check_output_dir(recipe)
-    run_dir = claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite)
+    resume_from = checkpoint_to_resume_clip(recipe)
+    run_dir = claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from)
     with old_run_kept_until_ready(run_dir):
         set_seed(recipe.train.seed)
-        parts = build_parts(recipe)
+        parts = build_parts(recipe, tokenizer_folder=resume_from)
         args = clip_training_arguments(recipe, run_dir / "checkpoints")
         trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in parts.model.parameters())
@@ -248,12 +250,13 @@ def train_clip(recipe: ClipRecipe) -> Path:
             model=parts.model,
             args=args,
             train_dataset=parts.train_set,
+            processing_class=parts.tokenizer,  # saved into each checkpoint, for a resumed run to read back
             data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
             callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
                        ThroughputCallback(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
                        *profile_callbacks(recipe.train, run_dir)],
         )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     if not trainer.is_world_process_zero():
         return run_dir
 
@@ -262,7 +265,7 @@ def train_clip(recipe: ClipRecipe) -> Path:
     if recipe.train.save_steps is None and checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     plot_loss(trainer.state.log_history, run_dir / "loss.png", title=f"clip: {recipe.output_dir}", secondary="logit_scale")
-    summary = run_summary(parts, trainer, result, started)
+    summary = run_summary(parts, trainer, result, started, resume_from)
     if parts.train_set.num_skipped:
         logger.warning("skipped %d bad pair(s): %s", parts.train_set.num_skipped, parts.train_set.summary())
     if recipe.data.val_file:

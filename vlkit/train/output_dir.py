@@ -1,5 +1,9 @@
-"""A stage's output dir: claimed before training, and a run that `overwrite=true` replaces kept until the new
-one is ready to train.
+"""A stage's output dir: what `resume` and `overwrite` find there, the folder claimed before training, and a
+run that `overwrite=true` replaces kept until the new one is ready to train.
+
+`checkpoint_to_resume` is every stage's reading of the folder: a finished run is replaced only with
+`overwrite=true`, an interrupted one continues with `resume=true` (its newest complete checkpoint) or
+starts over with `overwrite=true`.
 
 `claim_output_dir` makes the folder and writes the resolved recipe. With overwrite, the run already there is
 moved aside (`.NAME.replaced` beside it), not deleted; `old_run_kept_until_ready` wraps the stage's set-up
@@ -17,13 +21,39 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlkit.errors import ConfigError
-from vlkit.run_folder import atomic_write_text
+from vlkit.run_folder import MANIFEST, atomic_write_text, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def first_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+SUMMARY = "run_summary.json"  # written last: a run dir with it holds a finished run
+
+
+def checkpoint_to_resume(output: Path, resume: bool | str, overwrite: bool,
+                         marks: tuple[str, ...] = (MANIFEST, "trainer_state.json")) -> str | None:
+    """The checkpoint a run continues from (None: it starts afresh), after checking `output` against `resume`
+    and `overwrite`. A checkpoint is complete when it holds every file in `marks`."""
+    checkpoints = output / "checkpoints"
+    if resume:
+        if isinstance(resume, str) and resume.lower() not in ("true", "latest"):
+            if not all((Path(resume) / mark).is_file() for mark in marks):
+                raise ConfigError(f"resume checkpoint not found or incomplete: {resume}")
+            return resume
+        latest = latest_checkpoint(checkpoints, marks)
+        if latest is None:
+            raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; drop resume to start over")
+        return latest
+    if (output / SUMMARY).is_file() and not overwrite:
+        raise ConfigError(f"{output} holds a finished run; set overwrite=true to replace it or choose another output_dir")
+    if latest_checkpoint(checkpoints, marks) and not overwrite:
+        raise ConfigError(
+            f"{output} holds an unfinished run; set resume=true to continue it or overwrite=true to start over"
+        )
+    return None
 
 
 def replaced_run(output: Path) -> Path:

@@ -26,13 +26,12 @@ from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM, EMBEDDED_LLMS
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
-from vlkit.train.output_dir import claim_output_dir, old_run_kept_until_ready
+from vlkit.train.output_dir import SUMMARY, checkpoint_to_resume, claim_output_dir, old_run_kept_until_ready
 from vlkit.train.profile import memory_phrase, peak_memory_gib, reset_peak_memory
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
 logger = logging.getLogger("vlkit.train")
 
-SUMMARY = "run_summary.json"
 # The vision-feature cache may take at most this share of the free disk under $VLKIT_HOME.
 FEATURE_CACHE_SHARE_OF_FREE_DISK = 0.8
 # train.loss_average -> the power of a turn's length its tokens are divided by (vlkit.modeling.turn_weights)
@@ -148,26 +147,8 @@ def read_manifest_or_error(folder: str) -> dict[str, Any]:
 
 def resolve_resume(recipe: VlmRecipe) -> str | None:
     """Check the output dir's state against resume/overwrite; return the checkpoint to resume from."""
-    from vlkit.run_folder import latest_checkpoint
-
-    output = Path(recipe.output_dir)
-    checkpoints = output / "checkpoints"
-    if recipe.resume:
-        if isinstance(recipe.resume, str) and recipe.resume.lower() not in ("true", "latest"):
-            if not (Path(recipe.resume) / "manifest.json").is_file():
-                raise ConfigError(f"resume checkpoint not found or incomplete: {recipe.resume}")
-            return check_parent_unchanged(recipe.resume)
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; drop resume to start over")
-        return check_parent_unchanged(latest)
-    if (output / SUMMARY).is_file() and not recipe.overwrite:
-        raise ConfigError(f"{output} holds a finished run; set overwrite=true to replace it or choose another output_dir")
-    if latest_checkpoint(checkpoints) and not recipe.overwrite:
-        raise ConfigError(
-            f"{output} holds an unfinished run; set resume=true to continue it or overwrite=true to start over"
-        )
-    return None
+    checkpoint = checkpoint_to_resume(Path(recipe.output_dir), recipe.resume, recipe.overwrite)
+    return check_parent_unchanged(checkpoint) if checkpoint else None
 
 
 def check_parent_unchanged(checkpoint: str) -> str:
@@ -268,7 +249,6 @@ def stage_arguments(recipe: VlmRecipe, output: Path, has_eval: bool, model):
         train,
         output / "checkpoints",
         per_device_eval_batch_size=train.batch_size,
-        save_total_limit=train.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=train.eval_steps,
         data_seed=train.seed,
@@ -596,11 +576,12 @@ def run(args) -> int:
     join_cpu_ranks_without_cuda()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage == "clip":
-        from vlkit.train.clip import check_output_dir, train_clip
+        from vlkit.train.clip import checkpoint_to_resume_clip, train_clip
 
-        check_output_dir(recipe)
+        resume_from = checkpoint_to_resume_clip(recipe)
         if args.dry_run:
-            print(f"stage clip -> {recipe.output_dir}\nrecipe is valid; nothing loaded (dry run)")
+            resume_line = f"\nresume    {resume_from}" if resume_from else ""
+            print(f"stage clip -> {recipe.output_dir}{resume_line}\nrecipe is valid; nothing loaded (dry run)")
             return 0
         train_clip(recipe)
         return 0

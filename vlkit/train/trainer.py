@@ -1,4 +1,5 @@
-"""`VlkitTrainer`: transformers' Trainer, saving only what was trained, atomically.
+"""`VlkitTrainer`: transformers' Trainer, saving only what was trained, atomically (`StagedCheckpoints`, which
+the CLIP stage's Trainer shares).
 
 The loop, mixed precision, gradient accumulation, schedulers, logging and checkpoint rotation
 are the Trainer's. This subclass changes these things:
@@ -40,7 +41,34 @@ logger = logging.getLogger(__name__)
 STAGING = ".staging"
 
 
-class VlkitTrainer(Trainer):
+class StagedCheckpoints(Trainer):
+    """Each checkpoint is written into a staging folder and renamed into place (every stage's Trainer)."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Let the Trainer write the checkpoint into a staging folder, then rename it into place.
+        final_root = self.args.output_dir
+        staging_root = os.path.join(final_root, STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is emptied
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final_root
+        # Every rank writes files of its own there (RNG state, optimizer shards): all must be done before
+        # the rename, or a slower rank finds its folder gone and fails ("Parent directory ... does not exist").
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging_root, name), target)
+            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class VlkitTrainer(StagedCheckpoints):
     # The private Trainer hooks overridden here are listed, and pinned by a test, in vlkit.compat.TRAINER_HOOKS.
     def __init__(self, *args, manifest: dict[str, Any], part_learning_rates: dict[str, float], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -92,29 +120,6 @@ class VlkitTrainer(Trainer):
         check_bases_unchanged(read_manifest(resume_from_checkpoint), f"checkpoint {resume_from_checkpoint}",
                               resume_from_checkpoint)
         load_trained(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        # Let the Trainer write the checkpoint into a staging folder, then rename it into place.
-        final_root = self.args.output_dir
-        staging_root = os.path.join(final_root, STAGING)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)
-        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is emptied
-        self.args.output_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = final_root
-        # Every rank writes files of its own there (RNG state, optimizer shards): all must be done before
-        # the rename, or a slower rank finds its folder gone and fails ("Parent directory ... does not exist").
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            target = os.path.join(final_root, name)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(os.path.join(staging_root, name), target)
-            rotate_checkpoints(output_dir=final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
-        self.accelerator.wait_for_everyone()
 
 
 class Throughput:
