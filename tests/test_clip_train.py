@@ -368,6 +368,16 @@ def test_a_finished_clip_run_is_replaced_only_with_overwrite(trained, data_dir, 
     recipe["train"]["max_steps"] = 1
     train_clip(parse_clip_recipe({**recipe, "overwrite": True}))
     assert (run / "model.safetensors").read_bytes() != weights and not replaced_run(run).exists()
+    # An overwrite killed during its set-up leaves the old run aside and recipe.yaml in its place: no later run
+    # there, with or without overwrite, deletes what was set aside.
+    killed = tmp_path / "killed_overwrite"
+    killed.mkdir()
+    (killed / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    shutil.copytree(trained, replaced_run(killed))
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="holds the run an interrupted overwrite=true moved aside"):
+            train_clip(parse_clip_recipe({**recipe, "output_dir": str(killed), "overwrite": overwrite}))
+    assert (replaced_run(killed) / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
 
 
 def test_an_interrupted_clip_run_resumes_to_the_weights_of_an_uninterrupted_one(data_dir, tmp_path, capsys,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -1029,7 +1030,8 @@ def test_a_feature_cache_the_disk_cannot_hold_is_skipped_by_default_and_refused_
         tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, monkeypatch, caplog):
     """The align stage caches the tower's features by default; at LLaVA's scale (558k images) that is hundreds
     of GiB. When the cache would not fit the free disk under $VLKIT_HOME, the default trains from pixels (and
-    says so), and an explicit cache_vision_features: true stops before computing anything."""
+    says so), and an explicit cache_vision_features: true stops before computing anything. Features cached
+    before take no more room: a run whose images are all cached reads them however full the disk is."""
     import vlkit.features as features
     from vlkit.train.run import train_vlm
 
@@ -1038,9 +1040,20 @@ def test_a_feature_cache_the_disk_cannot_hold_is_skipped_by_default_and_refused_
     tree = align_recipe(tmp_path / "out", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1)
     with caplog.at_level(logging.WARNING, logger="vlkit.train"):
         train_vlm(load_recipe(write_recipe(tmp_path / "a.yaml", tree)))
-    assert "vision features not cached (up to " in caplog.text and " GiB free under " in caplog.text
+    assert re.search(r"vision features not cached \(\d+\.\d GiB for the \d+ images not cached yet, 0\.0 GiB free "
+                     "under ", caplog.text)
     assert not (tmp_path / "home" / "features").exists()
     tree["data"]["cache_vision_features"] = True
-    with pytest.raises(ConfigError, match="data.cache_vision_features: up to .* GiB for .* images"):
+    with pytest.raises(ConfigError, match="data.cache_vision_features: .* GiB for the .* images not cached yet"):
         train_vlm(load_recipe(write_recipe(tmp_path / "b.yaml", {**tree, "output_dir": str(tmp_path / "out2")})))
     assert not (tmp_path / "home" / "features").exists()
+    monkeypatch.setattr(features, "free_bytes_for_features", lambda home=None: 2**40)  # room: the cache is filled
+    train_vlm(load_recipe(write_recipe(tmp_path / "c.yaml", {**tree, "output_dir": str(tmp_path / "out3")})))
+    stored = len(list((tmp_path / "home" / "features").rglob("*.safetensors")))
+    assert stored > 0
+    monkeypatch.setattr(features, "free_bytes_for_features", lambda home=None: 1000)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlkit.train"):  # nothing left to write: the cache is used
+        train_vlm(load_recipe(write_recipe(tmp_path / "d.yaml", {**tree, "output_dir": str(tmp_path / "out4")})))
+    assert "not cached" not in caplog.text
+    assert len(list((tmp_path / "home" / "features").rglob("*.safetensors"))) == stored

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +113,14 @@ class FeatureStore:
         return sum(1 for _ in self.root.glob("*/*.safetensors")) if self.root.is_dir() else 0
 
 
+class CacheTooLarge(Exception):
+    """The features still to compute would not fit the disk; nothing was written."""
+
+    def __init__(self, images: int) -> None:
+        super().__init__(f"{images} images' features do not fit the disk")
+        self.images = images
+
+
 class MissingFeatures(Exception):
     """An image has no stored features; `reason` is a key of `vlkit.data.checks.REASONS`."""
 
@@ -170,12 +178,15 @@ def precompute_features(
     device: torch.device | str | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    fits: Callable[[int], bool] | None = None,
 ) -> CachedFeatures:
     """Compute and store the features of every image not stored yet; return the path -> hash map.
 
     `paths` are resolved image files. `shard=(rank, world)`: each rank computes every world-th
     missing image (the caller waits for all ranks before reading). Images that do not decode are
-    reported in `.failed`, not raised.
+    reported in `.failed`, not raised. `fits(n)`: asked (on every rank) once the images are hashed,
+    whether the features of the n images not stored yet may be written; if not, `CacheTooLarge` is raised
+    before anything is computed.
     """
     result = CachedFeatures(store)
     _hash_all((str(p) for p in paths), result, progress)
@@ -184,6 +195,8 @@ def precompute_features(
         by_hash.setdefault(digest, path)
     missing = sorted(digest for digest in by_hash if digest not in store)
     result.reused = len(by_hash) - len(missing)
+    if fits is not None and not fits(len(missing)):
+        raise CacheTooLarge(len(missing))
     rank, world = shard
     mine = missing[rank::world]
     if device is not None:
@@ -261,14 +274,13 @@ def free_bytes_for_features(home: str | os.PathLike | None = None) -> int:
 
 
 def cache_features_for(model, image_processor, datasets: Sequence, device=None, shard: tuple[int, int] = (0, 1),
-                       paths: list[str] | None = None, **kwargs) -> CachedFeatures:
+                       **kwargs) -> CachedFeatures:
     """Store the features of every image the `ConversationDataset`s use; they then yield features, not pixels.
 
     With several ranks (`shard`), every rank must wait for all of them after this returns and before
     reading items.
     """
-    paths = image_paths_of(datasets) if paths is None else paths
-    cached = precompute_for_model(model, image_processor, paths, device=device, shard=shard, **kwargs)
+    cached = precompute_for_model(model, image_processor, image_paths_of(datasets), device=device, shard=shard, **kwargs)
     for dataset in datasets:
         dataset.vision_features = cached
     return cached

@@ -43,7 +43,7 @@ from vlkit.clip.recipe import ClipRecipe
 from vlkit.config import dump_recipe
 from vlkit.errors import DataError
 from vlkit.train.arguments import training_arguments
-from vlkit.train.output_dir import checkpoint_to_resume, claim_output_dir, old_run_kept_until_ready
+from vlkit.train.output_dir import checkpoint_to_resume, claimed_output_dir
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
 from vlkit.train.trainer import StagedCheckpoints, ThroughputCallback
@@ -237,8 +237,7 @@ def train_clip(recipe: ClipRecipe) -> Path:
     started = time.time()
     reset_peak_memory()
     resume_from = checkpoint_to_resume_clip(recipe)
-    run_dir = claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from)
-    with old_run_kept_until_ready(run_dir):
+    with claimed_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from) as run_dir:
         set_seed(recipe.train.seed)
         parts = build_parts(recipe, tokenizer_folder=resume_from)
         args = clip_training_arguments(recipe, run_dir / "checkpoints")

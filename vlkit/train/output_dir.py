@@ -5,10 +5,12 @@ run that `overwrite=true` replaces kept until the new one is ready to train.
 `overwrite=true`, an interrupted one continues with `resume=true` (its newest complete checkpoint) or
 starts over with `overwrite=true`.
 
-`claim_output_dir` makes the folder and writes the resolved recipe. With overwrite, the run already there is
-moved aside (`.NAME.replaced` beside it), not deleted; `old_run_kept_until_ready` wraps the stage's set-up
-(model, data, Trainer) and deletes it when the set-up succeeds, or puts it back when it fails, so a recipe
-that never trained costs no finished run. Under a launcher only the first rank touches the folders.
+`claimed_output_dir` wraps a stage's set-up (model, data, Trainer): it makes the folder and writes the
+resolved recipe. With overwrite, the run already there is moved aside (`.NAME.replaced` beside it), not
+deleted; it is deleted once every rank's set-up succeeded, or put back when the set-up fails, so a recipe
+that never trained costs no finished run. A run moved aside by an overwrite killed during its set-up stays
+until the user moves it back or deletes it: every later run in that folder stops with an error that says so.
+Under a launcher only the first rank touches the folders.
 """
 
 from __future__ import annotations
@@ -61,32 +63,43 @@ def replaced_run(output: Path) -> Path:
     return output.parent / f".{output.name}.replaced"
 
 
-def claim_output_dir(output: Path, recipe_text: str, replace: bool) -> Path:
-    """Make `output` with its recipe.yaml; `replace`: move the run there aside first."""
-    if not first_rank():
-        return output  # the stages' ranks meet before any other write
-    if replace and output.exists():
-        aside = replaced_run(output)
-        if aside.exists():
-            raise ConfigError(f"{aside} holds the run an interrupted overwrite=true moved aside; move it back to "
-                              f"{output} or delete it, then run again")
-        output.rename(aside)
-    output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "recipe.yaml", recipe_text)
-    return output
+def every_rank_ready() -> None:
+    """Under a launcher, wait until every rank got here (each rank's set-up may still fail before then)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 @contextlib.contextmanager
-def old_run_kept_until_ready(output: Path) -> Iterator[None]:
-    """Around a stage's set-up: the run moved aside is deleted when the set-up succeeds, put back when it fails."""
-    aside = replaced_run(output)
+def claimed_output_dir(output: Path, recipe_text: str, replace: bool) -> Iterator[Path]:
+    """Around a stage's set-up: make `output` with its recipe.yaml; `replace`: move the run there aside first,
+    delete it once every rank's set-up succeeded, or put it back if the set-up fails."""
+    moved = first_rank() and claim(output, recipe_text, replace)
     try:
-        yield
+        yield output
+        every_rank_ready()
     except BaseException:
-        if first_rank() and aside.is_dir():
+        if moved:
             shutil.rmtree(output, ignore_errors=True)
-            aside.rename(output)
+            replaced_run(output).rename(output)
             logger.warning("the run in %s is back: the new run failed before it trained", output)
         raise
-    if first_rank() and aside.is_dir():
-        shutil.rmtree(aside)
+    if moved:
+        shutil.rmtree(replaced_run(output))
+
+
+def claim(output: Path, recipe_text: str, replace: bool) -> bool:
+    """Make `output` with its recipe.yaml (first rank only); whether a run there was moved aside to be replaced."""
+    aside = replaced_run(output)
+    if aside.exists():  # left by an overwrite that was killed during its set-up: never deleted unasked
+        raise ConfigError(f"{aside} holds the run an interrupted overwrite=true moved aside; move it back to "
+                          f"{output} or delete it, then run again")
+    moved = replace and output.exists()
+    if moved:
+        output.rename(aside)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "recipe.yaml", recipe_text)
+    return moved

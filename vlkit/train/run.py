@@ -26,7 +26,7 @@ from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM, EMBEDDED_LLMS
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
-from vlkit.train.output_dir import SUMMARY, checkpoint_to_resume, claim_output_dir, old_run_kept_until_ready
+from vlkit.train.output_dir import SUMMARY, checkpoint_to_resume, claimed_output_dir
 from vlkit.train.profile import memory_phrase, peak_memory_gib, reset_peak_memory
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
@@ -196,10 +196,10 @@ def build_model(plan: Plan):
     )
 
 
-def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None) -> Path:
-    """The stage's output dir with its recipe.yaml; a run that overwrite=true replaces is moved aside
-    (`vlkit.train.output_dir`)."""
-    return claim_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from)
+def prepare_output_dir(recipe: VlmRecipe, resume_from: str | None):
+    """Around the stage's set-up: its output dir with recipe.yaml; a run that overwrite=true replaces is moved
+    aside until the set-up succeeded (`vlkit.train.output_dir`)."""
+    return claimed_output_dir(Path(recipe.output_dir), dump_recipe(recipe), recipe.overwrite and not resume_from)
 
 
 def load_datasets(data, processor):
@@ -283,32 +283,46 @@ def cache_features_if_asked(recipe: VlmRecipe, model, processor, datasets_: list
     """The frozen tower's features computed once (each rank its share) and stored for the datasets."""
     from accelerate import PartialState
 
-    from vlkit.features import (
-        cache_features_for,
-        caches_vision_features,
-        feature_bytes_per_image,
-        free_bytes_for_features,
-        image_paths_of,
-    )
+    from vlkit import features
     from vlkit.llm import vlkit_home
 
-    if not caches_vision_features(recipe):
+    if not features.caches_vision_features(recipe):
         return
-    paths = image_paths_of(datasets_)
-    needed, free = len(paths) * feature_bytes_per_image(model, processor.image_processor), free_bytes_for_features()
-    if needed > FEATURE_CACHE_SHARE_OF_FREE_DISK * free:  # counts images cached before too: at most this much
-        size = f"up to {needed / 2**30:.1f} GiB for {len(paths)} images, {free / 2**30:.1f} GiB free under {vlkit_home()}"
+    bytes_per_image = features.feature_bytes_per_image(model, processor.image_processor)
+    needed_and_free = torch.zeros(2, dtype=torch.int64)
+
+    def fits(images_to_compute: int) -> bool:
+        needed_and_free[:] = rank_zero_view(torch.tensor([images_to_compute * bytes_per_image,
+                                                              features.free_bytes_for_features()]))
+        return bool(needed_and_free[0] <= FEATURE_CACHE_SHARE_OF_FREE_DISK * needed_and_free[1])
+
+    try:
+        cached = features.cache_features_for(model, processor.image_processor, datasets_, device=args.device,
+                                             shard=(args.process_index, args.world_size), fits=fits)
+    except features.CacheTooLarge as error:
+        needed, free = needed_and_free.tolist()
+        size = (f"{needed / 2**30:.1f} GiB for the {error.images} images not cached yet, {free / 2**30:.1f} GiB free "
+                f"under {vlkit_home()}")
         if recipe.data.cache_vision_features is None:  # the align default: train from pixels instead
             logger.warning("vision features not cached (%s); the tower runs every step. Set VLKIT_HOME to a larger "
                            "disk, or data.cache_vision_features: false to silence this", size)
             return
         raise ConfigError(f"data.cache_vision_features: {size}; set VLKIT_HOME to a larger disk or "
-                          "data.cache_vision_features: false")
-    cached = cache_features_for(model, processor.image_processor, datasets_, device=args.device,
-                                shard=(args.process_index, args.world_size), paths=paths)
+                          "data.cache_vision_features: false") from None
     PartialState().wait_for_everyone()  # features computed by every rank are on disk before any is read
     if args.process_index == 0:
         print(cached.summary(), flush=True)
+
+
+def rank_zero_view(values: torch.Tensor) -> torch.Tensor:
+    """The first rank's `values` on every rank: one decision for all where each rank would measure its own
+    (the disk's free space changes as ranks write; ranks that cached would wait for ranks that did not)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    from accelerate import PartialState
+    from accelerate.utils import broadcast
+
+    return broadcast(values.to(PartialState().device), from_process=0).cpu()
 
 
 def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: tuple, metrics: dict,
@@ -391,8 +405,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
                           "reader trains on the copies); remove it from this recipe")
     started = time.time()
     reset_peak_memory()
-    output = prepare_output_dir(recipe, plan.resume_from)
-    with old_run_kept_until_ready(output):
+    with prepare_output_dir(recipe, plan.resume_from) as output:
         trainer, processor, train_set, val_set = set_up_stage(recipe, plan, output)
     metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     if val_set is not None:
@@ -464,9 +477,8 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
         logger.warning("train.compile: the visual_words reader trains outside the LLM; nothing is compiled")
     rows, val_rows, groups = read_words(recipe, load_tokenizer(plan.llm))
     plan.connector = {**plan.connector, "groups": groups}
-    output = prepare_output_dir(recipe, None)
     set_seed(recipe.train.seed)
-    with old_run_kept_until_ready(output):
+    with prepare_output_dir(recipe, None) as output:
         model, processor = prepared_model(recipe, plan)  # only the connector trains (and is saved)
     profiler = StepProfiler(recipe.train.profile_step, output) if recipe.train.profile_step else None
     # Only the tower and the reader run here: they go to the accelerator, if there is one (the LLM stays).
