@@ -103,15 +103,32 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     assert "needs --model" in errors[0] and "not found" in errors[1] and "not a folder" in errors[2]
 
 
-def test_model_may_be_a_run_dir(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir, capsys):
-    """--model takes what users have: a run dir (its processor/ folder, and the LLM base's length limit)."""
+def test_model_may_be_a_run_dir_or_a_checkpoint_of_a_run_cut_short(tmp_path, shapes_dir, tiny_vision_dir,
+                                                                   tiny_llm_dir, capsys, monkeypatch):
+    """--model takes what users have: a run dir (its processor/ folder, and the LLM base's length limit), or a
+    checkpoint of a run that never finished (processor/ is written when the stage is set up)."""
     from train_helpers import align_recipe, write_recipe
 
+    import vlkit.train.run as run_module
     from vlkit.recipe import load_recipe
-    from vlkit.train.run import train_vlm
 
-    run = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align_recipe(
-        tmp_path / "run", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1))))
-    args = ["data", "validate", f"{shapes_dir}/instruct_val.json", "--images", shapes_dir, "--model", str(run)]
-    assert main(args) == 0
-    assert "lengths measured against max_length 512" in capsys.readouterr().out  # the tiny LLM's positions
+    tree = align_recipe(tmp_path / "run", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=1)
+    tree["train"]["save_steps"] = 1
+
+    def killed_before_the_summary(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_summary", killed_before_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", tree)))
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "manifest.json").is_file() and not (tmp_path / "run" / "run_summary.json").exists()
+    monkeypatch.undo()
+
+    def validate(model) -> None:
+        args = ["data", "validate", f"{shapes_dir}/instruct_val.json", "--images", shapes_dir, "--model", str(model)]
+        assert main(args) == 0
+        assert "lengths measured against max_length 512" in capsys.readouterr().out  # the tiny LLM's positions
+
+    validate(checkpoint)
+    validate(run_module.train_vlm(load_recipe(write_recipe(tmp_path / "again.yaml", {**tree, "overwrite": True}))))

@@ -325,13 +325,12 @@ def rank_zero_view(values: torch.Tensor) -> torch.Tensor:
     return broadcast(values.to(PartialState().device), from_process=0).cpu()
 
 
-def write_summary(recipe: VlmRecipe, plan: Plan, trainer, processor, datasets_: tuple, metrics: dict,
+def write_summary(recipe: VlmRecipe, plan: Plan, trainer, datasets_: tuple, metrics: dict,
                   started: float) -> None:
-    """Rank 0: processor/, loss.png and run_summary.json of the finished stage."""
+    """Rank 0: loss.png and run_summary.json of the finished stage (processor/ is written at its set-up)."""
     from vlkit.train.plots import plot_loss
 
     (train_set, val_set), output, train, args = datasets_, Path(recipe.output_dir), recipe.train, trainer.args
-    processor.save_pretrained(output / "processor")
     history_log = trainer.state.log_history
     plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
     summary = {
@@ -406,19 +405,19 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     started = time.time()
     reset_peak_memory()
     with prepare_output_dir(recipe, plan.resume_from) as output:
-        trainer, processor, train_set, val_set = set_up_stage(recipe, plan, output)
+        trainer, train_set, val_set = set_up_stage(recipe, plan, output)
     metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))
     trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
     if trainer.is_world_process_zero():
-        write_summary(recipe, plan, trainer, processor, (train_set, val_set), metrics, started)
+        write_summary(recipe, plan, trainer, (train_set, val_set), metrics, started)
     trainer.accelerator.wait_for_everyone()
     return output
 
 
 def set_up_stage(recipe: VlmRecipe, plan: Plan, output: Path):
-    """(Trainer, processor, train set, val set or None) of a Trainer stage, ready to train."""
+    """(Trainer, train set, val set or None) of a Trainer stage, ready to train."""
     from accelerate import PartialState
     from transformers import set_seed
 
@@ -440,6 +439,8 @@ def set_up_stage(recipe: VlmRecipe, plan: Plan, output: Path):
     args = stage_arguments(recipe, output, has_eval, model)
     name_fsdp_blocks(model)
     PartialState().wait_for_everyone()  # rank 0 has made the output dir (an overwritten run moved aside)
+    if args.process_index == 0:  # now: a checkpoint of a run cut short has it too (vlkit data validate --model)
+        processor.save_pretrained(output / "processor")
     train_set, val_set = load_datasets(recipe.data, processor)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output / "logs"))
     cache_features_if_asked(recipe, model, processor, [d for d in (train_set, val_set) if d is not None], args)
@@ -457,7 +458,7 @@ def set_up_stage(recipe: VlmRecipe, plan: Plan, output: Path):
         callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size),
                    *profile_callbacks(train, output)],
     )
-    return trainer, processor, train_set, val_set
+    return trainer, train_set, val_set
 
 
 def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
