@@ -386,7 +386,7 @@ def test_push_to_hub_uploads_the_exported_folder(qformer_run, tmp_path, monkeypa
 
 
 # --- bad input: one line each, exit code 2, nothing written ---------------------------------------------------
-def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys, monkeypatch, tiny_llm_dir):
     unfinished = tmp_path / "unfinished"
     checkpoint = unfinished / "checkpoints" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
@@ -404,7 +404,9 @@ def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys, mon
         ((str(lora_run), str(tmp_path / "c"), "--dtype", "int8"), "unknown export dtype 'int8'"),
         ((str(qformer_run), str(tmp_path / "d"), "--format", "llava"), "--format llava does not apply: "),
         ((str(lora_run), str(full)), "exists and is not empty; pass --overwrite"),
-        ((str(lora_run), str(full), "--overwrite"), "holds no model (no config.json), and --overwrite replaces only"),
+        ((str(lora_run), str(full), "--overwrite"), "is not an earlier vlkit export (a model folder whose README.md"),
+        ((str(lora_run), str(tiny_llm_dir), "--overwrite"), "is not an earlier vlkit export"),  # a base model's folder
+        ((str(lora_run), str(lora_run), "--overwrite"), "overlaps the run"),
         ((str(lora_run), str(tmp_path)), "is the current folder or holds it"),
         ((str(lora_run), ".", "--overwrite"), "is the current folder or holds it"),
         ((str(lora_run), str(lora_run / "export")), "overlaps the run"),

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO_ID")
     export.add_argument("--private", action="store_true")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR if it holds an earlier export (a folder with config.json)")
+                        help="replace OUT_DIR if it holds an earlier vlkit export (config.json + a model card tagged vlkit)")
 
     evaluate = commands.add_parser("eval", help="evaluate a VLM (VQA, captions) or a CLIP folder (zero-shot, retrieval)")
     evaluate.add_argument("model", help="a run folder, a checkpoint, an export, or a CLIP folder")

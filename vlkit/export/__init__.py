@@ -26,6 +26,19 @@ FORMATS = ("auto", "llava", "vlkit")
 __all__ = ["ExportError", "export_run", "push_folder", "run"]
 
 
+def is_vlkit_export(folder: Path) -> bool:
+    """Whether `folder` is what `vlkit export` writes: config.json and a model card tagged vlkit."""
+    from huggingface_hub import ModelCard
+
+    card = folder / "README.md"
+    if not ((folder / "config.json").is_file() and card.is_file()):
+        return False
+    try:
+        return "vlkit" in (ModelCard.load(card).data.tags or [])
+    except (ValueError, OSError):  # a README without card metadata
+        return False
+
+
 def check_arguments(source: Path, out_dir: Path, format: str, dtype: str, overwrite: bool, repo_id: str | None) -> None:
     """Everything checkable before loading weights; one ExportError line otherwise."""
     if format not in FORMATS:
@@ -38,14 +51,14 @@ def check_arguments(source: Path, out_dir: Path, format: str, dtype: str, overwr
     if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
         raise ExportError(f"OUT_DIR {out_dir} is the current folder or holds it; export to a new folder, "
                           f"e.g. {Path(out_dir) / 'export'}")
+    if out == src or out in src.parents or src in out.parents:
+        raise ExportError(f"OUT_DIR {out_dir} overlaps the run {source}; export to a folder outside the run")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it or choose another OUT_DIR")
-        if not (out_dir / "config.json").is_file():  # --overwrite deletes the folder: only an earlier model folder
-            raise ExportError(f"{out_dir} holds no model (no config.json), and --overwrite replaces only an earlier "
-                              "export; choose another OUT_DIR")
-    if out == src or out in src.parents or src in out.parents:
-        raise ExportError(f"OUT_DIR {out_dir} overlaps the run {source}; export to a folder outside the run")
+        if not is_vlkit_export(out_dir):  # --overwrite deletes the folder: never a base model's or a run's
+            raise ExportError(f"{out_dir} is not an earlier vlkit export (a model folder whose README.md card is "
+                              "tagged vlkit), and --overwrite replaces only those; choose another OUT_DIR")
     if repo_id is not None:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
