@@ -120,7 +120,7 @@ def test_unreadable_files_raise_data_error(tmp_path):
     pairs = write_json(tmp_path / "pairs.jsonl", [{"image": "a.png", "caption": "c"}])
     with pytest.raises(DataError, match="conversations"):
         load_conversations(pairs, format="llava")
-    for name, text in (("empty.json", "[ ]\n"), ("blank.jsonl", "\n\n")):  # not a syntax error: no samples
+    for name, text in (("empty.json", "[ ]\n"), ("blank.jsonl", "\n\n"), ("object.json", "{}")):  # no samples, not a syntax error
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=f"{name} holds no samples"):
             load_conversations(tmp_path / name)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run a YAML recipe")
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
-    train.add_argument("--dry-run", action="store_true", help="validate the recipe and print the plan; load nothing")
+    train.add_argument("--dry-run", action="store_true", help="check the recipe, its data files, bases and output dir, print the plan; load no weights")
 
     chat = commands.add_parser("chat", help="chat with a model, with images at any turn")
     chat.add_argument("model", help="vlkit run dir, exported folder or hub id")

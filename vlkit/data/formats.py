@@ -96,13 +96,13 @@ def _read_json(path: Path, cache_dir: str | None) -> datasets.Dataset:
 
 
 def no_samples(path: Path) -> DataError:
-    return DataError(f"{path} holds no samples (an empty file or list); give a data file with samples")
+    return DataError(f"{path} holds no samples (an empty file, list or object); give a data file with samples")
 
 
 def holds_no_records(path: Path) -> bool:
-    """An empty file, blank lines only, or an empty JSON list."""
+    """An empty file, blank lines only, or an empty JSON list or object."""
     text = path.read_text(encoding="utf-8", errors="replace").strip().lstrip("\ufeff")
-    return text == "" or (text.startswith("[") and text[1:].strip() == "]")
+    return text == "" or any(text.startswith(open_) and text[1:].strip() == close for open_, close in ("[]", "{}"))
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -242,7 +242,7 @@ def load_clip_pairs(
         if column not in raw.column_names:
             raise DataError(
                 f"{path} has no column '{column}' (columns: {raw.column_names}); in a recipe, set data.{option} to "
-                f"the right name (vlkit eval reads '{column}')"
+                f"the right name (vlkit eval and vlkit data validate read '{column}')"
             )
     caption_feature = raw.features[caption_column]
     if isinstance(caption_feature, datasets.Value):

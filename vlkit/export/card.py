@@ -1,7 +1,7 @@
 """The model card (`README.md`) of an exported model: Hub metadata plus what was trained, on what, how well.
 
 Owns reading the run's own records (manifest stages, each stage's recipe.yaml and
-run_summary.json, optional `eval*.json` / `eval*/eval.json` from `vlkit eval`) and writing them
+run_summary.json, optional `eval*.json`, `eval*/eval.json` and `eval/*/eval.json` from `vlkit eval`) and writing them
 with `huggingface_hub.ModelCard`. Everything but the manifest is optional: a card never fails an
 export.
 """
