@@ -64,6 +64,8 @@ def checked_connector_config(connector_config: dict[str, Any]) -> tuple[str, dic
     for key, value in options.items():
         if key in hints:
             try:
+                if isinstance(value, bool) and hints[key] in (int, float):  # pydantic would read true as 1
+                    raise ValidationError.from_exception_data(key, [])
                 options[key] = TypeAdapter(hints[key]).validate_python(value)
             except ValidationError:
                 expected = getattr(hints[key], "__name__", str(hints[key]))
