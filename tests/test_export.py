@@ -52,7 +52,7 @@ assert importlib.util.find_spec("vlkit") is None, "vlkit is importable in the is
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, pipeline
 
 for folder, fmt, result in jobs:
     remote = fmt == "vlkit"
@@ -70,10 +70,15 @@ for folder, fmt, result in jobs:
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=8)
     save_file({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "logits": logits,
                "generated": generated}, result + ".safetensors")
+    # transformers' own entry point for chat with images, as a Hub user calls it
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=remote)
+    reply = pipe(text=messages, max_new_tokens=8, do_sample=False)[0]["generated_text"][-1]["content"]
+    new_tokens = processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     vlkit_modules = sorted(name for name in sys.modules if name == "vlkit" or name.startswith("vlkit."))
     with open(result + ".json", "w") as file:
         json.dump({"model_class": type(model).__name__, "model_module": type(model).__module__,
-                   "processor_class": type(processor).__name__, "text": text, "vlkit_modules": vlkit_modules}, file)
+                   "processor_class": type(processor).__name__, "text": text, "vlkit_modules": vlkit_modules,
+                   "pipeline_reply": reply, "generated_text": new_tokens}, file)
 '''
 
 
@@ -179,6 +184,7 @@ def assert_parity(run: Path, got: dict, info: dict, image: str) -> float:
     inputs, logits, generated, text = vlkit_reference(run, image)
     assert info["vlkit_modules"] == []
     assert info["text"] == text  # the chat template puts <image> where training put it
+    assert info["pipeline_reply"] == info["generated_text"]  # pipeline("image-text-to-text") answers as generate
     assert torch.equal(got["input_ids"], inputs["input_ids"])
     assert torch.equal(got["pixel_values"], inputs["pixel_values"])
     difference = (got["logits"] - logits).abs().max().item()
