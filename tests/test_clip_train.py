@@ -418,5 +418,29 @@ def test_an_interrupted_clip_run_resumes_to_the_weights_of_an_uninterrupted_one(
     summary = json.loads((resumed / "run_summary.json").read_text())
     assert summary["steps"] == 4 and summary["resumed_from"] == str(killed / "checkpoints" / "checkpoint-2")
     assert (resumed / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
-    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+    with pytest.raises(ConfigError, match="holds no complete checkpoint; drop resume to start over"):
         train_clip(parse_clip_recipe({**recipe, "output_dir": str(tmp_path / "empty"), "resume": True}))
+    # A checkpoint folder without every file (cut short, or saved before CLIP checkpoints held the tokenizer)
+    # still marks a run that trained there: it is neither trained over nor resumed.
+    older = tmp_path / "older"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", older / "checkpoints" / "checkpoint-2")
+    (older / "checkpoints" / "checkpoint-2" / "tokenizer_config.json").unlink()
+    with pytest.raises(ConfigError, match="holds an unfinished run; set resume=true"):
+        train_clip(parse_clip_recipe({**recipe, "output_dir": str(older)}))
+    with pytest.raises(ConfigError, match="holds no complete checkpoint; set overwrite=true to start over"):
+        train_clip(parse_clip_recipe({**recipe, "output_dir": str(older), "resume": True}))
+
+
+def test_the_clip_dry_run_checks_data_files_and_folders(data_dir, tmp_path, capsys):
+    from vlkit.cli import main as cli_main
+
+    path = tmp_path / "clip.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(data_dir, tmp_path / "run")))
+    assert cli_main(["train", str(path), "--dry-run"]) == 0
+    for override, message in (("data.train_file=nope.jsonl", "data file not found: "),
+                              ("data.labels_file=nope.json", "data file not found: "),
+                              ("data.image_root=/nope", "image root not found: /nope"),
+                              ("model.tokenizer=/nope/tok", "model.tokenizer: no folder /nope/tok")):
+        capsys.readouterr()
+        assert cli_main(["train", str(path), override, "--dry-run"]) == 2, override
+        assert message in capsys.readouterr().err, override

@@ -402,6 +402,8 @@ def test_bad_input_is_one_line_each(lora_run, qformer_run, tmp_path, capsys, mon
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("x")
+    (full / "config.json").write_text("{}")
+    (full / "README.md").write_text("---\ntags: [vlkit\n---\n")  # a card whose YAML is broken: not an export
     cases = [
         ((str(unfinished), str(tmp_path / "a")), f"export its newest checkpoint instead: {checkpoint}"),
         ((str(tmp_path / "nothing"), str(tmp_path / "b")), "does not exist"),

@@ -99,6 +99,7 @@ def test_finished_output_dir_refused_unless_overwrite(tmp_path, base_tree, tiny_
     (["model.connector.type=mpl"], "unknown connector type 'mpl'; known types: .* Did you mean 'mlp'"),
     (["model.connector.depth=two"], "connector 'mlp' option depth must be int, got 'two'"),
     (["model.connector.depth=true"], "connector 'mlp' option depth must be int, got True"),
+    (["model.connector.type=qformer", "model.connector.depth=true"], "connector 'qformer' option depth must be int .*got True"),
     (["model.connector.width=3"], "connector 'mlp' got unknown option.s. width; it accepts: depth, activation, bias"),
     (["model.vision=/nope/tower"], "model.vision: no folder /nope/tower; give a model folder, a hub id"),
     (["model.llm=./nope"], "model.llm: no folder ./nope; .*or an embedded LLM name"),

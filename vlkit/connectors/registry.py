@@ -64,7 +64,9 @@ def checked_connector_config(connector_config: dict[str, Any]) -> tuple[str, dic
     for key, value in options.items():
         if key in hints:
             try:
-                if isinstance(value, bool) and hints[key] in (int, float):  # pydantic would read true as 1
+                numbers = {int, float} & {hints[key], *typing.get_args(hints[key])}
+                if isinstance(value, bool) and numbers and bool not in typing.get_args(hints[key]):
+                    # pydantic would read true as 1
                     raise ValidationError.from_exception_data(key, [])
                 options[key] = TypeAdapter(hints[key]).validate_python(value)
             except ValidationError:

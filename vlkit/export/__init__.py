@@ -35,7 +35,7 @@ def is_vlkit_export(folder: Path) -> bool:
         return False
     try:
         return "vlkit" in (ModelCard.load(card).data.tags or [])
-    except (ValueError, OSError):  # a README without card metadata
+    except Exception:  # noqa: BLE001 (a README without card metadata, or with broken YAML: not ours)
         return False
 
 

@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlkit.compat import PREFIX_CHECKPOINT_DIR
 from vlkit.errors import ConfigError
 from vlkit.run_folder import MANIFEST, atomic_write_text, latest_checkpoint
 
@@ -40,18 +41,25 @@ def checkpoint_to_resume(output: Path, resume: bool | str, overwrite: bool,
     """The checkpoint a run continues from (None: it starts afresh), after checking `output` against `resume`
     and `overwrite`. A checkpoint is complete when it holds every file in `marks`."""
     checkpoints = output / "checkpoints"
+    # Any checkpoint folder marks a run that trained here, complete or not (or saved by an older vlkit).
+    trained_here = checkpoints.is_dir() and any(checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
     if resume:
         if isinstance(resume, str) and resume.lower() not in ("true", "latest"):
             if not all((Path(resume) / mark).is_file() for mark in marks):
                 raise ConfigError(f"resume checkpoint not found or incomplete: {resume}")
-            return resume
-        latest = latest_checkpoint(checkpoints, marks)
-        if latest is None:
-            raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; drop resume to start over")
-        return latest
+            checkpoint = resume
+        else:
+            checkpoint = latest_checkpoint(checkpoints, marks)
+        if checkpoint is None:
+            start_over = "set overwrite=true to start over" if trained_here else "drop resume to start over"
+            raise ConfigError(f"resume=true but {checkpoints} holds no complete checkpoint; {start_over}")
+        if (output / SUMMARY).is_file():
+            logger.warning("%s holds a finished run: resuming from %s trains its last steps again and replaces "
+                           "its final weights", output, checkpoint)
+        return checkpoint
     if (output / SUMMARY).is_file() and not overwrite:
         raise ConfigError(f"{output} holds a finished run; set overwrite=true to replace it or choose another output_dir")
-    if latest_checkpoint(checkpoints, marks) and not overwrite:
+    if trained_here and not overwrite:
         raise ConfigError(
             f"{output} holds an unfinished run; set resume=true to continue it or overwrite=true to start over"
         )
@@ -76,7 +84,9 @@ def every_rank_ready() -> None:
 @contextlib.contextmanager
 def claimed_output_dir(output: Path, recipe_text: str, replace: bool) -> Iterator[Path]:
     """Around a stage's set-up: make `output` with its recipe.yaml; `replace`: move the run there aside first,
-    delete it once every rank's set-up succeeded, or put it back if the set-up fails."""
+    delete it once every rank's set-up succeeded, or put it back if the first rank's set-up fails. When another
+    rank fails, the launcher stops the first one where it waits: the run stays aside, and the next run there
+    says where it is."""
     moved = first_rank() and claim(output, recipe_text, replace)
     try:
         yield output

@@ -75,11 +75,7 @@ def plan_run(recipe: VlmRecipe) -> Plan:
     """Check everything checkable without weights; raise ConfigError with one line otherwise."""
     check_stage(recipe)
     data = recipe.data
-    for name in filter(None, (data.train_file, data.val_file)):
-        if not data.path(name).is_file():
-            raise ConfigError(f"data file not found: {data.path(name)} (data.dir is '{data.dir}')")
-    if not data.image_root_path().is_dir():
-        raise ConfigError(f"image root not found: {data.image_root_path()}")
+    check_data_files(data, data.train_file, data.val_file)
     if data.cache_vision_features and recipe.tune.vision != "frozen":
         raise ConfigError(
             f"data.cache_vision_features needs a frozen vision tower, but tune.vision is '{recipe.tune.vision}'; "
@@ -119,6 +115,24 @@ def plan_run(recipe: VlmRecipe) -> Plan:
         recipe=recipe, vision=vision, llm=llm or DEFAULT_LLM, connector=connector,
         resume_from=resolve_resume(recipe), parent=parent,
     )
+
+
+def check_data_files(data, *names: str | None) -> None:
+    """The recipe's data files (None: not used) and image root exist; one-line ConfigError otherwise."""
+    for name in filter(None, names):
+        if not data.path(name).is_file():
+            raise ConfigError(f"data file not found: {data.path(name)} (data.dir is '{data.dir}')")
+    if not data.image_root_path().is_dir():
+        raise ConfigError(f"image root not found: {data.image_root_path()}")
+
+
+def check_clip_recipe(recipe) -> None:
+    """What `vlkit train --dry-run` checks of a CLIP recipe without loading anything: data files, folders."""
+    data = recipe.data
+    check_data_files(data, data.train_file, data.val_file, data.labels_file)
+    for part in ("vision", "text"):
+        check_local_base(f"{part}.pretrained", getattr(recipe.model, part).pretrained)
+    check_local_base("tokenizer", recipe.model.tokenizer)
 
 
 def check_local_base(part: str, source: str | None) -> None:
@@ -315,14 +329,19 @@ def cache_features_if_asked(recipe: VlmRecipe, model, processor, datasets_: list
 
 
 def rank_zero_view(values: torch.Tensor) -> torch.Tensor:
-    """The first rank's `values` on every rank: one decision for all where each rank would measure its own
-    (the disk's free space changes as ranks write; ranks that cached would wait for ranks that did not)."""
+    """The first rank's `values` on every rank, once every rank got here: one decision for all where each rank
+    would measure its own (the disk's free space changes as ranks write; ranks that cached would wait for ranks
+    that did not)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
     from accelerate import PartialState
     from accelerate.utils import broadcast
 
-    return broadcast(values.to(PartialState().device), from_process=0).cpu()
+    values = broadcast(values.to(PartialState().device), from_process=0).cpu()
+    # A broadcast need not hold its sender: no rank writes features before every rank listed the missing ones
+    # (each computes its share of that list, which must be the same list on every rank).
+    PartialState().wait_for_everyone()
+    return values
 
 
 def write_summary(recipe: VlmRecipe, plan: Plan, trainer, datasets_: tuple, metrics: dict,
@@ -591,6 +610,7 @@ def run(args) -> int:
     if recipe.stage == "clip":
         from vlkit.train.clip import checkpoint_to_resume_clip, train_clip
 
+        check_clip_recipe(recipe)
         resume_from = checkpoint_to_resume_clip(recipe)
         if args.dry_run:
             resume_line = f"\nresume    {resume_from}" if resume_from else ""
