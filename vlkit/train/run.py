@@ -26,7 +26,7 @@ from vlkit.errors import ConfigError
 from vlkit.llm import DEFAULT_LLM, EMBEDDED_LLMS
 from vlkit.recipe import load_recipe
 from vlkit.run_folder import atomic_write_text, read_manifest
-from vlkit.train.output_dir import SUMMARY, checkpoint_to_resume, claimed_output_dir
+from vlkit.train.output_dir import SUMMARY, checkpoint_to_resume, claimed_output_dir, every_rank_ready
 from vlkit.train.profile import memory_phrase, peak_memory_gib, reset_peak_memory
 from vlkit.train.stages import STAGE_TABLE, check_stage
 
@@ -340,7 +340,7 @@ def rank_zero_view(values: torch.Tensor) -> torch.Tensor:
     values = broadcast(values.to(PartialState().device), from_process=0).cpu()
     # A broadcast need not hold its sender: no rank writes features before every rank listed the missing ones
     # (each computes its share of that list, which must be the same list on every rank).
-    PartialState().wait_for_everyone()
+    every_rank_ready()
     return values
 
 
