@@ -6,7 +6,11 @@ is a small byte-level BPE trained here, with a ChatML chat template like SmolLM2
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +38,16 @@ from transformers import (
 # count the caller set is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The caches a run writes (vlkit's feature store and converted models, datasets' processed files, compiled
+# kernels) go to one temporary folder per test session, for the processes the tests start too: a run never
+# reads what an earlier one, on other code, left in $HOME, and two runs at once share nothing. Set here,
+# before the test modules import `datasets`, which reads its cache folder once at import.
+SESSION_CACHES = Path(tempfile.mkdtemp(prefix="vlkit-tests-"))
+atexit.register(shutil.rmtree, SESSION_CACHES, ignore_errors=True)
+for variable, folder in (("VLKIT_HOME", "vlkit"), ("HF_DATASETS_CACHE", "datasets"),
+                         ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    os.environ[variable] = str(SESSION_CACHES / folder)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

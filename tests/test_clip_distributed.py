@@ -139,7 +139,7 @@ def test_trainer_ddp_step_equals_single_process_step(tmp_path):
         })
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]  # a free port
     # The 1-process and 2-process runs are independent: they run at once (one thread each). The 1e-12 run
     # follows "one" in its process: train_clip seeds before it builds the model, so it starts from the same weights.
     single = [sys.executable, str(script), recipe("one", 8), recipe("zero", 8, learning_rate=1e-12)]

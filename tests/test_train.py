@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -177,16 +176,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, shapes_dir, tiny_visio
     tree = align_recipe(tmp_path / "killed", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=steps, save_steps=5,
                         logging_steps=5)
     killed = write_recipe(tmp_path / "killed.yaml", tree)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "-m", "vlkit", "train", killed], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json"
-    deadline = time.time() + HANG_GUARD_S
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    # Killed at the end of step 7, two steps after its first checkpoint: a kill at a known point, not a race
+    # between a watcher and the run (which saves its next checkpoints within half a second on these cores).
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "KILL_AT_STEP": "7"}
+    process = subprocess.run([sys.executable, str(REPO / "tests" / "train_killed_at_step.py"), "train", killed],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-5" / "manifest.json").exists()
     assert not (tmp_path / "killed" / "run_summary.json").exists()
 
     resumed = start_cli("train", killed, "resume=true")

@@ -397,7 +397,8 @@ def hub_config_file(repo_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, "config.json"))
     except Exception as error:
-        raise ModelLoadError(f"cannot fetch config.json of hub model '{repo_id}': {first_line(error)}") from None
+        raise ModelLoadError(f"{where}, and its config.json could not be fetched from the Hub ({first_line(error)}); "
+                             "check the path, or try again later") from None
 
 
 def hub_kind(repo_id: str) -> str:
