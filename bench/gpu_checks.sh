@@ -7,6 +7,9 @@
 #   LIMIT_gpu=500 GPU_ARGS="--rounds 3" RUNS=/tmp/runs bash bench/gpu_checks.sh OUT
 #       LIMIT_<check>: that check's time limit in seconds; GPU_ARGS / RECIPES_ARGS: more arguments for
 #       bench/gpu.py / bench/recipes.py; RUNS: where the run folders go (default OUT/runs)
+#   BUDGET=540 CHECKS="recipes compile gpu" bash bench/gpu_checks.sh OUT
+#       BUDGET: seconds for all the checks together (a GPU rented by the minute): each check's limit is cut
+#       to what is left, and a check with less than a minute left is skipped and reported as such
 #
 # Checks (each bounded by `timeout`, each logged to OUT/<check>.log; a failing check does not stop the rest):
 #   recipes   python bench/recipes.py: the tiny recipes (CLIP, align, LoRA instruct) at GPU size, samples/s
@@ -31,10 +34,18 @@ PYTHON=${PYTHON:-python3}
 RUNS=${RUNS:-$OUT/runs}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-run_check() {  # name, default seconds (LIMIT_<name> overrides), command...
+run_check() {  # name, default seconds (LIMIT_<name> overrides, BUDGET caps), command...
     local name=$1 limit_variable=LIMIT_$1
     local seconds=${!limit_variable:-$2}
     shift 2
+    if [ -n "${BUDGET:-}" ]; then
+        local left=$((BUDGET - SECONDS))
+        if [ "$left" -lt 60 ]; then
+            echo "== $name: skipped, ${left}s of BUDGET=${BUDGET}s left"
+            return 1
+        fi
+        [ "$seconds" -gt "$left" ] && seconds=$left
+    fi
     local started=$SECONDS
     echo "== $name (at most ${seconds}s): $*"
     timeout --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
@@ -60,6 +71,9 @@ for check in $CHECKS; do  # every name checked before any check runs
         *) echo "unknown check '$check' (recipes, compile, flat, ddp, gpu)"; exit 2 ;;
     esac
 done
+case ${BUDGET:-0} in
+    '' | *[!0-9]*) echo "BUDGET must be whole seconds, not '$BUDGET'"; exit 2 ;;
+esac
 export -f ddp_and_chat
 export RUNS PYTHON
 "$PYTHON" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"

@@ -155,6 +155,21 @@ def test_gpu_checks_script_parses_and_names_a_bad_check(tmp_path):
     assert result.returncode == 2 and "unknown check 'nonsense'" in result.stdout
 
 
+def test_gpu_checks_script_skips_the_checks_its_budget_cannot_hold(tmp_path):
+    """BUDGET caps all the checks together: with under a minute of it left, a check is skipped and reported
+    (here every one: 30 s of budget); a budget that is not whole seconds is refused before anything runs."""
+    script = REPO / "bench" / "gpu_checks.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "CHECKS": "recipes gpu"}
+    result = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True,
+                            env={**env, "BUDGET": "30"}, timeout=HANG_GUARD_S)
+    assert result.returncode == 1, result.stdout
+    assert "== recipes: skipped" in result.stdout and "== gpu: skipped" in result.stdout
+    assert "== failed: recipes gpu" in result.stdout and not list(tmp_path.glob("*.log"))
+    refused = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True,
+                             env={**env, "BUDGET": "9m"}, timeout=HANG_GUARD_S)
+    assert refused.returncode == 2 and "BUDGET must be whole seconds, not '9m'" in refused.stdout
+
+
 def test_recipes_bench_says_flat_packing_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("with a GPU --flat runs; this checks its one-line refusal without one")
