@@ -133,7 +133,7 @@ def test_cached_features_give_the_same_loss_and_connector_grads(vlm, image_dir, 
     assert (again.computed, again.reused) == (0, 3)  # a later run computes nothing
 
 
-def test_feature_store_keys_and_failures(vlm, image_dir, tmp_path):
+def test_feature_store_keys_and_failures(vlm, image_dir, tmp_path, monkeypatch):
     model, processor = vlm
     tower, image_processor = model.vision_tower, processor.image_processor
     key = tower_key(tower, image_processor, -2, "default", 1)
@@ -145,6 +145,9 @@ def test_feature_store_keys_and_failures(vlm, image_dir, tmp_path):
         changed = tower_key(tower, image_processor, -2, "default", 1)
         next(tower.parameters()).view(-1)[0] -= 1.0
     assert changed != key
+    with monkeypatch.context() as patch:  # features stored by older feature code are not read
+        patch.setattr("vlkit.features.FEATURES_FORMAT", 2)
+        assert tower_key(tower, image_processor, -2, "default", 1) != key
 
     (image_dir / "broken.png").write_bytes(b"not a png")
     paths = [image_dir / "0.png", image_dir / "copy_of_0.png", image_dir / "broken.png", image_dir / "missing.png"]

@@ -8,7 +8,8 @@ the tower (`VlkitForConditionalGeneration.forward(vision_features=...)`). Layout
 
 The image hash is sha256 of the file's bytes. The tower key is sha256 of the tower's weights (as
 loaded, so LoRA-merged or fine-tuned towers get their own key), their dtype, the feature layer and
-selection, and the image processor's settings: whatever changes the features changes a key.
+selection, the image processor's settings and the version of vlkit's feature code (`FEATURES_FORMAT`):
+whatever changes the features changes a key.
 Files are written to a temporary name and renamed, so several ranks or runs may fill one store at
 once; safetensors reads are memory-mapped. `python -m data_tools.precompute_features` fills a store
 ahead of training; `vlkit train` fills it for its own data set when `data.cache_vision_features`.
@@ -42,6 +43,9 @@ from vlkit.llm import vlkit_home
 logger = logging.getLogger(__name__)
 
 FEATURES_KEY = "features"
+# Part of every tower key: raise it when the code that turns pixels into stored features changes (the
+# selection, `tower_input`, `as_tokens`), so a store filled by the old code is not read as the new one's.
+FEATURES_FORMAT = 1
 
 
 def image_hash(path: str | os.PathLike) -> str:
@@ -63,6 +67,7 @@ def tower_key(
         # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = {
+        "format": FEATURES_FORMAT,
         "feature_layer": feature_layer,
         "select_strategy": select_strategy,
         "num_prefix_tokens": num_prefix_tokens if select_strategy == "default" else 0,
