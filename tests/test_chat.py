@@ -397,3 +397,13 @@ def test_repetition_penalty_is_a_flag_as_it_is_a_setting(monkeypatch, capsys, vl
     code, out, err = run_chat(monkeypatch, capsys, [vlm_dir, "--prompt", "Hi", "--max-new-tokens", "2",
                                                     "--repetition-penalty", "1.3"])
     assert code == 0 and asked == [1.3]
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float16)],
+                         ids=["ampere", "before-ampere"])
+def test_dtype_auto_on_a_gpu_is_bf16_only_where_it_computes_it(native, expected, monkeypatch):
+    """`--dtype auto`: bf16 on a GPU that computes it, float16 on one that only emulates it (torch counts both)."""
+    from vlkit.loading import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_dtype("auto", torch.device("cuda")) is expected

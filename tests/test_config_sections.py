@@ -111,3 +111,55 @@ def test_bf16_accepts_only_booleans_and_auto():
 
     with pytest.raises(ConfigError, match="bf16"):
         vlm({"bf16": "fast"})
+
+
+@pytest.mark.parametrize(("native", "emulated", "expected"), [(True, True, True), (False, True, False)],
+                         ids=["ampere", "before-ampere"])
+def test_bf16_auto_on_a_gpu_is_bf16_only_where_it_computes_it(native, emulated, expected, monkeypatch):
+    """torch counts a GPU that emulates bf16 (V100, T4) as supporting it; `auto` asks for native bf16 only."""
+    import vlkit.train.arguments as arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or
+                        (emulated and including_emulation))
+    assert arguments.resolve_bf16("auto", on_cpu=False) is expected
+    assert arguments.resolve_bf16(True, on_cpu=False)  # asked for: as asked
+
+
+def test_the_recipe_decides_mixed_precision_over_the_launch_config(tmp_path, monkeypatch, caplog):
+    """An accelerate config's `mixed_precision: bf16` (exported as ACCELERATE_MIXED_PRECISION) does not put a
+    recipe whose train.bf16 is off under bf16 autocast; a recipe that asks for bf16 gets it."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="vlkit.train.arguments"):
+        off = training_arguments(vlm({"bf16": False}).train, tmp_path)
+    assert off.mixed_precision == "no" and not off.bf16
+    assert "launch config asks for mixed_precision=bf16 but the recipe's train.bf16 is off" in caplog.text
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("vlkit.train.arguments.cpu_has_native_bf16", lambda unknown=True: True)
+    assert training_arguments(vlm({"bf16": True}).train, tmp_path).mixed_precision == "bf16"
+
+
+def test_a_plain_run_on_several_gpus_trains_on_one_not_data_parallel(tmp_path, monkeypatch, caplog):
+    """Without a launcher the Trainer wraps the model in nn.DataParallel over every GPU it sees (n_gpu > 1) and
+    multiplies the batch by their count; vlkit keeps one GPU and says how to use all of them."""
+    from transformers.training_args import ParallelMode
+
+    from vlkit.train.arguments import one_gpu_without_a_launcher
+
+    args = training_arguments(vlm({"batch_size": 4}).train, tmp_path)
+    args._n_gpu = 4  # as TrainingArguments finds on a machine with 4 GPUs and no launcher
+    assert args.parallel_mode == ParallelMode.NOT_DISTRIBUTED and args.train_batch_size == 16
+    with caplog.at_level("WARNING", logger="vlkit.train.arguments"):
+        one_gpu_without_a_launcher(args)
+    assert args.n_gpu == 1 and args.parallel_mode == ParallelMode.NOT_PARALLEL and args.train_batch_size == 4
+    assert "4 GPUs and no launcher" in caplog.text and "--num_processes 4" in caplog.text
+
+
+def test_clip_fp16_refuses_bf16_by_the_keys_names():
+    """transformers refuses fp16 and bf16 together with its own message, at training start; the recipe says it
+    first, naming train.bf16 (whose `auto` would be on wherever the GPU computes bf16)."""
+    for bf16 in (True, "auto"):
+        with pytest.raises(ConfigError, match=r"fp16 and bf16 .* set train.bf16: false to train in fp16"):
+            clip({"fp16": True, "bf16": bf16})
+    assert clip({"fp16": True}).train.fp16  # bf16's default is off

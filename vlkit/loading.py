@@ -71,7 +71,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Natively: torch counts a GPU that emulates bf16 (before Ampere) as supporting it.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
     if dtype not in DTYPE_NAMES:
         raise ModelLoadError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")

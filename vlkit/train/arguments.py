@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.training_args import ParallelMode
 
 from vlkit.compat import cpu_has_native_bf16
 from vlkit.config import BaseTrainSection
@@ -43,7 +44,8 @@ def resolve_bf16(requested: bool | str, on_cpu: bool) -> bool:
             if not native:
                 logger.info("train.bf16=auto: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
             return native
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Natively: torch counts a GPU that only emulates bf16 (before Ampere: V100, T4) as supporting it.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if requested and on_cpu and not cpu_has_native_bf16():
         logger.warning("train.bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated and ~30x slower "
                        "than float32: set train.bf16=auto or false")
@@ -89,4 +91,29 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
         "disable_tqdm": False,
     }
     accelerator_config = {**shared["accelerator_config"], **(stage_specific.pop("accelerator_config", None) or {})}
-    return TrainingArguments(**{**shared, **stage_specific, "accelerator_config": accelerator_config})
+    args = TrainingArguments(**{**shared, **stage_specific, "accelerator_config": accelerator_config})
+    recipe_precision(args)
+    one_gpu_without_a_launcher(args)
+    return args
+
+
+def recipe_precision(args: TrainingArguments) -> None:
+    """The recipe decides mixed precision: transformers starts from the launch config's (ACCELERATE_MIXED_PRECISION)
+    and replaces it only when bf16 or fp16 is on, so `mixed_precision: bf16` in an accelerate config would train
+    a `train.bf16: false` recipe under bf16 autocast while its run folder says float32."""
+    launch_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if not (args.bf16 or args.fp16) and launch_config != "no":
+        logger.warning("the launch config asks for mixed_precision=%s but the recipe's train.bf16 is off: training "
+                       "without mixed precision, as the recipe says (set train.bf16: true or auto for bf16)", launch_config)
+        args.mixed_precision = "no"
+
+
+def one_gpu_without_a_launcher(args: TrainingArguments) -> None:
+    """A plain `vlkit train` on a machine with several GPUs trains on one. The Trainer would wrap the model in
+    nn.DataParallel over all of them: a copy of the model to every GPU each step, and a batch of batch_size x GPUs
+    where the recipe says per process. `accelerate launch` gives one process per GPU instead."""
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED and args.n_gpu > 1:
+        logger.warning("%d GPUs and no launcher: training on the first one; for all of them run `accelerate launch "
+                       "--config_file recipes/accelerate/ddp.yaml --num_processes %d -m vlkit train ...`",
+                       args.n_gpu, args.n_gpu)
+        args._n_gpu = 1  # what the Trainer itself sets for a model it must not replicate
