@@ -998,7 +998,7 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, shapes_dir, tiny_visio
     from torch._dynamo.utils import counters
 
     from vlkit.train.checkpoint import load_run
-    from vlkit.train.run import train_vlm
+    from vlkit.train.run import plan_run, train_vlm
 
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -1022,7 +1022,7 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, shapes_dir, tiny_visio
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     tree = align_recipe(tmp_path / "fsdp", tiny_vision_dir, tiny_llm_dir, shapes_dir, compile=True)
     with pytest.raises(ConfigError, match="train.compile is untested under FSDP"):
-        train_vlm(load_recipe(write_recipe(tmp_path / "fsdp.yaml", tree)))
+        plan_run(load_recipe(write_recipe(tmp_path / "fsdp.yaml", tree)))  # the dry run's checks: before loading
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     tree.update(stage="instruct", tune={"llm": "qlora"})
     with pytest.raises(ConfigError, match="4-bit layers"):

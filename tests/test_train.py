@@ -308,3 +308,17 @@ def test_an_overwrite_that_fails_before_training_keeps_the_finished_run(tmp_path
     train_vlm(load_recipe(path, ["overwrite=true", "train.seed=1"]))  # a set-up that succeeds replaces it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["align.yaml", "empty.json", "run"]
     assert (run_dir / "trainable.safetensors").read_bytes() != before[Path("trainable.safetensors")]
+
+
+def test_a_launched_rank_makes_its_own_gpu_current_before_loading(monkeypatch):
+    """A 4-bit LLM loads onto the current GPU: without this every rank of a launch would load onto GPU 0."""
+    from vlkit.train import run as run_module
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    run_module.use_the_ranks_gpu()
+    monkeypatch.delenv("LOCAL_RANK")
+    run_module.use_the_ranks_gpu()  # no launcher: the device is left alone
+    assert chosen == [3]

@@ -124,6 +124,13 @@ class TrainSection(BaseTrainSection):
     fp16: bool = False
     eval_batch_size: int = Field(default=128, ge=1)
 
+    @model_validator(mode="after")
+    def _one_half_precision(self) -> TrainSection:
+        # bf16 `auto` turns bf16 on where the GPU computes it, and transformers refuses fp16 and bf16 together.
+        if self.fp16 and self.bf16 is not False:
+            raise ValueError(f"fp16 and bf16 ({self.bf16}) cannot both be on; set train.bf16: false to train in fp16")
+        return self
+
 
 class ClipRecipe(StrictSection):
     stage: Literal["clip"] = "clip"

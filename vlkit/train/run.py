@@ -108,6 +108,9 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             check_local_base(part, source)
     connector = connector or {"type": "mlp", "depth": 2}
     checked_connector_config(connector)
+    if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
+        raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
+                          "or launch with DDP (recipes/accelerate/ddp.yaml)")
     if recipe.model.attn_implementation == "flex_attention" and not torch.accelerator.is_available():
         raise ConfigError("model.attn_implementation: flex_attention trains only on a GPU (torch's flex attention "
                           "has no backward pass on CPU); use sdpa here (with data.packing: true, not flat)")
@@ -246,9 +249,6 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
-    if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
-        raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
-                          "or launch with DDP (recipes/accelerate/ddp.yaml)")
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor
 
@@ -543,6 +543,14 @@ def join_cpu_ranks_without_cuda() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
 
 
+def use_the_ranks_gpu() -> None:
+    """Under a launcher, make this rank's GPU (LOCAL_RANK) the current one before anything loads: a 4-bit LLM is
+    placed on the current GPU, which is otherwise GPU 0 on every rank until the Trainer sets the device."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank))
+
+
 def place_before_probes(model, device: torch.device) -> None:
     """Move the model to the accelerator it trains on before its one-time probes (labels-only loss, last
     layer, packing), as the Trainer would next: on the CPU they cost a 7B forward each, and an LLM with
@@ -606,6 +614,7 @@ def run(args) -> int:
     """CLI entry: `vlkit train` (also under `accelerate launch -m vlkit train`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     join_cpu_ranks_without_cuda()
+    use_the_ranks_gpu()
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.stage == "clip":
         from vlkit.train.clip import checkpoint_to_resume_clip, train_clip
