@@ -79,6 +79,17 @@ def test_align_then_instruct_end_to_end(tmp_path, shapes_dir, tiny_vision_dir, t
     assert "Answer briefly." in processor.render([{"role": "user", "content": "Hi"}])
     assert manifest["bases"]["llm"]["sha256"]
 
+    # A stage continued from a run takes its dtype unless the recipe sets one (a float32 default would build
+    # a bf16-trained 7B model at twice the memory).
+    from vlkit.train.run import plan_run
+
+    align_manifest = json.loads((align_dir / "manifest.json").read_text())
+    align_manifest["model"]["dtype"] = "bfloat16"
+    (align_dir / "manifest.json").write_text(json.dumps(align_manifest))
+    instruct_path = write_recipe(tmp_path / "instruct.yaml", {**instruct, "output_dir": str(tmp_path / "next")})
+    assert plan_run(load_recipe(instruct_path)).recipe.model.dtype == "bfloat16"
+    assert plan_run(load_recipe(instruct_path, ["model.dtype=float32"])).recipe.model.dtype == "float32"
+
 
 def test_resume_on_changed_base_is_an_error(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir):
     import shutil
@@ -110,7 +121,7 @@ def test_resume_after_the_init_from_run_was_retrained_is_an_error(tmp_path, shap
         "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
         "train": {"batch_size": 2, "max_steps": 2, "save_steps": 2, "logging_steps": 1, "report_to": []},
     }
-    instruct_path = write_recipe(tmp_path / "instruct.yaml", instruct)
+    instruct_path = write_recipe(tmp_path / "instruct.yaml", {**instruct, "output_dir": str(tmp_path / "next")})
     train_vlm(load_recipe(instruct_path))
     (tmp_path / "instruct" / "run_summary.json").unlink()  # make it an unfinished run
     train_vlm(load_recipe(align_path, ["overwrite=true", "train.seed=1"]))  # the parent trains again

@@ -101,6 +101,8 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             )
         vision, llm = parent["bases"]["vision"]["source"], parent["bases"]["llm"]["source"]
         connector = parent["model"]["connector"]
+        if "dtype" not in recipe.model.model_fields_set:  # continued in the dtype it was trained in, unless set
+            recipe.model.dtype = parent["model"]["dtype"]
     if vision is None:
         raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
     if not parent:  # a parent run's bases are found where they are now when it is rebuilt
