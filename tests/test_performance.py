@@ -330,12 +330,14 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_lora_training_step_reads_nothing_back_once_the_decoder_runs(vlm, image_dir, monkeypatch):
+@pytest.mark.parametrize("turn_power", [None, 0.5], ids=["token-average", "square-average"])
+def test_a_lora_training_step_reads_nothing_back_once_the_decoder_runs(vlm, image_dir, monkeypatch, turn_power):
     """On a GPU the host must queue the decoder's forward and backward without waiting on them (issue 17): the
-    data-dependent reads of a packed LoRA step (where the head reads, the packed mask) come before the first
-    decoder layer, when little work is queued; none after it, through the trimmed last layer, the head and
-    the backward."""
+    data-dependent reads of a packed LoRA step (where the head reads, the packed mask, the turn weights of
+    `train.loss_average: turn` or `square`) come before the first decoder layer, when little work is queued;
+    none after it, through the trimmed last layer, the head and the backward."""
     model, processor = vlm
+    monkeypatch.setattr(model, "loss_turn_power", turn_power)
     items = tuned_items(model, processor, image_dir, TuneSection(llm="lora", lora_r=4, lora_alpha=8))
     batch = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)(items)  # rows with sdpa: a GPU's layout
     assert model.logits_at_labels_only and model.trim_last_layer

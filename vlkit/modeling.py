@@ -339,13 +339,17 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
         decoder = self.language_model.get_decoder()
         # Where the head reads, found once before the decoder's work is queued: on a GPU, finding it (a
         # data-dependent size) makes the host wait for the queued work, which here is only the embeddings.
-        read = labels_read_at(labels.to(inputs_embeds.device))
+        labels = labels.to(inputs_embeds.device)
+        read = labels_read_at(labels)
+        # Turn weights read sizes too (a mask, bincount): found here, not after the decoder's forward was queued.
+        weights = turn_weights(labels[:, 1:] != IGNORE_INDEX, self.loss_turn_power) \
+            if self.loss_turn_power is not None else None
         with self.last_layer_where(labels, decoder, inputs_embeds.device, read):
             hidden = decoder(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False, **kwargs,
             ).last_hidden_state
-        return self.head_loss(hidden, labels, num_items_in_batch, read)
+        return self.head_loss(hidden, labels, num_items_in_batch, read, weights)
 
     def last_layer_where(self, labels: torch.LongTensor, decoder: torch.nn.Module, device: torch.device,
                          read: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -359,17 +363,18 @@ class VlkitForConditionalGeneration(VlkitPreTrainedModel, GenerationMixin):
 
     def head_loss(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None,
-        read: tuple[torch.Tensor, torch.Tensor] | None = None,
+        read: tuple[torch.Tensor, torch.Tensor] | None = None, weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM head and cross-entropy at supervised positions: hidden [B, T, Dt], labels [B, T];
-        `read`: `labels_read_at(labels)` if already found."""
+        `read`: `labels_read_at(labels)` and `weights`: the turn weights, if already found."""
         labels = labels.to(hidden.device)
         rows, positions = read or labels_read_at(labels)
         targets = labels[rows, positions + 1]  # each read position predicts the next token
         logits = self.get_output_embeddings()(hidden[rows, positions]).float()  # [K, vocab]
         if self.loss_turn_power is not None:
             losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            weights = turn_weights(labels[:, 1:] != IGNORE_INDEX, self.loss_turn_power)
+            if weights is None:
+                weights = turn_weights(labels[:, 1:] != IGNORE_INDEX, self.loss_turn_power)
             loss = (losses * weights).sum() / weights.sum()
             if num_items_in_batch is None:
                 return loss
