@@ -830,6 +830,40 @@ def test_optimizer_and_gradients_cover_only_trainable_parameters(vlm, image_dir,
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
+def test_a_trained_connector_keeps_float32_weights_in_a_bf16_model(tiny_vision_dir, tiny_llm_dir, image_dir):
+    """AdamW on bf16 weights rounds away every update under ~0.4% of a weight: a bf16 model's trained connector
+    keeps float32 weights (the LLM and tower stay bf16), a step runs without autocast, and an update too small
+    for bf16 moves it."""
+    from vlkit.train.stages import connector_weights_in_float32
+
+    torch.manual_seed(7)
+    model, processor = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, connector={"type": "mlp", "depth": 2},
+                                 dtype=torch.bfloat16)
+    set_trainable(model, TuneSection())
+    before = {name: p.detach().clone() for name, p in model.connector.named_parameters()}
+    assert all(p.dtype == torch.bfloat16 for p in before.values())
+    assert connector_weights_in_float32(model) and not connector_weights_in_float32(model)
+    assert all(p.dtype == torch.float32 for p in model.connector.parameters())
+    assert {p.dtype for p in [*model.language_model.parameters(), *model.vision_tower.parameters()]} == {torch.bfloat16}
+    model.use_loss_at_labels()
+    dataset = ConversationDataset(samples(), processor, image_dir)
+    batch = VlkitCollator(processor.tokenizer.pad_token_id, pack=True)([dataset[i] for i in range(len(dataset))])
+    optimizer = torch.optim.AdamW(model.connector.parameters(), lr=1e-6, weight_decay=0.0)
+    loss = model(**batch).loss
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    for name, parameter in model.connector.named_parameters():
+        if name.endswith("weight"):
+            kept = (parameter.detach() != before[name].float()).float().mean()
+            in_bf16 = (parameter.detach().to(torch.bfloat16) != before[name]).float().mean()
+            assert kept > 0.9 and in_bf16 < 0.1, (name, kept, in_bf16)  # float32 kept the update, bf16 would not
+
+    frozen, _ = build_vlm(vision=tiny_vision_dir, llm=tiny_llm_dir, dtype=torch.bfloat16)
+    set_trainable(frozen, TuneSection(connector="frozen"))
+    assert not connector_weights_in_float32(frozen)
+
+
 # --- 4b. LoRA's scale on the rank side -----------------------------------------------------------------------
 def test_lora_scale_on_the_rank_side_gives_peft_loss_grads_and_merge(vlm, image_dir):
     """Every LoRA linear vlkit makes computes B(A(x) * scale): peft's loss, gradients and merged weights."""

@@ -333,3 +333,29 @@ def test_a_launched_rank_makes_its_own_gpu_current_before_loading(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     run_module.use_the_ranks_gpu()  # no launcher: the device is left alone
     assert chosen == [3]
+
+
+def test_a_bf16_run_trains_its_connector_in_float32_and_loads_back_in_bf16(tmp_path, shapes_dir, tiny_vision_dir,
+                                                                           tiny_llm_dir):
+    """model.dtype: bfloat16 (the LLaVA recipes'): the connector trains and is saved in float32, the run loads back
+    in bf16 with those weights, and an instruct stage continued from it is bf16 too without saying so."""
+    align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=2)
+    align["model"]["dtype"] = "bfloat16"
+    align_dir = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
+    saved = load_file(align_dir / "trainable.safetensors")
+    assert saved and {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    model, _ = load_run(align_dir)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, parameter in model.named_parameters():
+        if name in saved:
+            assert torch.equal(parameter.detach(), saved[name].to(torch.bfloat16)), name
+    instruct = {
+        "stage": "instruct", "output_dir": str(tmp_path / "instruct"), "init_from": str(align_dir),
+        "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 2, "max_steps": 2, "report_to": []},
+    }
+    instruct_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+    assert json.loads((instruct_dir / "manifest.json").read_text())["model"]["dtype"] == "bfloat16"
+    model, _ = load_run(instruct_dir)
+    assert next(model.language_model.parameters()).dtype == torch.bfloat16

@@ -246,11 +246,19 @@ def load_datasets(data, processor):
 
 def prepared_model(recipe: VlmRecipe, plan: Plan):
     """(model, processor) of the stage with its adapters and freezing applied, the trainable table logged."""
-    from vlkit.train.stages import apply_adapters, set_trainable, trainable_table
+    from vlkit.train.stages import (
+        apply_adapters,
+        connector_weights_in_float32,
+        set_trainable,
+        trainable_table,
+    )
 
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
+    # FSDP shards parameters of one dtype per group, and DeepSpeed keeps float32 master weights itself.
+    if not (launched_with("FSDP") or launched_with("DEEPSPEED")) and connector_weights_in_float32(model):
+        logger.info("the connector trains in float32 (AdamW would round small updates of bf16 weights away)")
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor
 

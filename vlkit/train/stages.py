@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 # apply_adapters lives below train/ (rebuilding a run for inference needs it); re-exported here.
@@ -75,6 +76,21 @@ def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> No
     model.language_model.train(tune.llm != "frozen")
     if tune.llm == "qlora":
         keep_4bit_layers_differentiable(model)
+
+
+def connector_weights_in_float32(model: VlkitForConditionalGeneration) -> bool:
+    """Keep a trained connector's weights in float32 in a half-precision model; returns whether it changed.
+
+    AdamW on bf16 weights rounds away every update smaller than ~0.4% of a weight (8 bits of mantissa), which a
+    decaying learning rate reaches; float32 weights keep them, and under autocast the connector still computes
+    in bf16. Its input is cast to its dtype and its output to the LLM's (`get_image_features`,
+    `merge_image_features`). LoRA weights are float32 already (peft); full-tuned parts keep the model's dtype.
+    """
+    trained = [p for p in model.connector.parameters() if p.requires_grad]
+    if not trained or all(p.dtype == torch.float32 for p in trained):
+        return False
+    model.connector.float()
+    return True
 
 
 def keep_4bit_layers_differentiable(model: nn.Module) -> int:
