@@ -11,8 +11,8 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 # torch: on a machine without CUDA, the CPU build this version names (it lies on this machine's disk;
 # elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu). With CUDA, the venv's own torch is kept, or one
-# in pyproject's range is installed (TORCH_INDEX=https://download.pytorch.org/whl/cu126, say, for a build that
-# matches an older driver).
+# in pyproject's range is installed (from TORCH_INDEX alone when given: TORCH_INDEX=https://download.pytorch.org/whl/cu126,
+# say, for a build that matches an older driver).
 TORCH_CPU := torch==2.13.0
 TORCH_INDEX ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	# The lock names every package, so nothing is resolved: --no-deps installs exactly it.
 ifeq ($(HAS_CUDA),yes)
 	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
-	$(PY) -m pip install --quiet $(PIP_TORCH) 'torch>=2.13,<3'
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) 'torch>=2.13,<3'
 	$(PY) -m pip install --quiet --no-deps -r $(VENV)/lock-without-torch.txt
 else
 	$(PY) -m pip install --quiet --no-deps $(PIP_TORCH) -r $(LOCK)

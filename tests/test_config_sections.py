@@ -163,3 +163,27 @@ def test_clip_fp16_refuses_bf16_by_the_keys_names():
         with pytest.raises(ConfigError, match=r"fp16 and bf16 .* set train.bf16: false to train in fp16"):
             clip({"fp16": True, "bf16": bf16})
     assert clip({"fp16": True}).train.fp16  # bf16's default is off
+
+
+def test_a_deepspeed_launch_whose_precision_the_recipe_turns_off_is_refused_before_loading(monkeypatch):
+    """Under DeepSpeed the launch config's mixed precision becomes DeepSpeed's own setting while TrainingArguments
+    are made; a recipe training without it would stop at its first step, after loading. The dry run's checks
+    refuse it; a recipe that asks for bf16, a launch without mixed precision, or DDP pass."""
+    from vlkit.train.run import check_clip_recipe, check_launch_precision
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr("vlkit.train.arguments.cpu_has_native_bf16", lambda unknown=True: False)
+    message = r"DeepSpeed launch config asks for mixed_precision=bf16 but this recipe trains without it"
+    for train in ({"bf16": False}, {"bf16": "auto"}):  # auto: off where bf16 is not native (here)
+        with pytest.raises(ConfigError, match=message):
+            check_launch_precision(vlm(train).train)
+    with pytest.raises(ConfigError, match=message):
+        check_clip_recipe(clip({}))  # before its data files are looked for
+    check_launch_precision(vlm({"bf16": True}).train)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch_precision(vlm({}).train)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    check_launch_precision(vlm({}).train)  # DDP/FSDP: the recipe wins (recipe_precision)

@@ -142,3 +142,25 @@ def test_a_reused_world_counts_with_the_time_it_took(tmp_path):
     assert previous_timings(tmp_path) == {}  # no earlier demo here: nothing to carry
     (tmp_path / FIGURES).write_text(json.dumps({"timings": {"data": 7.7, "clip": 294.7}}))
     assert previous_timings(tmp_path)["data"] == 7.7
+
+
+def test_a_stage_continuing_a_bf16_run_is_reused_as_it_recorded_its_dtype(tmp_path):
+    """An init_from stage without model.dtype trains in its parent's and records that in its recipe.yaml; the
+    reuse check reads the recipe the same way, so the stage is not retrained for a dtype it did not name."""
+    from vlkit.config import dump_recipe
+    from vlkit.demo import reusable, stage_recipe
+    from vlkit.run_folder import MANIFEST, RUN_FORMAT
+    from vlkit.train.run import dtype_from_parent
+
+    parent, run_dir = tmp_path / "align", tmp_path / "instruct"
+    parent.mkdir()
+    (parent / MANIFEST).write_text(json.dumps({"format": RUN_FORMAT, "model": {"dtype": "bfloat16"}}))
+    trained = stage_recipe("instruct.yaml", run_dir, ["train.max_steps=3", f"init_from={parent}"])
+    dtype_from_parent(trained, {"model": {"dtype": "bfloat16"}})  # as plan_run sets it before recipe.yaml is written
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(dump_recipe(trained))
+    (run_dir / "run_summary.json").write_text("{}")
+    fresh = stage_recipe("instruct.yaml", run_dir, ["train.max_steps=3", f"init_from={parent}"])
+    assert fresh.model.dtype == "float32" and reusable(run_dir, fresh)
+    explicit = stage_recipe("instruct.yaml", run_dir, ["train.max_steps=3", f"init_from={parent}", "model.dtype=float32"])
+    assert not reusable(run_dir, explicit)  # a dtype the recipe names is its own

@@ -121,7 +121,7 @@ def test_resume_after_the_init_from_run_was_retrained_is_an_error(tmp_path, shap
         "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
         "train": {"batch_size": 2, "max_steps": 2, "save_steps": 2, "logging_steps": 1, "report_to": []},
     }
-    instruct_path = write_recipe(tmp_path / "instruct.yaml", {**instruct, "output_dir": str(tmp_path / "next")})
+    instruct_path = write_recipe(tmp_path / "instruct.yaml", instruct)
     train_vlm(load_recipe(instruct_path))
     (tmp_path / "instruct" / "run_summary.json").unlink()  # make it an unfinished run
     train_vlm(load_recipe(align_path, ["overwrite=true", "train.seed=1"]))  # the parent trains again

@@ -209,7 +209,7 @@ class ModelSection(StrictSection):
     connector: dict[str, Any] | None = None  # {type: mlp, depth: 2}; default mlp
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # unset with init_from: that run's dtype
     attn_implementation: str | None = None
     # The system turn of conversations that bring none; null keeps the LLM template's default.
     system_prompt: str | None = None

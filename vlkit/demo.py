@@ -93,8 +93,11 @@ def reusable(run_dir: Path, recipe) -> bool:
     """A finished run of exactly this recipe, continuing the run it started from as that run is now: a
     changed recipe or size, or a retrained `init_from` run, trains the stage again."""
     from vlkit.config import dump_recipe
-    from vlkit.run_folder import MANIFEST, RunManifest
+    from vlkit.run_folder import MANIFEST, RunManifest, read_manifest
+    from vlkit.train.run import dtype_from_parent
 
+    if getattr(recipe, "init_from", None) and (Path(recipe.init_from) / MANIFEST).is_file():
+        dtype_from_parent(recipe, read_manifest(recipe.init_from))  # as the stage records it in its recipe.yaml
     saved = run_dir / "recipe.yaml"
     finished = (run_dir / "run_summary.json").is_file() and saved.is_file() and saved.read_text() == dump_recipe(recipe)
     has_manifest = (run_dir / MANIFEST).is_file()  # VLM stages; a CLIP folder continues nothing

@@ -101,8 +101,7 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             )
         vision, llm = parent["bases"]["vision"]["source"], parent["bases"]["llm"]["source"]
         connector = parent["model"]["connector"]
-        if "dtype" not in recipe.model.model_fields_set:  # continued in the dtype it was trained in, unless set
-            recipe.model.dtype = parent["model"]["dtype"]
+        dtype_from_parent(recipe, parent)
     if vision is None:
         raise ConfigError("recipe key 'model.vision' is required (or init_from a run that has one)")
     if not parent:  # a parent run's bases are found where they are now when it is rebuilt
@@ -110,6 +109,7 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             check_local_base(part, source)
     connector = connector or {"type": "mlp", "depth": 2}
     checked_connector_config(connector)
+    check_launch_precision(recipe.train)
     if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
         raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
                           "or launch with DDP (recipes/accelerate/ddp.yaml)")
@@ -122,6 +122,14 @@ def plan_run(recipe: VlmRecipe) -> Plan:
     )
 
 
+def dtype_from_parent(recipe: VlmRecipe, parent: dict[str, Any]) -> None:
+    """A stage continued from a run (`init_from`, its manifest `parent`) keeps that run's model.dtype unless its
+    recipe sets one: a float32 default would rebuild a bf16-trained 7B model at twice the memory. Set on the
+    recipe, so the run's recipe.yaml records the dtype it trains in."""
+    if "dtype" not in recipe.model.model_fields_set:
+        recipe.model.dtype = parent["model"]["dtype"]
+
+
 def check_data_files(data, *names: str | None) -> None:
     """The recipe's data files (None: not used) and image root exist; one-line ConfigError otherwise."""
     for name in filter(None, names):
@@ -131,8 +139,25 @@ def check_data_files(data, *names: str | None) -> None:
         raise ConfigError(f"image root not found: {data.image_root_path()}")
 
 
+def check_launch_precision(train) -> None:
+    """Under a DeepSpeed launch, the launch config's mixed precision must agree with the recipe's: transformers
+    copies it into DeepSpeed's settings as TrainingArguments are made, and the two disagreeing stop the run at
+    its first step. (Under DDP and FSDP the recipe simply wins: `vlkit.train.arguments.recipe_precision`.)"""
+    from vlkit.train.arguments import resolve_bf16
+
+    launch_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if not launched_with("DEEPSPEED") or launch_config == "no":
+        return
+    if not resolve_bf16(train.bf16, on_cpu=not torch.accelerator.is_available()) and not getattr(train, "fp16", False):
+        raise ConfigError(f"the DeepSpeed launch config asks for mixed_precision={launch_config} but this recipe "
+                          f"trains without it (train.bf16: {train.bf16}, here off); set train.bf16: true, or launch "
+                          "with a config whose mixed_precision is no")
+
+
 def check_clip_recipe(recipe) -> None:
-    """What `vlkit train --dry-run` checks of a CLIP recipe without loading anything: data files, folders."""
+    """What `vlkit train --dry-run` checks of a CLIP recipe without loading anything: data files, folders, the
+    launch's precision."""
+    check_launch_precision(recipe.train)
     data = recipe.data
     check_data_files(data, data.train_file, data.val_file, data.labels_file)
     for part in ("vision", "text"):
@@ -256,7 +281,8 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     model, processor = build_model(plan)
     apply_adapters(model, recipe.tune)
     set_trainable(model, recipe.tune)
-    # FSDP shards parameters of one dtype per group, and DeepSpeed keeps float32 master weights itself.
+    # Not under FSDP, which shards parameters of one dtype per group, nor DeepSpeed, which casts the model to its
+    # own precision (keeping float32 master weights when that is bf16 or fp16).
     if not (launched_with("FSDP") or launched_with("DEEPSPEED")) and connector_weights_in_float32(model):
         logger.info("the connector trains in float32 (AdamW would round small updates of bf16 weights away)")
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
