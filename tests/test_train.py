@@ -338,7 +338,8 @@ def test_a_launched_rank_makes_its_own_gpu_current_before_loading(monkeypatch):
 def test_a_bf16_run_trains_its_connector_in_float32_and_loads_back_in_bf16(tmp_path, shapes_dir, tiny_vision_dir,
                                                                            tiny_llm_dir):
     """model.dtype: bfloat16 (the LLaVA recipes'): the connector trains and is saved in float32, the run loads back
-    in bf16 with those weights, and an instruct stage continued from it is bf16 too without saying so."""
+    in bf16 with those weights, and an instruct stage continued from it is bf16 too without saying so, its
+    connector starting from the float32 weights saved (not from the bf16 rebuild's rounding of them)."""
     align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=2)
     align["model"]["dtype"] = "bfloat16"
     align_dir = train_vlm(load_recipe(write_recipe(tmp_path / "align.yaml", align)))
@@ -355,6 +356,13 @@ def test_a_bf16_run_trains_its_connector_in_float32_and_loads_back_in_bf16(tmp_p
         "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
         "train": {"batch_size": 2, "max_steps": 2, "report_to": []},
     }
+    instruct_recipe = load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct))
+    from vlkit.train.run import plan_run, prepared_model
+
+    continued, _ = prepared_model(instruct_recipe, plan_run(instruct_recipe))  # starts from the float32 connector saved
+    for name, parameter in continued.named_parameters():
+        if name in saved:
+            assert parameter.dtype == torch.float32 and torch.equal(parameter.detach(), saved[name]), name
     instruct_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
     assert json.loads((instruct_dir / "manifest.json").read_text())["model"]["dtype"] == "bfloat16"
     model, _ = load_run(instruct_dir)

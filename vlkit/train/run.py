@@ -283,7 +283,7 @@ def prepared_model(recipe: VlmRecipe, plan: Plan):
     set_trainable(model, recipe.tune)
     # Not under FSDP, which shards parameters of one dtype per group, nor DeepSpeed, which casts the model to its
     # own precision (keeping float32 master weights when that is bf16 or fp16).
-    if not (launched_with("FSDP") or launched_with("DEEPSPEED")) and connector_weights_in_float32(model):
+    if not (launched_with("FSDP") or launched_with("DEEPSPEED")) and connector_weights_in_float32(model, recipe.init_from):
         logger.info("the connector trains in float32 (AdamW would round small updates of bf16 weights away)")
     print(f"trainable parameters (stage {recipe.stage}):\n{trainable_table(model)}", flush=True)
     return model, processor

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -78,18 +79,30 @@ def set_trainable(model: VlkitForConditionalGeneration, tune: TuneSection) -> No
         keep_4bit_layers_differentiable(model)
 
 
-def connector_weights_in_float32(model: VlkitForConditionalGeneration) -> bool:
+def connector_weights_in_float32(model: VlkitForConditionalGeneration, init_from: str | None = None) -> bool:
     """Keep a trained connector's weights in float32 in a half-precision model; returns whether it changed.
 
     AdamW on bf16 weights rounds away every update smaller than ~0.4% of a weight (8 bits of mantissa), which a
     decaying learning rate reaches; float32 weights keep them, and under autocast the connector still computes
     in bf16. Its input is cast to its dtype and its output to the LLM's (`get_image_features`,
     `merge_image_features`). LoRA weights are float32 already (peft); full-tuned parts keep the model's dtype.
+    `init_from`: the run the model was rebuilt from, whose connector is read again as it was saved (float32),
+    not as the half-precision rebuild rounded it.
     """
     trained = [p for p in model.connector.parameters() if p.requires_grad]
     if not trained or all(p.dtype == torch.float32 for p in trained):
         return False
     model.connector.float()
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        from vlkit.run_folder import TRAINABLE
+
+        connector = dict(model.connector.named_parameters(prefix="connector"))
+        with torch.no_grad():
+            for name, tensor in load_file(Path(init_from) / TRAINABLE).items():
+                if name in connector:
+                    connector[name].copy_(tensor.to(torch.float32))
     return True
 
 
