@@ -320,8 +320,9 @@ def quantization_config(dtype: torch.dtype, skip_modules: list[str] | None = Non
     )
 
 
-def load_trained(model: torch.nn.Module, folder: str | Path) -> None:
-    """Load trainable.safetensors into a model rebuilt from the manifest; names must all match."""
+def load_trained(model: torch.nn.Module, folder: str | Path, prefix: str = "") -> None:
+    """Load trainable.safetensors into a model rebuilt from the manifest; names must all match. `prefix`: only
+    the weights whose names start with it (e.g. "connector.")."""
     from safetensors.torch import load_file
 
     path = Path(folder) / TRAINABLE
@@ -332,6 +333,7 @@ def load_trained(model: torch.nn.Module, folder: str | Path) -> None:
     except Exception as error:  # safetensors' own error type: a torn or foreign file
         raise ModelLoadError(f"cannot read {path} ({first_line(error)}); the file is damaged: train again, or "
                              "use an earlier checkpoint of the run") from None
+    state = {name: tensor for name, tensor in state.items() if name.startswith(prefix)}
     parameters = dict(model.named_parameters())
     unknown = [name for name in state if name not in parameters]
     if unknown:

@@ -97,12 +97,17 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
     return args
 
 
+def launch_mixed_precision() -> str:
+    """The mixed precision an accelerate launch config asks for ("no" without one)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def recipe_precision(args: TrainingArguments) -> None:
     """The recipe decides mixed precision: transformers starts from the launch config's (ACCELERATE_MIXED_PRECISION)
     and replaces it only when bf16 or fp16 is on, so `mixed_precision: bf16` in an accelerate config would train
     a `train.bf16: false` recipe under bf16 autocast while its run folder says float32. (Under DeepSpeed the launch
     config's precision is DeepSpeed's own; a disagreement is refused before loading: `run.check_launch_precision`.)"""
-    launch_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    launch_config = launch_mixed_precision()
     if not (args.bf16 or args.fp16) and launch_config != "no":
         logger.warning("the launch config asks for mixed_precision=%s but the recipe's train.bf16 is off: training "
                        "without mixed precision, as the recipe says (set train.bf16: true or auto for bf16)", launch_config)

@@ -143,9 +143,9 @@ def check_launch_precision(train) -> None:
     """Under a DeepSpeed launch, the launch config's mixed precision must agree with the recipe's: transformers
     copies it into DeepSpeed's settings as TrainingArguments are made, and the two disagreeing stop the run at
     its first step. (Under DDP and FSDP the recipe simply wins: `vlkit.train.arguments.recipe_precision`.)"""
-    from vlkit.train.arguments import resolve_bf16
+    from vlkit.train.arguments import launch_mixed_precision, resolve_bf16
 
-    launch_config = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    launch_config = launch_mixed_precision()
     if not launched_with("DEEPSPEED") or launch_config == "no":
         return
     if not resolve_bf16(train.bf16, on_cpu=not torch.accelerator.is_available()) and not getattr(train, "fp16", False):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,15 +93,9 @@ def connector_weights_in_float32(model: VlkitForConditionalGeneration, init_from
         return False
     model.connector.float()
     if init_from is not None:
-        from safetensors.torch import load_file
+        from vlkit.run_folder import load_trained
 
-        from vlkit.run_folder import TRAINABLE
-
-        connector = dict(model.connector.named_parameters(prefix="connector"))
-        with torch.no_grad():
-            for name, tensor in load_file(Path(init_from) / TRAINABLE).items():
-                if name in connector:
-                    connector[name].copy_(tensor.to(torch.float32))
+        load_trained(model, init_from, prefix="connector.")
     return True
 
 
