@@ -1,7 +1,7 @@
 """The shipped tiny recipes through `vlkit train` at GPU size: samples/s per stage, and where one step's time goes.
 
     python bench/recipes.py                       # GPU: CLIP, align (the visual_words reader), LoRA instruct on SmolLM2
-    python bench/recipes.py --instruct-batch 512 --steps 60
+    python bench/recipes.py --instruct-batch 512 --no-fit-batch --steps 60   # exactly batch 512
     python bench/recipes.py --stages instruct --keep runs/bench --compile   # again, with train.compile
     python bench/recipes.py --stages instruct --keep runs/bench --flat      # again, padding-free (flex attention)
     python bench/recipes.py --stages instruct --keep runs/bench --set model.dtype=bfloat16   # any recipe override
@@ -10,6 +10,8 @@
 Each stage is `recipes/tiny/<stage>.yaml` as `make demo` runs it (vlkit.demo.stage_recipe), with a
 batch size for the GPU, `--steps` steps and `train.profile_step` set, so its run folder gets
 `profile.txt` (the step's wall time, the GPU's busy share, the top operators; vlkit/train/profile.py).
+The instruct batch is fitted to the GPU: `--instruct-batch` is the most tried, with
+`train.auto_find_batch_size` (0.9x after each out-of-memory step); the table gives the batch trained at.
 A shapes world of `--images` train images is generated unless `--data` names one. `--vision` skips the
 CLIP stage and aligns on that tower instead.
 
@@ -52,7 +54,8 @@ def stage_overrides(args, stage: str, data_dir: Path, out: Path) -> list[str]:
         return [*common, f"model.vision={vision}", f"model.llm={args.llm}"]
     # The tiny align stage is the visual_words reader, outside the LLM: only instruct has layers to compile.
     flat = ["data.packing=flat", "model.attn_implementation=flex_attention"] if args.flat else []
-    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else []), *flat,
+    fit = ["train.auto_find_batch_size=true"] if args.fit_batch else []
+    return [*common, f"init_from={out / 'align'}", *(["train.compile=true"] if args.compile else []), *flat, *fit,
             *args.set]
 
 
@@ -84,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--clip-batch", type=int, default=1024)
     parser.add_argument("--align-batch", type=int, default=1024)
-    # On one H200 the instruct stage trained 236 samples/s at batch 64 and 648 at 256 (docs/performance.md).
-    parser.add_argument("--instruct-batch", type=int, default=256)
+    # On one H200 the instruct stage trained 236 samples/s at batch 64 and 648 at 256, the GPU busy for 15% and 44%
+    # of a step (docs/performance.md): the host's per-step work barely grew with the batch, the GPU's did.
+    parser.add_argument("--instruct-batch", type=int, default=1024, help="the instruct batch, or the most tried")
+    parser.add_argument("--fit-batch", action=argparse.BooleanOptionalAction, default=True,
+                        help="train.auto_find_batch_size on the instruct stage (--no-fit-batch: exactly --instruct-batch)")
     parser.add_argument("--compile", action="store_true", help="train.compile on the instruct stage")
     parser.add_argument("--flat", action="store_true",
                         help="instruct with data.packing: flat and flex attention (GPU: flex has no backward on CPU)")
@@ -125,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             whole = summary["samples"] / summary["wall_time_s"] if summary.get("wall_time_s") else None
             peak = summary.get("peak_memory_gib", {})
             memory = peak.get("accelerator") if peak.get("accelerator") is not None else peak.get("host_rss")
-            rows.append([stage, str(summary["steps"]), str(recipe.train.batch_size),
+            # The batch trained at: less than the recipe's where auto_find_batch_size ran out of memory first.
+            batch = summary.get("batch_size") or recipe.train.batch_size
+            fitted = f" (of {recipe.train.batch_size})" if batch != recipe.train.batch_size else ""
+            rows.append([stage, str(summary["steps"]), f"{batch}{fitted}",
                          f"{steady:.1f}" if steady else "-", f"{whole:.1f}" if whole else "-",
                          f"{memory:.2f}" if memory is not None else "-"])
             if stage in GOALS and steady is not None and not args.toy:

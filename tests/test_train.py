@@ -367,3 +367,50 @@ def test_a_bf16_run_trains_its_connector_in_float32_and_loads_back_in_bf16(tmp_p
     assert json.loads((instruct_dir / "manifest.json").read_text())["model"]["dtype"] == "bfloat16"
     model, _ = load_run(instruct_dir)
     assert next(model.language_model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_find_batch_size_trains_at_the_batch_that_fits(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir,
+                                                            monkeypatch, caplog):
+    """train.auto_find_batch_size: a step that runs out of memory mid-forward starts the stage over at 0.9x the
+    batch (transformers' search: 4, 3, 2); the run trains at the batch that fits, its summary and throughput
+    count that batch, and the log says which one to set."""
+    from vlkit.connectors.mlp import MLPConnector
+    from vlkit.train.run import plan_run
+
+    forward = MLPConnector.forward
+    tried = []
+
+    def out_of_memory_above_two_images(self, features, *args, **kwargs):
+        if torch.is_grad_enabled() and self.training:  # training steps only, not the one-time probes
+            tried.append(features.shape[0])
+            if features.shape[0] > 2:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 1099511627776 bytes.")
+        return forward(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(MLPConnector, "forward", out_of_memory_above_two_images)
+    instruct = {
+        "stage": "instruct", "output_dir": str(tmp_path / "instruct"),
+        "model": {"vision": tiny_vision_dir, "llm": tiny_llm_dir},
+        "tune": {"llm": "lora", "lora_r": 4, "lora_alpha": 8},
+        "data": {"dir": shapes_dir, "train_file": "instruct_train.json", "max_length": 320},
+        "train": {"batch_size": 4, "auto_find_batch_size": True, "max_steps": 3, "logging_steps": 1, "save_steps": 2,
+                  "report_to": [], "loss_average": "square"},
+    }
+    with caplog.at_level("WARNING"):
+        run_dir = train_vlm(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+    assert tried[:2] == [4, 3] and set(tried[2:]) == {2}
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["batch_size"] == 2 and summary["steps"] == 3 and summary["samples"] == 6
+    assert [entry["step"] for entry in summary["log_history"] if "loss" in entry] == [1, 2, 3]
+    assert all(entry["samples_per_s"] > 0 for entry in summary["log_history"] if "loss" in entry)
+    assert "batch 4 ran out of memory; trained at batch 2" in caplog.text
+    # The checkpoint's trainer state keeps the batch found: transformers resumes an auto-fitted run at it.
+    state = json.loads((run_dir / "checkpoints/checkpoint-2/trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2
+    assert any("lora_" in name for name in load_file(run_dir / "trainable.safetensors"))
+
+    # One process only: under a launch, each would shrink its batch on its own.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="fits one process's batch, and this launch has 2"):
+        plan_run(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))

@@ -160,6 +160,9 @@ class BaseTrainSection(StrictSection):
     epochs: float = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, ge=1)  # overrides epochs
     batch_size: int = Field(default=8, ge=1)  # per process
+    # batch_size is the most tried: where a step runs out of memory, the Trainer starts over with 0.9x the
+    # batch until one fits (transformers' auto_find_batch_size); one process only.
+    auto_find_batch_size: bool = False
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)

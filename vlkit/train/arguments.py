@@ -61,6 +61,7 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
     shared: dict[str, Any] = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.batch_size,
+        "auto_find_batch_size": train.auto_find_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "learning_rate": train.learning_rate,
         "weight_decay": train.weight_decay,

@@ -46,7 +46,7 @@ from vlkit.train.arguments import training_arguments
 from vlkit.train.output_dir import checkpoint_to_resume, claimed_output_dir
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
-from vlkit.train.trainer import StagedCheckpoints, ThroughputCallback
+from vlkit.train.trainer import StagedCheckpoints, ThroughputCallback, report_fitted_batch, samples_per_step
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,8 @@ def run_summary(parts: ClipParts, trainer: Trainer, result: Any, started: float,
     return {
         "stage": "clip",
         "steps": state.global_step,
-        "samples": state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "samples": state.global_step * samples_per_step(args, state),
+        "batch_size": state.train_batch_size,  # per process; less than the recipe's where auto-fitted
         "epochs": round(float(state.epoch or 0), 3),
         "world_size": args.world_size,
         "resumed_from": resumed_from,
@@ -252,10 +253,11 @@ def train_clip(recipe: ClipRecipe) -> Path:
             processing_class=parts.tokenizer,  # saved into each checkpoint, for a resumed run to read back
             data_collator=ClipCollator(parts.tokenizer, parts.clip.config.text_config.max_position_embeddings),
             callbacks=[LogitScaleClamp(parts.clip.logit_scale, recipe.loss.logit_scale_max),
-                       ThroughputCallback(args.train_batch_size * args.gradient_accumulation_steps * args.world_size),
+                       ThroughputCallback(),
                        *profile_callbacks(recipe.train, run_dir)],
         )
     result = trainer.train(resume_from_checkpoint=resume_from)
+    report_fitted_batch(trainer, recipe.train.batch_size)
     if not trainer.is_world_process_zero():
         return run_dir
 

@@ -109,7 +109,7 @@ def plan_run(recipe: VlmRecipe) -> Plan:
             check_local_base(part, source)
     connector = connector or {"type": "mlp", "depth": 2}
     checked_connector_config(connector)
-    check_launch_precision(recipe.train)
+    check_launch(recipe.train)
     if recipe.train.compile and (launched_with("FSDP") or launched_with("DEEPSPEED")):
         raise ConfigError("train.compile is untested under FSDP and DeepSpeed launches; set train.compile=false "
                           "or launch with DDP (recipes/accelerate/ddp.yaml)")
@@ -139,6 +139,18 @@ def check_data_files(data, *names: str | None) -> None:
         raise ConfigError(f"image root not found: {data.image_root_path()}")
 
 
+def check_launch(train) -> None:
+    """What a launch (accelerate, torchrun) must agree with in the recipe's train section."""
+    check_launch_precision(train)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if train.auto_find_batch_size and processes > 1:
+        # Each process would shrink its batch on its own: one that ran out of memory would leave the others
+        # waiting in their gradient all-reduce.
+        raise ConfigError(f"train.auto_find_batch_size fits one process's batch, and this launch has {processes}; "
+                          "find the batch in a one-process run, then set train.batch_size and "
+                          "train.auto_find_batch_size: false")
+
+
 def check_launch_precision(train) -> None:
     """Under a DeepSpeed launch, the launch config's mixed precision must agree with the recipe's: transformers
     copies it into DeepSpeed's settings as TrainingArguments are made, and the two disagreeing stop the run at
@@ -157,7 +169,7 @@ def check_launch_precision(train) -> None:
 def check_clip_recipe(recipe) -> None:
     """What `vlkit train --dry-run` checks of a CLIP recipe without loading anything: data files, folders, the
     launch's precision."""
-    check_launch_precision(recipe.train)
+    check_launch(recipe.train)
     data = recipe.data
     check_data_files(data, data.train_file, data.val_file, data.labels_file)
     for part in ("vision", "text"):
@@ -384,15 +396,17 @@ def write_summary(recipe: VlmRecipe, plan: Plan, trainer, datasets_: tuple, metr
                   started: float) -> None:
     """Rank 0: loss.png and run_summary.json of the finished stage (processor/ is written at its set-up)."""
     from vlkit.train.plots import plot_loss
+    from vlkit.train.trainer import samples_per_step
 
-    (train_set, val_set), output, train, args = datasets_, Path(recipe.output_dir), recipe.train, trainer.args
+    (train_set, val_set), output, args = datasets_, Path(recipe.output_dir), trainer.args
     history_log = trainer.state.log_history
     plot_loss(history_log, output / "loss.png", title=f"{recipe.stage}: {recipe.output_dir}")
     summary = {
         "stage": recipe.stage,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "samples": trainer.state.global_step * train.batch_size * train.gradient_accumulation_steps * args.world_size,
+        "samples": trainer.state.global_step * samples_per_step(args, trainer.state),
+        "batch_size": trainer.state.train_batch_size,  # per process; less than the recipe's where auto-fitted
         "train_samples_available": len(train_set),
         "val_samples": len(val_set) if val_set is not None else 0,
         "skipped_samples": train_set.num_skipped,
@@ -451,6 +465,8 @@ def shares_prefix(recipe: VlmRecipe, model, pack: bool | str) -> bool:
 
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
+    from vlkit.train.trainer import report_fitted_batch
+
     plan = plan or plan_run(recipe)
     if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
         return train_words_stage(recipe, plan)
@@ -462,6 +478,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     with prepare_output_dir(recipe, plan.resume_from) as output:
         trainer, train_set, val_set = set_up_stage(recipe, plan, output)
     metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
+    report_fitted_batch(trainer, recipe.train.batch_size)
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))
     trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all
@@ -510,7 +527,7 @@ def set_up_stage(recipe: VlmRecipe, plan: Plan, output: Path):
             share_prefix_before=processor.image_token_id if shares_prefix(recipe, model, pack) else None,
         ),
         manifest=manifest, part_learning_rates=part_learning_rates(train),
-        callbacks=[ThroughputCallback(train.batch_size * train.gradient_accumulation_steps * args.world_size),
+        callbacks=[ThroughputCallback(),
                    *profile_callbacks(train, output)],
     )
     return trainer, train_set, val_set
@@ -531,6 +548,9 @@ def train_words_stage(recipe: VlmRecipe, plan: Plan) -> Path:
     reset_peak_memory()
     if recipe.train.compile:
         logger.warning("train.compile: the visual_words reader trains outside the LLM; nothing is compiled")
+    if recipe.train.auto_find_batch_size:
+        logger.warning("train.auto_find_batch_size: the visual_words reader trains in a loop of its own, at "
+                       "train.batch_size")
     rows, val_rows, groups = read_words(recipe, load_tokenizer(plan.llm))
     plan.connector = {**plan.connector, "groups": groups}
     set_seed(recipe.train.seed)

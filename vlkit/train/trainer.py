@@ -141,14 +141,30 @@ class Throughput:
         return rate
 
 
+def samples_per_step(args, state) -> int:
+    """Samples one optimizer step takes over all processes, at the batch the Trainer runs: under
+    `train.auto_find_batch_size` that can be less than the recipe's `batch_size`."""
+    return state.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+def report_fitted_batch(trainer, requested: int) -> None:
+    """Say so where `train.auto_find_batch_size` trained at a smaller batch than the recipe's."""
+    fitted = trainer.state.train_batch_size
+    if fitted is not None and fitted < requested:
+        logger.warning("train.auto_find_batch_size: batch %d ran out of memory; trained at batch %d (set "
+                       "train.batch_size: %d to start there next time)", requested, fitted, fitted)
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds samples/s to every log line, so the progress bar, TensorBoard and the run's log history
     (run_summary.json) show it."""
 
-    def __init__(self, samples_per_step: int) -> None:
-        self.throughput = Throughput(samples_per_step)
+    def __init__(self) -> None:
+        self.throughput = Throughput(0)
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
+        # Called again for each batch size auto_find_batch_size tries.
+        self.throughput.samples_per_step = samples_per_step(args, state)
         self.throughput.restart(state.global_step)  # a resumed run starts mid-way
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
