@@ -69,6 +69,24 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def dispatched_operators(fn: Callable[[], object]) -> int:
+    """How many aten operators one call of `fn` dispatches. On a GPU the host queues them one by one (Python,
+    the dispatcher, a kernel launch each), so where the kernels are short a step takes as long as this work,
+    whatever the batch: the tiny instruct stage on an H200 was busy 15-44% of its steps (docs/performance.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                 between: Callable[[], None] | None = None,
                 peak_rss: dict[str, float] | None = None, settle: int = 0) -> dict[str, list[float]]:

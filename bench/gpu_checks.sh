@@ -13,7 +13,8 @@
 #
 # Checks (each bounded by `timeout`, each logged to OUT/<check>.log; a failing check does not stop the rest):
 #   recipes   python bench/recipes.py: the tiny recipes (CLIP, align, LoRA instruct) at GPU size, samples/s
-#             and one step's profile; the run folders stay in OUT/runs for the checks below
+#             and one step's profile, the instruct batch fitted to the GPU (at most 1024); the run folders
+#             stay in OUT/runs for the checks below
 #   compile   the same instruct stage with train.compile
 #   flat      the same instruct stage with data.packing: flat and flex attention (padding-free)
 #   ddp       recipes/accelerate/ddp.yaml with one process: the tiny instruct recipe through

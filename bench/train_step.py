@@ -33,7 +33,9 @@ fp32 matmul rate measured in this process between rounds. Peak RSS: see bench/co
 shared weights count in every row). Speed-ups are medians of per-round ratios; against the goals
 the lowest and highest round's ratio are printed too. Each timed step follows `--settle` untimed
 steps of the same variant (default 1), as in a training loop: right after another variant's step, a
-stock Llava step measured up to 1.3x slower.
+stock Llava step measured up to 1.3x slower. aten ops (fwd+bwd): the operators one forward and backward
+dispatch (`common.dispatched_operators`), what a GPU's host must queue each step whatever the batch; a
+compiled variant's are not counted.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import torch
 from common import (
     REPO,
     add_run_options,
+    dispatched_operators,
     interleaved,
     markdown_table,
     matmul_peak,
@@ -105,6 +108,14 @@ class Variant:
             self.optimizer.zero_grad(set_to_none=True)
             self.model(**self.batch).loss.backward()
             self.optimizer.step()
+
+    def forward_backward(self) -> None:
+        """The step without its optimizer: what a GPU's host queues per step beside a fused AdamW's few kernels
+        (this CPU bench runs AdamW per tensor)."""
+        self.use_attention()
+        with torch.compiler.set_stance("force_eager"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model(**self.batch).loss.backward()
 
 
 class Bench:
@@ -265,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
                                 settle=args.settle)
             peak = statistics.median(peaks)
             flops = sum(facts["flops"].values())
-            for name in variants:
+            for name, variant in variants.items():
                 seconds = statistics.median(times[name])
                 speedup = median_ratio(times[name], times["vlkit"])
+                # Counted after the timing; a compiled variant's kernels are not aten calls one by one.
+                operators = "-" if variant.compiled else f"{dispatched_operators(variant.forward_backward):,}"
                 rows.append([stage, name, f"{seconds:.3f}", f"{1 / seconds:.2f}",
                              "1.00 (ref.)" if name == "vlkit" else f"{speedup:.2f}x",
-                             f"{100 * flops / seconds / peak:.1f}%", f"{rss[name]:.0f}"])
+                             f"{100 * flops / seconds / peak:.1f}%", f"{rss[name]:.0f}", operators])
             plain = median_ratio(times["llava-plain"], times["vlkit"])
             frozen = median_ratio(times["llava-frozen"], times["vlkit"])
             mfu = flops / statistics.median(times["vlkit"]) / peak
@@ -296,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{facts['padded_tokens']} token slots, vlkit's {facts['vlkit_tokens']} "
                          f"({facts['shared_prefix']}-token prefix shared); "
                          f"{facts['supervised']} labelled; GFLOP/step: {parts}; matmul peak {peak / 1e9:.1f} GFLOP/s)")
-    table = markdown_table(["stage", "variant", "s/step", "steps/s", "vlkit speed-up", "MFU", "peak RSS MiB"], rows)
+    table = markdown_table(["stage", "variant", "s/step", "steps/s", "vlkit speed-up", "MFU", "peak RSS MiB",
+                            "aten ops (fwd+bwd)"], rows)
     body = f"{bench.sources}, {args.rounds} interleaved rounds.\n\n{table}\n\n" + "\n".join(lines)
     publish("Training step: vlkit vs stock Llava", body, args)
     return 0
