@@ -410,7 +410,10 @@ def test_auto_find_batch_size_trains_at_the_batch_that_fits(tmp_path, shapes_dir
     assert state["train_batch_size"] == 2
     assert any("lora_" in name for name in load_file(run_dir / "trainable.safetensors"))
 
+    recipe_path = write_recipe(tmp_path / "instruct.yaml", instruct)
+    assert "batch 4 at most (auto_find_batch_size) x 1 accumulation" in plan_run(
+        load_recipe(recipe_path, ["overwrite=true"])).describe()  # what --dry-run prints
     # One process only: under a launch, each would shrink its batch on its own.
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="fits one process's batch, and this launch has 2"):
-        plan_run(load_recipe(write_recipe(tmp_path / "instruct.yaml", instruct)))
+        plan_run(load_recipe(recipe_path))

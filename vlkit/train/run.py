@@ -57,8 +57,9 @@ class Plan:
             f"connector {self.connector}  ({tune.connector})",
             f"llm       {self.llm}  ({tune.llm})",
             f"data      {self.recipe.data.path(self.recipe.data.train_file)}  (images: {self.recipe.data.image_root_path()})",
-            f"train     {self._length()}, batch {self.recipe.train.batch_size} x {self.recipe.train.gradient_accumulation_steps}"
-            f" accumulation, lr {self.recipe.train.learning_rate:g}",
+            f"train     {self._length()}, batch {self.recipe.train.batch_size}"
+            f"{' at most (auto_find_batch_size)' if self.recipe.train.auto_find_batch_size else ''}"
+            f" x {self.recipe.train.gradient_accumulation_steps} accumulation, lr {self.recipe.train.learning_rate:g}",
         ]
         if self.parent:
             lines.append(f"init_from {self.recipe.init_from} (stage {self.parent['stage']})")
