@@ -369,26 +369,34 @@ def test_a_bf16_run_trains_its_connector_in_float32_and_loads_back_in_bf16(tmp_p
     assert next(model.language_model.parameters()).dtype == torch.bfloat16
 
 
+def connector_out_of_memory_above(monkeypatch, images: int) -> list[int]:
+    """Training steps whose batch has more than `images` images run out of memory in the connector's forward, as
+    CPU torch says it; returns the list of image counts the steps tried (the one-time probes are not counted)."""
+    from vlkit.connectors.mlp import MLPConnector
+
+    forward = MLPConnector.forward
+    tried = []
+
+    def out_of_memory_above(self, features, *args, **kwargs):
+        if torch.is_grad_enabled() and self.training:
+            tried.append(features.shape[0])
+            if features.shape[0] > images:
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 1099511627776 bytes.")
+        return forward(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(MLPConnector, "forward", out_of_memory_above)
+    return tried
+
+
 def test_auto_find_batch_size_trains_at_the_batch_that_fits(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir,
                                                             monkeypatch, caplog):
     """train.auto_find_batch_size: a step that runs out of memory mid-forward starts the stage over at 0.9x the
     batch (transformers' search: 4, 3, 2); the run trains at the batch that fits, its summary and throughput
     count that batch, and the log says which one to set."""
-    from vlkit.connectors.mlp import MLPConnector
     from vlkit.train.run import plan_run
 
-    forward = MLPConnector.forward
-    tried = []
-
-    def out_of_memory_above_two_images(self, features, *args, **kwargs):
-        if torch.is_grad_enabled() and self.training:  # training steps only, not the one-time probes
-            tried.append(features.shape[0])
-            if features.shape[0] > 2:
-                raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
-                                   "you tried to allocate 1099511627776 bytes.")
-        return forward(self, features, *args, **kwargs)
-
-    monkeypatch.setattr(MLPConnector, "forward", out_of_memory_above_two_images)
+    tried = connector_out_of_memory_above(monkeypatch, images=2)
     instruct = {
         "stage": "instruct", "output_dir": str(tmp_path / "instruct"),
         "model": {"vision": tiny_vision_dir, "llm": tiny_llm_dir},
@@ -417,3 +425,26 @@ def test_auto_find_batch_size_trains_at_the_batch_that_fits(tmp_path, shapes_dir
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="fits one process's batch, and this launch has 2"):
         plan_run(load_recipe(recipe_path))
+
+
+@pytest.mark.parametrize("auto_find", [False, True])
+def test_a_step_out_of_memory_ends_the_run_with_one_line(tmp_path, shapes_dir, tiny_vision_dir, tiny_llm_dir,
+                                                         monkeypatch, capsys, auto_find):
+    """Out of memory in a training step: one line saying what to change, not a traceback; with
+    auto_find_batch_size, once every batch down to 1 failed."""
+    tried = connector_out_of_memory_above(monkeypatch, images=0)
+    align = align_recipe(tmp_path / "align", tiny_vision_dir, tiny_llm_dir, shapes_dir, max_steps=2,
+                         auto_find_batch_size=auto_find)
+    assert cli_main(["train", write_recipe(tmp_path / "align.yaml", align)]) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    if auto_find:
+        assert tried == [4, 3, 2, 1]
+        assert errors[0] == ("error: out of memory at every batch size train.auto_find_batch_size tried, down to 1 "
+                             "(from train.batch_size=4): the model does not fit; try model.dtype: bfloat16, "
+                             "tune.llm: qlora, train.gradient_checkpointing: true")
+    else:
+        assert tried == [4]
+        assert errors[0].startswith("error: out of memory in a training step at train.batch_size=4: lower it")
+        assert "set train.auto_find_batch_size: true" in errors[0] and "DefaultCPUAllocator" in errors[0]

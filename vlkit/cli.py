@@ -116,6 +116,15 @@ def quiet_library_noise() -> None:
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; vlkit shows its own progress
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an error interrupted (the training bar, a dataset map's), so the error line
+    starts a line of its own instead of trailing the last bar drawn."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of open bars
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_noise()
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             # Raised in a dataloader worker: torch puts the worker's traceback in the message;
             # its last line is our one-line reason.
             message = message.splitlines()[-1].split(": ", 1)[-1]
+        close_progress_bars()
         print(f"error: {message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

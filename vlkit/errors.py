@@ -34,6 +34,10 @@ class DataError(VlkitError):
     """A data file or sample is unusable (bad format, over-long, nothing to learn from)."""
 
 
+class OutOfMemoryError(VlkitError):
+    """A training step did not fit in the accelerator's (or the host's) memory."""
+
+
 class ChatTemplateError(VlkitError):
     """A chat template cannot be used to mask assistant turns reliably."""
 

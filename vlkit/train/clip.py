@@ -46,7 +46,13 @@ from vlkit.train.arguments import training_arguments
 from vlkit.train.output_dir import checkpoint_to_resume, claimed_output_dir
 from vlkit.train.plots import plot_loss
 from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_memory
-from vlkit.train.trainer import StagedCheckpoints, ThroughputCallback, report_fitted_batch, samples_per_step
+from vlkit.train.trainer import (
+    StagedCheckpoints,
+    ThroughputCallback,
+    out_of_memory_explained,
+    report_fitted_batch,
+    samples_per_step,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +262,8 @@ def train_clip(recipe: ClipRecipe) -> Path:
                        ThroughputCallback(),
                        *profile_callbacks(recipe.train, run_dir)],
         )
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with out_of_memory_explained(recipe.train, "train.bf16: true, smaller vision and text configs"):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     report_fitted_batch(trainer, recipe.train.batch_size)
     if not trainer.is_world_process_zero():
         return run_dir

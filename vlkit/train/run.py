@@ -466,7 +466,7 @@ def shares_prefix(recipe: VlmRecipe, model, pack: bool | str) -> bool:
 
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
-    from vlkit.train.trainer import report_fitted_batch
+    from vlkit.train.trainer import out_of_memory_explained, report_fitted_batch
 
     plan = plan or plan_run(recipe)
     if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
@@ -478,7 +478,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     reset_peak_memory()
     with prepare_output_dir(recipe, plan.resume_from) as output:
         trainer, train_set, val_set = set_up_stage(recipe, plan, output)
-    metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
+    with out_of_memory_explained(recipe.train, "model.dtype: bfloat16, tune.llm: qlora, train.gradient_checkpointing: true"):
+        metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     report_fitted_batch(trainer, recipe.train.batch_size)
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))

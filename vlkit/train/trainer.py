@@ -20,6 +20,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from accelerate.utils import save_fsdp_optimizer
 from transformers import Trainer, TrainerCallback
 
 from vlkit.compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, rotate_checkpoints
+from vlkit.errors import OutOfMemoryError, first_line
 from vlkit.train.checkpoint import (
     check_bases_unchanged,
     gather_trained,
@@ -145,6 +148,30 @@ def samples_per_step(args, state) -> int:
     """Samples one optimizer step takes over all processes, at the batch the Trainer runs: under
     `train.auto_find_batch_size` that can be less than the recipe's `batch_size`."""
     return state.train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
+@contextmanager
+def out_of_memory_explained(train, memory_savers: str) -> Iterator[None]:
+    """A training step that runs out of memory ends the run with one line saying what to change, instead of a
+    traceback (checkpoints written before it stay); `memory_savers` names the stage's other keys that save memory."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    try:
+        yield
+    except RuntimeError as error:
+        # accelerate's test for an out-of-memory error (CUDA, XPU, MPS, CPU), and its search's last word.
+        searched_to_zero = str(error).startswith("No executable batch size found")
+        if not (should_reduce_batch_size(error) or searched_to_zero):
+            raise
+        if searched_to_zero:
+            message = (f"out of memory at every batch size train.auto_find_batch_size tried, down to 1 (from "
+                       f"train.batch_size={train.batch_size}): the model does not fit; try {memory_savers}")
+        else:
+            message = (f"out of memory in a training step at train.batch_size={train.batch_size}: lower it (raising "
+                       "train.gradient_accumulation_steps keeps the samples per optimizer step), or set "
+                       f"train.auto_find_batch_size: true to find one that fits; to save memory otherwise: {memory_savers} "
+                       f"({first_line(error)})")
+        raise OutOfMemoryError(message) from error
 
 
 def report_fitted_batch(trainer, requested: int) -> None:
