@@ -443,7 +443,7 @@ def test_a_step_out_of_memory_ends_the_run_with_one_line(tmp_path, shapes_dir, t
         assert tried == [4, 3, 2, 1]
         assert errors[0] == ("error: out of memory at every batch size train.auto_find_batch_size tried, down to 1 "
                              "(from train.batch_size=4): the model does not fit; try model.dtype: bfloat16, "
-                             "tune.llm: qlora, train.gradient_checkpointing: true")
+                             "train.gradient_checkpointing: true")  # the keys this align recipe has not set
     else:
         assert tried == [4]
         assert errors[0].startswith("error: out of memory in a training step at train.batch_size=4: lower it")

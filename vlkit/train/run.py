@@ -464,6 +464,18 @@ def shares_prefix(recipe: VlmRecipe, model, pack: bool | str) -> bool:
     return pack != "flat" or attention_implementation(model.language_model.config) == PER_SAMPLE_SDPA
 
 
+def memory_savers(recipe: VlmRecipe) -> str:
+    """The recipe keys, not set yet, that would make a step of this stage take less memory."""
+    savers = []
+    if recipe.model.dtype == "float32":
+        savers.append("model.dtype: bfloat16")
+    if recipe.tune.llm in ("lora", "full"):
+        savers.append("tune.llm: qlora")
+    if not recipe.train.gradient_checkpointing:
+        savers.append("train.gradient_checkpointing: true")
+    return ", ".join(savers) or "a GPU with more memory"
+
+
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
     from vlkit.train.trainer import out_of_memory_explained, report_fitted_batch
@@ -478,7 +490,7 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     reset_peak_memory()
     with prepare_output_dir(recipe, plan.resume_from) as output:
         trainer, train_set, val_set = set_up_stage(recipe, plan, output)
-    with out_of_memory_explained(recipe.train, "model.dtype: bfloat16, tune.llm: qlora, train.gradient_checkpointing: true"):
+    with out_of_memory_explained(recipe.train, memory_savers(recipe)):
         metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
     report_fitted_batch(trainer, recipe.train.batch_size)
     if val_set is not None:

@@ -12,6 +12,9 @@ are the Trainer's. This subclass changes these things:
 - resuming checks that the frozen bases are the ones the checkpoint was trained on;
 - evaluation runs the layers `train.compile` compiled eagerly: its no-grad forward would compile them
   once more, for a pass over a few val samples.
+Beside it, what every Trainer stage shares around `train()`: samples/s in the logs (`ThroughputCallback`,
+at the batch trained at), and a step out of memory as one line saying what to change
+(`out_of_memory_explained`, with `report_fitted_batch` for `train.auto_find_batch_size`).
 """
 
 from __future__ import annotations
