@@ -54,7 +54,7 @@ def test_evaluate_writes_json_markdown_png_and_baseline(tiny_vlm, shapes_dir, tm
     assert len(lines) == report["questions"] and "no_image_prediction" in json.loads(lines[0])
 
 
-def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path, capsys):
+def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path, capsys, monkeypatch):
     model, processor = tiny_vlm
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -71,6 +71,21 @@ def test_bad_input_is_one_line(tiny_vlm, shapes_dir, tmp_path, capsys):
 
     assert cli_main(["eval", str(tmp_path / "model"), "--data", str(broken), "--images", shapes_dir]) == 2
     assert "lacks 'type' or 'answer'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    # Out of memory while answering: what to lower, not a traceback.
+    from vlkit.modeling import VlkitForConditionalGeneration
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(VlkitForConditionalGeneration, "generate", out_of_memory)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(json.loads(open(f"{shapes_dir}/instruct_test.json").read())[:1]))
+    assert cli_main(["eval", str(tmp_path / "model"), "--data", str(one), "--images", shapes_dir,
+                     "--out", str(tmp_path / "oom"), "--batch-size", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: out of memory answering 4 questions at a time: lower --batch-size ([enforce fail")
 
     unloadable = finish(unloadable)
     assert unloadable.returncode == 2

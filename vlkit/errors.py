@@ -42,6 +42,13 @@ class ChatTemplateError(VlkitError):
     """A chat template cannot be used to mask assistant turns reliably."""
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error is running out of memory (CUDA, XPU, MPS or CPU), by accelerate's test."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return should_reduce_batch_size(error)
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message, for wrapping library errors in one-line ones."""
     text = str(error).strip().splitlines()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlkit.errors import DataError
+from vlkit.errors import DataError, OutOfMemoryError, first_line, is_out_of_memory
 from vlkit.modeling import IMAGE_TOKEN
 from vlkit.scoring import Scorer, answer_kind, resolve_scorer, yes_no_metrics
 
@@ -212,9 +212,15 @@ def run(args) -> int:
     out = Path(args.out) if args.out else (
         model_path / "eval" if (model_path / "manifest.json").is_file() else Path("eval") / model_path.name
     ) / Path(args.data).stem
-    report = evaluate_vlm(loaded.model, loaded.processor, args.data, args.images, out, batch_size=args.batch_size,
-                          max_samples=args.max_samples, no_image_baseline=args.no_image_baseline,
-                          model_name=args.model, scorer=args.scorer)
+    try:
+        report = evaluate_vlm(loaded.model, loaded.processor, args.data, args.images, out, batch_size=args.batch_size,
+                              max_samples=args.max_samples, no_image_baseline=args.no_image_baseline,
+                              model_name=args.model, scorer=args.scorer)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        raise OutOfMemoryError(f"out of memory answering {args.batch_size} questions at a time: lower --batch-size "
+                               f"({first_line(error)})") from error
     print(markdown_table(report))
     print(f"wrote {out}/eval.json, eval.md, eval.png, predictions.jsonl")
     return 0

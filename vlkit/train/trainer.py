@@ -32,7 +32,7 @@ from accelerate.utils import save_fsdp_optimizer
 from transformers import Trainer, TrainerCallback
 
 from vlkit.compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, rotate_checkpoints
-from vlkit.errors import OutOfMemoryError, first_line
+from vlkit.errors import OutOfMemoryError, first_line, is_out_of_memory
 from vlkit.train.checkpoint import (
     check_bases_unchanged,
     gather_trained,
@@ -157,14 +157,11 @@ def samples_per_step(args, state) -> int:
 def out_of_memory_explained(train, memory_savers: str) -> Iterator[None]:
     """A training step that runs out of memory ends the run with one line saying what to change, instead of a
     traceback (checkpoints written before it stay); `memory_savers` names the stage's other keys that save memory."""
-    from accelerate.utils.memory import should_reduce_batch_size
-
     try:
         yield
     except RuntimeError as error:
-        # accelerate's test for an out-of-memory error (CUDA, XPU, MPS, CPU), and its search's last word.
-        searched_to_zero = str(error).startswith("No executable batch size found")
-        if not (should_reduce_batch_size(error) or searched_to_zero):
+        searched_to_zero = str(error).startswith("No executable batch size found")  # accelerate's search's last word
+        if not (is_out_of_memory(error) or searched_to_zero):
             raise
         if searched_to_zero:
             message = (f"out of memory at every batch size train.auto_find_batch_size tried, down to 1 (from "
