@@ -1,4 +1,5 @@
-"""Training stages end to end on tiny models: align -> instruct, QLoRA, kill-and-resume, 2 processes."""
+"""Training stages end to end on tiny models: align -> instruct, QLoRA, kill-and-resume, 2 processes, a batch fitted
+to memory and a step out of memory."""
 
 from __future__ import annotations
 
