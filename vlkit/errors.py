@@ -35,7 +35,7 @@ class DataError(VlkitError):
 
 
 class OutOfMemoryError(VlkitError):
-    """A training step did not fit in the accelerator's (or the host's) memory."""
+    """A training step or a batch of answers did not fit in the accelerator's (or the host's) memory."""
 
 
 class ChatTemplateError(VlkitError):

@@ -98,6 +98,11 @@ def training_arguments(train: BaseTrainSection, output_dir: str | Path, **stage_
     return args
 
 
+def launched_processes() -> int:
+    """How many processes a launcher (accelerate, torchrun) started for this run (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launch_mixed_precision() -> str:
     """The mixed precision an accelerate launch config asks for ("no" without one)."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")

@@ -49,9 +49,8 @@ from vlkit.train.profile import peak_memory_gib, profile_callbacks, reset_peak_m
 from vlkit.train.trainer import (
     StagedCheckpoints,
     ThroughputCallback,
-    out_of_memory_explained,
-    report_fitted_batch,
     samples_per_step,
+    trained_within_memory,
 )
 
 logger = logging.getLogger(__name__)
@@ -262,9 +261,8 @@ def train_clip(recipe: ClipRecipe) -> Path:
                        ThroughputCallback(),
                        *profile_callbacks(recipe.train, run_dir)],
         )
-    with out_of_memory_explained(recipe.train, "train.bf16: true, smaller vision and text configs"):
+    with trained_within_memory(trainer, "train.bf16: true, smaller vision and text configs"):
         result = trainer.train(resume_from_checkpoint=resume_from)
-    report_fitted_batch(trainer, recipe.train.batch_size)
     if not trainer.is_world_process_zero():
         return run_dir
 

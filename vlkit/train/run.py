@@ -143,7 +143,9 @@ def check_data_files(data, *names: str | None) -> None:
 def check_launch(train) -> None:
     """What a launch (accelerate, torchrun) must agree with in the recipe's train section."""
     check_launch_precision(train)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    from vlkit.train.arguments import launched_processes
+
+    processes = launched_processes()
     if train.auto_find_batch_size and processes > 1:
         # Each process would shrink its batch on its own: one that ran out of memory would leave the others
         # waiting in their gradient all-reduce.
@@ -478,7 +480,7 @@ def memory_savers(recipe: VlmRecipe) -> str:
 
 def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     """Run one align/instruct stage; return the run dir."""
-    from vlkit.train.trainer import out_of_memory_explained, report_fitted_batch
+    from vlkit.train.trainer import trained_within_memory
 
     plan = plan or plan_run(recipe)
     if recipe.stage == "align" and not plan.parent and plan.connector.get("type") == "visual_words":
@@ -490,9 +492,8 @@ def train_vlm(recipe: VlmRecipe, plan: Plan | None = None) -> Path:
     reset_peak_memory()
     with prepare_output_dir(recipe, plan.resume_from) as output:
         trainer, train_set, val_set = set_up_stage(recipe, plan, output)
-    with out_of_memory_explained(recipe.train, memory_savers(recipe)):
+    with trained_within_memory(trainer, memory_savers(recipe)):
         metrics = dict(trainer.train(resume_from_checkpoint=plan.resume_from).metrics)
-    report_fitted_batch(trainer, recipe.train.batch_size)
     if val_set is not None:
         metrics.update(trainer.evaluate(val_set))
     trainer.save_model(str(output))  # every rank: under FSDP the trained weights are gathered from all

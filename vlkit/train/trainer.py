@@ -14,7 +14,7 @@ are the Trainer's. This subclass changes these things:
   once more, for a pass over a few val samples.
 Beside it, what every Trainer stage shares around `train()`: samples/s in the logs (`ThroughputCallback`,
 at the batch trained at), and a step out of memory as one line saying what to change
-(`out_of_memory_explained`, with `report_fitted_batch` for `train.auto_find_batch_size`).
+and the batch `train.auto_find_batch_size` found (`trained_within_memory`).
 """
 
 from __future__ import annotations
@@ -154,9 +154,11 @@ def samples_per_step(args, state) -> int:
 
 
 @contextmanager
-def out_of_memory_explained(train, memory_savers: str) -> Iterator[None]:
-    """A training step that runs out of memory ends the run with one line saying what to change, instead of a
-    traceback (checkpoints written before it stay); `memory_savers` names the stage's other keys that save memory."""
+def trained_within_memory(trainer: Trainer, memory_savers: str) -> Iterator[None]:
+    """Around `trainer.train()`: a step that runs out of memory ends the run with one line saying what to change,
+    instead of a traceback (checkpoints written before it stay; `memory_savers` names the stage's other keys that
+    save memory), and a batch `train.auto_find_batch_size` shrank is named at the end."""
+    requested = trainer.args.per_device_train_batch_size  # the recipe's; the Trainer keeps the one it runs apart
     try:
         yield
     except RuntimeError as error:
@@ -165,17 +167,13 @@ def out_of_memory_explained(train, memory_savers: str) -> Iterator[None]:
             raise
         if searched_to_zero:
             message = (f"out of memory at every batch size train.auto_find_batch_size tried, down to 1 (from "
-                       f"train.batch_size={train.batch_size}): the model does not fit; try {memory_savers}")
+                       f"train.batch_size={requested}): the model does not fit; try {memory_savers}")
         else:
-            message = (f"out of memory in a training step at train.batch_size={train.batch_size}: lower it (raising "
+            message = (f"out of memory in a training step at train.batch_size={requested}: lower it (raising "
                        "train.gradient_accumulation_steps keeps the samples per optimizer step), or set "
                        f"train.auto_find_batch_size: true to find one that fits; to save memory otherwise: {memory_savers} "
                        f"({first_line(error)})")
         raise OutOfMemoryError(message) from error
-
-
-def report_fitted_batch(trainer, requested: int) -> None:
-    """Say so where `train.auto_find_batch_size` trained at a smaller batch than the recipe's."""
     fitted = trainer.state.train_batch_size
     if fitted is not None and fitted < requested:
         logger.warning("train.auto_find_batch_size: batch %d ran out of memory; trained at batch %d (set "

@@ -15,7 +15,6 @@ processor/, run_summary.json, loss.png), so `init_from` continues it.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vlkit.data.words import IGNORE, WordsRow, infer_layout, layout_token_ids, read_words_file, slot_targets
 from vlkit.errors import ConfigError
+from vlkit.train.arguments import launched_processes
 
 if TYPE_CHECKING:
     from vlkit.train.profile import StepProfiler
@@ -111,7 +111,7 @@ def fold_standardisation(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.
 
 def read_words(recipe, tokenizer) -> tuple[list[WordsRow], list[WordsRow], list[list[int]]]:
     """(train rows, val rows, the connector's `groups`) of a recipe's words files."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         raise ConfigError("the visual_words align stage trains in one process (a minute on a CPU); run it without "
                           "accelerate launch or torchrun")
     data = recipe.data
